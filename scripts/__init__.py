@@ -1,0 +1,1 @@
+"""ClinicalFMamba bundle code, imported as ``scripts.*`` from the bundle root (MONAI convention)."""

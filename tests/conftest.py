@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = BUNDLE_ROOT.parent / "shared" / "data"
+if str(BUNDLE_ROOT) not in sys.path:
+    sys.path.insert(0, str(BUNDLE_ROOT))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real data folder ``../shared/data``; CI always has it, elsewhere the test skips."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
