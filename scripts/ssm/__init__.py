@@ -1,0 +1,80 @@
+"""Selective-scan engine with selectable backends.
+
+One entry point, :func:`selective_scan`, with ``mamba_ssm.selective_scan_fn`` semantics
+(u, delta, A, B, C, D, z, delta_bias, delta_softplus). Backends:
+
+- ``reference``: sequential loop, the readable specification (tests only; quadratic backward);
+- ``fast``: pure PyTorch, linear-time forward and hand-written backward (default on CPU and the
+  fallback everywhere);
+- ``mamba_ssm``: the fused CUDA kernel, used by ``auto`` when mamba_ssm imports and tensors are on CUDA.
+
+The backend is chosen by the ``backend`` argument, else :func:`set_scan_backend`, else the
+environment variable ``CLINICALFMAMBA_SCAN_BACKEND``, else ``auto``. The choice is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .cuda import mamba_ssm_available, mamba_ssm_scan
+from .fast import linear_scan, selective_scan_fast
+from .reference import selective_scan_ref
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "linear_scan",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_backend_name",
+    "selective_scan_fast",
+    "selective_scan_ref",
+    "set_scan_backend",
+]
+
+ENV_VAR = "CLINICALFMAMBA_SCAN_BACKEND"
+BACKENDS = {"reference": selective_scan_ref, "fast": selective_scan_fast, "mamba_ssm": mamba_ssm_scan}
+
+_logger = logging.getLogger(__name__)
+_default_backend: str | None = None
+_logged: set[tuple[str, str]] = set()
+
+
+def set_scan_backend(name: str | None) -> None:
+    """Set the process-wide backend (``auto``, ``fast``, ``reference``, ``mamba_ssm``; None resets)."""
+    global _default_backend
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    _default_backend = name
+
+
+def resolve_backend(backend: str | None = None, device: torch.device | str = "cpu") -> str:
+    """The concrete backend name that :func:`selective_scan` would use for tensors on ``device``."""
+    name = backend or _default_backend or os.environ.get(ENV_VAR) or "auto"
+    if name == "auto":
+        return "mamba_ssm" if torch.device(device).type == "cuda" and mamba_ssm_available() else "fast"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r} (from argument, set_scan_backend or ${ENV_VAR})")
+    return name
+
+
+def selective_scan_backend_name(device: torch.device | str = "cpu") -> str:
+    """Human-readable backend description for logs, e.g. ``fast (pure PyTorch) on cpu``."""
+    name = resolve_backend(None, device)
+    detail = {"fast": "pure PyTorch", "reference": "sequential reference", "mamba_ssm": "CUDA kernel"}[name]
+    return f"{name} ({detail}) on {torch.device(device).type}"
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, backend=None
+):
+    """Selective scan; see :func:`scripts.ssm.reference.selective_scan_ref` for shapes and maths."""
+    name = resolve_backend(backend, u.device)
+    key = (name, u.device.type)
+    if key not in _logged:
+        _logged.add(key)
+        _logger.info("selective scan backend: %s", selective_scan_backend_name(u.device) if backend is None else name)
+    return BACKENDS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

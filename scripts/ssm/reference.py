@@ -1,0 +1,89 @@
+"""Sequential reference selective scan: the readable specification every backend is tested against.
+
+Same semantics and argument shapes as ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``:
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (zero-order hold for A, Euler for B)
+    y_t = <C_t, h_t> + D * u_t,  then  y_t <- y_t * silu(z_t)
+
+It loops over time steps with per-step indexing, exactly like the mamba_ssm reference. That is
+simple to read and to trust, but slow, and its autograd backward is quadratic in the sequence
+length (each indexed slice back-propagates through a full-size zero tensor). Use it for tests only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["selective_scan_ref", "expand_groups"]
+
+
+def expand_groups(bc: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bring ``B`` or ``C`` to (batch, dim, N, L).
+
+    Accepts (dim, N) (time-invariant), (batch, N, L) (shared by all channels) or
+    (batch, G, N, L) (G groups of ``dim // G`` channels each).
+    """
+    if bc.dim() == 2:
+        raise ValueError("time-invariant B/C (dim, N) must be expanded by the caller")
+    if bc.dim() == 3:
+        return bc.unsqueeze(1).expand(-1, dim, -1, -1)
+    groups = bc.shape[1]
+    if dim % groups != 0:
+        raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
+    return bc.repeat_interleave(dim // groups, dim=1)
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Selective scan by a plain loop over time.
+
+    Args:
+        u: input (batch, dim, L).
+        delta: step sizes (batch, dim, L).
+        A: state matrix (dim, N), real (negative for a stable system).
+        B, C: input/output projections (batch, N, L) or (batch, G, N, L).
+        D: skip weights (dim,).
+        z: gate (batch, dim, L); the output is multiplied by silu(z).
+        delta_bias: (dim,) added to delta before the optional softplus.
+        delta_softplus: apply softplus to delta.
+        return_last_state: also return h_L (batch, dim, N).
+
+    Returns:
+        y (batch, dim, L) in the dtype of ``u`` (computed in at least float32).
+    """
+    dtype_in = u.dtype
+    compute = torch.promote_types(dtype_in, torch.float32)
+    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[..., None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, length = u.shape
+    B = expand_groups(B.to(compute), dim)
+    C = expand_groups(C.to(compute), dim)
+
+    delta_a = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    delta_b_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
+    h = u.new_zeros((batch, dim, A.shape[1]))
+    ys = []
+    for t in range(length):
+        h = delta_a[:, :, t] * h + delta_b_u[:, :, t]
+        ys.append(torch.einsum("bdn,bdn->bd", h, C[:, :, :, t]))
+    y = torch.stack(ys, dim=2)
+    if D is not None:
+        y = y + u * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    y = y.to(dtype_in)
+    return (y, h) if return_last_state else y

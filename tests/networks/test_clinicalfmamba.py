@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from scripts.networks import ClinicalFMamba
+
+TINY = dict(features=(8, 8, 16), depth=1, decoder_depth=1, d_state=4, swap_d_state=4)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 128), (256, 256)])
+def test_output_shape_and_range_for_several_sizes(size):
+    net = ClinicalFMamba(**TINY).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 2, *size))
+    assert out.shape == (2, 1, *size)
+    assert torch.isfinite(out).all() and out.min() > 0 and out.max() < 1
+
+
+def test_full_width_network_runs_on_a_non_square_input():
+    net = ClinicalFMamba().eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 2, 64, 96))
+    assert out.shape == (1, 1, 64, 96) and 0 < out.min() and out.max() < 1
+
+
+def test_3d_tiny_network_shape():
+    net = ClinicalFMamba(spatial_dims=3, channel_exchange=False, pyramid=False, **TINY).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 2, 16, 8, 24))
+    assert out.shape == (1, 1, 16, 8, 24)
+
+
+def test_compatibility_configuration_matches_the_released_component_counts():
+    net = ClinicalFMamba(reference_compat=True)
+    assert [n_params(b) for b in net.encoder_blocks] == [29_056, 115_456, 460_288]
+    assert n_params(net.stem) == 320
+    assert [n_params(d) for d in net.downsamples] == [4_128, 8_256, 32_896]
+    assert n_params(net.single_blocks) == 10 * 153_344  # 5 blocks x 2 modalities
+    assert n_params(net.token_swap) == 233_472
+    assert n_params(net.cross_blocks) == 2 * 186_368
+    assert n_params(net.merge) == 16_512
+    assert n_params(net.decoder_blocks) == 333_312
+    assert n_params(net.attention) == 2_048 and n_params(net.head) == 289
+    # decoder convs 92,448 as released, plus the third (256-px) up stage 32->32 conv + BN = 9,312
+    assert n_params(net.up_stages) == 92_448 + 9_312
+    assert n_params(net) == 3_244_225  # documented in docs/architecture.md
+
+
+def test_default_configuration_has_only_used_parameters():
+    net = ClinicalFMamba()
+    # released used-only count 3,155,521 + first down-sampling (4,128) + third up stage (9,312)
+    assert n_params(net) == 3_155_521 + 4_128 + 9_312
+    x = torch.rand(1, 2, 32, 32)
+    net(x).mean().backward()
+    unused = [name for name, p in net.named_parameters() if p.grad is None]
+    assert unused == []
+
+
+def test_every_parameter_of_the_compat_model_except_the_dead_ones_gets_a_gradient():
+    net = ClinicalFMamba(reference_compat=True, **TINY)
+    net(torch.rand(1, 2, 32, 32)).mean().backward()
+    unused = {name for name, p in net.named_parameters() if p.grad is None}
+    assert unused and all("unused_" in name for name in unused)
+
+
+def test_input_checks_give_clear_errors():
+    net = ClinicalFMamba(**TINY)
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        net(torch.rand(1, 2, 60, 64))
+    with pytest.raises(ValueError, match=r"expects \(B, 2, H, W\)"):
+        net(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="in_channels must be 2"):
+        ClinicalFMamba(in_channels=3)
+
+
+def test_modalities_are_not_interchangeable_but_both_matter():
+    net = ClinicalFMamba(**TINY).eval()
+    x = torch.rand(1, 2, 32, 32)
+    with torch.no_grad():
+        base = net(x)
+        for c in (0, 1):
+            x2 = x.clone()
+            x2[:, c] = torch.rand(32, 32)
+            assert (net(x2) - base).abs().max() > 1e-4
+
+
+def test_tiny_network_trains_with_decreasing_loss():
+    torch.manual_seed(0)
+    net = ClinicalFMamba(**TINY)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x = torch.rand(4, 2, 32, 32)
+    target = x.amax(dim=1, keepdim=True)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = (net(x) - target).abs().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
