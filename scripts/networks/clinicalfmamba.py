@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.networks.layers.factories import Conv
 from torch import nn
 
@@ -178,6 +179,8 @@ class ClinicalFMamba(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """image (B, 2, *spatial) -> fused (B, 1, *spatial) in [0, 1]."""
         self._check_input(image)
+        if isinstance(image, MetaTensor):  # plain tensors inside: no metadata tracking on every op
+            image = image.as_tensor()
         batch = image.shape[0]
         x = torch.cat([image[:, 0:1], image[:, 1:2]], dim=0)  # both modalities through the shared encoder
         skips = self.stem(x)

@@ -20,13 +20,12 @@ import os
 import torch
 
 from .cuda import mamba_ssm_available, mamba_ssm_scan
-from .fast import linear_scan, selective_scan_fast
+from .fast import selective_scan_fast
 from .reference import selective_scan_ref
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
-    "linear_scan",
     "resolve_backend",
     "selective_scan",
     "selective_scan_backend_name",

@@ -1,16 +1,23 @@
-"""Fast pure-PyTorch selective scan with its own backward.
+"""Fast pure-PyTorch selective scan: chunked, cache-resident, with its own backward.
 
-The scan is split into three parts:
+Time is cut into chunks of ``chunk`` steps. For one chunk at a time the scan
 
-1. discretisation, vectorised over all time steps (``exp(delta * A)`` and ``delta * B * u``),
-2. the linear recurrence ``h_t = a_t * h_{t-1} + b_t`` (:class:`LinearScan`), a loop over time in a
-   time-major contiguous layout with one fused multiply-add per step and a hand-written backward
-   (the adjoint recurrence runs backwards in time, so forward and backward are both linear in L),
-3. the output contraction ``y_t = <C_t, h_t>`` as one batched matmul.
+1. discretises (``exp(delta * A)``, ``delta * B * u``) into (T, batch, G, P, N) tensors small
+   enough to stay in cache,
+2. runs the recurrence ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`` with one fused
+   multiply-add per step, in place,
+3. contracts the states with ``C`` into the chunk's outputs,
 
-Autograd differentiates parts 1 and 3 (cheap, vectorised); part 2 supplies its own gradient.
-``exp(delta * A)`` lies in (0, 1] for ``delta >= 0`` and ``A <= 0``, so the recurrence never
-overflows in float32, however large the step (unlike closed-form cumsum/exp chunked scans).
+and keeps only the state at each chunk boundary. The (L, batch, dim, N) state tensor is never
+materialised. The backward pass recomputes each chunk's states from its boundary state (as the
+mamba_ssm CUDA kernel does) and runs the adjoint recurrence backwards in time, so forward and
+backward are both linear in L and use O(L * dim + chunk * dim * N) memory.
+
+``exp(delta * A)`` lies in (0, 1] for ``delta >= 0`` and ``A <= 0``, so nothing overflows in
+float32, however large the step (unlike closed-form cumsum/exp chunked scans).
+
+Layout: P = dim / G channels per group; B and C are shared by the channels of a group. A mixer
+runs all its scan directions (and both modality streams) as groups of one call.
 """
 
 from __future__ import annotations
@@ -18,40 +25,93 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_scan", "selective_scan_fast"]
+__all__ = ["DEFAULT_CHUNK", "selective_scan_fast"]
+
+DEFAULT_CHUNK = 8
 
 
-class LinearScan(torch.autograd.Function):
-    """``h_t = a_t * h_{t-1} + b_t`` along dim 0 with ``h_{-1} = 0``; a, b: (L, ...) same shape."""
+def _chunk_states(decay: torch.Tensor, drive: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """In place: ``drive[t] <- decay[t] * state[t-1] + drive[t]`` with state[-1] = h0; returns drive."""
+    drive[0].addcmul_(decay[0], h0)
+    steps_a, steps_h = decay.unbind(0), drive.unbind(0)
+    for t in range(1, len(steps_h)):
+        steps_h[t].addcmul_(steps_a[t], steps_h[t - 1])
+    return drive
+
+
+class ChunkedSelectiveScan(torch.autograd.Function):
+    """y_t = <C_t, h_t>, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t (no D skip, no gate).
+
+    Inputs (time-major): delta, u (L, batch, G, P); A (G, P, N); B, C (L, batch, G, N).
+    Returns y (L, batch, G, P) and the last state (batch, G, N, P).
+    States are kept as (batch, G, N, P): the channel axis P is innermost, so every broadcast
+    along the state axis N vectorises over contiguous channels.
+    """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = a.contiguous()
-        h = b.contiguous().clone()
-        steps_a, steps_h = a.unbind(0), h.unbind(0)
-        for t in range(1, len(steps_h)):
-            steps_h[t].addcmul_(steps_a[t], steps_h[t - 1])
-        ctx.save_for_backward(a, h)
-        return h
+    def forward(ctx, delta, u, A, B, C, chunk: int):
+        length = delta.shape[0]
+        chunk = min(chunk, length)
+        n_chunks = -(-length // chunk)
+        a_t = A.transpose(-1, -2).contiguous()  # (G, N, P)
+        y = torch.empty_like(u)
+        # chunk-local work buffers, reused (no per-chunk allocation), and the boundary states
+        decay = u.new_empty(chunk, *u.shape[1:3], A.shape[-1], u.shape[3])
+        states = torch.empty_like(decay)
+        boundaries = u.new_zeros(n_chunks, *decay.shape[1:])
+        for index in range(n_chunks):
+            t0 = index * chunk
+            t1 = min(t0 + chunk, length)
+            n = t1 - t0
+            d = delta[t0:t1].unsqueeze(-2)
+            torch.mul(d, a_t, out=decay[:n]).exp_()
+            torch.mul(d * u[t0:t1].unsqueeze(-2), B[t0:t1].unsqueeze(-1), out=states[:n])
+            _chunk_states(decay[:n], states[:n], boundaries[index])
+            torch.matmul(C[t0:t1].unsqueeze(-2), states[:n], out=y[t0:t1].unsqueeze(-2))
+            if index + 1 < n_chunks:
+                boundaries[index + 1].copy_(states[n - 1])
+        ctx.save_for_backward(delta, u, a_t, B, C, boundaries)
+        ctx.chunk = chunk
+        return y, states[n - 1].clone()
 
     @staticmethod
-    def backward(ctx, grad_h: torch.Tensor):
-        a, h = ctx.saved_tensors
-        # adjoint recurrence: g_t = grad_h_t + a_{t+1} * g_{t+1}
-        g = grad_h.contiguous().clone()
-        steps_a, steps_g = a.unbind(0), g.unbind(0)
-        for t in range(len(steps_g) - 2, -1, -1):
-            steps_g[t].addcmul_(steps_a[t + 1], steps_g[t + 1])
-        grad_a = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.zeros_like(a)
-            torch.mul(g[1:], h[:-1], out=grad_a[1:])
-        return grad_a, g
-
-
-def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """First-order linear recurrence along dim 0, see :class:`LinearScan`."""
-    return LinearScan.apply(a, b)
+    def backward(ctx, grad_y, grad_last):
+        delta, u, a_t, B, C, boundaries = ctx.saved_tensors
+        chunk, length = ctx.chunk, delta.shape[0]
+        grad_delta, grad_u = torch.empty_like(delta), torch.empty_like(u)
+        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
+        grad_a_t = torch.zeros_like(a_t)
+        decay = u.new_empty(chunk, *boundaries.shape[1:])
+        states, g = torch.empty_like(decay), torch.empty_like(decay)
+        # adjoint flowing into the last state of the current chunk from later steps
+        carry = grad_last if grad_last is not None else torch.zeros_like(boundaries[0])
+        for index in reversed(range(boundaries.shape[0])):
+            t0 = index * chunk
+            t1 = min(t0 + chunk, length)
+            n = t1 - t0
+            d, uu, b_sel, c_sel, gy = delta[t0:t1], u[t0:t1], B[t0:t1], C[t0:t1], grad_y[t0:t1]
+            du = d * uu
+            torch.mul(d.unsqueeze(-2), a_t, out=decay[:n]).exp_()
+            torch.mul(du.unsqueeze(-2), b_sel.unsqueeze(-1), out=states[:n])
+            _chunk_states(decay[:n], states[:n], boundaries[index])
+            # adjoint recurrence: g_t = C_t gy_t + decay_{t+1} g_{t+1}
+            torch.mul(gy.unsqueeze(-2), c_sel.unsqueeze(-1), out=g[:n])
+            g[n - 1].add_(carry)
+            steps_a, steps_g = decay.unbind(0), g.unbind(0)
+            for t in range(n - 2, -1, -1):
+                steps_g[t].addcmul_(steps_a[t + 1], steps_g[t + 1])
+            carry = decay[0] * g[0]
+            grad_C[t0:t1] = torch.matmul(states[:n], gy.unsqueeze(-1)).squeeze(-1)
+            grad_B[t0:t1] = torch.matmul(g[:n], du.unsqueeze(-1)).squeeze(-1)
+            grad_du = torch.matmul(b_sel.unsqueeze(-2), g[:n]).squeeze(-2)
+            # d loss / d (delta * A) at each step = g_t * h_{t-1} * decay_t (states[:n] reused as h_{t-1})
+            states[1:n].copy_(states[: n - 1].clone())
+            states[0].copy_(boundaries[index])
+            grad_dA = g[:n].mul_(states[:n]).mul_(decay[:n])
+            grad_delta[t0:t1] = grad_du * uu + (grad_dA * a_t).sum(-2)
+            grad_u[t0:t1] = grad_du * d
+            grad_a_t += torch.einsum("tbgnp,tbgp->gnp", grad_dA, d)
+        return grad_delta, grad_u, grad_a_t.transpose(-1, -2), grad_B, grad_C, None
 
 
 def selective_scan_fast(
@@ -65,6 +125,7 @@ def selective_scan_fast(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    chunk: int | None = None,
 ):
     """Selective scan; arguments and shapes as :func:`scripts.ssm.reference.selective_scan_ref`.
 
@@ -86,20 +147,23 @@ def selective_scan_fast(
         raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
     per_group = dim // groups
 
-    # time-major layout (L, batch, G, dim/G, N): every step is one contiguous block
-    delta_t = delta.permute(2, 0, 1).reshape(length, batch, groups, per_group)
-    u_t = u.permute(2, 0, 1).reshape(length, batch, groups, per_group)
-    b_t = B.to(compute).permute(3, 0, 1, 2).unsqueeze(3)  # (L, batch, G, 1, N)
-    c_t = C.to(compute).permute(3, 0, 1, 2).unsqueeze(4)  # (L, batch, G, N, 1)
-    decay = torch.exp(delta_t.unsqueeze(-1) * A.view(groups, per_group, n_state))
-    drive = (delta_t * u_t).unsqueeze(-1) * b_t
-    h = linear_scan(decay, drive)
-    y = torch.matmul(h, c_t).reshape(length, batch, dim).permute(1, 2, 0)
+    def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
+        return x.permute(2, 0, 1).contiguous().view(length, batch, groups, per_group)
+
+    y, last = ChunkedSelectiveScan.apply(
+        time_major(delta),
+        time_major(u),
+        A.reshape(groups, per_group, n_state),
+        B.to(compute).permute(3, 0, 1, 2).contiguous(),
+        C.to(compute).permute(3, 0, 1, 2).contiguous(),
+        max(1, int(chunk or DEFAULT_CHUNK)),
+    )
+    y = y.reshape(length, batch, dim).permute(1, 2, 0)
     if D is not None:
         y = y + u * D.to(compute)[:, None]
     if z is not None:
         y = y * F.silu(z.to(compute))
     y = y.to(dtype_in)
     if return_last_state:
-        return y, h[-1].reshape(batch, dim, n_state)
+        return y, last.transpose(-1, -2).reshape(batch, dim, n_state)
     return y

@@ -1,0 +1,139 @@
+"""Benchmark: selective-scan and network speed on this machine, as ratios measured in one run.
+
+    python -m scripts.benchmark                      # everything (the reference scan at L=4096 takes minutes)
+    python -m scripts.benchmark --quick              # skip the reference loop at L=4096
+    python -m scripts.benchmark --markdown out.md    # also write the table
+
+Ratios printed:
+- fast scan forward+backward vs the sequential reference (``selective_scan_ref``, whose autograd
+  backward is quadratic in L) and vs a sequential loop with a linear backward (``unbind`` slicing);
+- 256x256 network inference time vs its FLOP floor = network FLOPs (conv + matmul, counted by
+  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from scripts.networks import ClinicalFMamba
+from scripts.ssm import selective_scan_fast, selective_scan_ref
+
+__all__ = ["matmul_rate", "network_flops", "time_call"]
+
+
+def time_call(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate(size: int = 2048) -> float:
+    """Measured float32 matrix-multiply rate in FLOP/s (best of several square GEMMs)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = min(time_call(lambda: a @ b, repeats=5) for _ in range(2))
+    return 2 * size**3 / seconds
+
+
+def network_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """Conv + matmul FLOPs of one forward pass (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x)
+    return counter.get_total_flops()
+
+
+def _unbind_loop_scan(u, delta, A, B, C):
+    """Sequential loop with view slicing: same maths as the reference, linear-time autograd backward."""
+    delta_a = torch.exp(torch.einsum("bdl,dn->bdln", delta, A)).unbind(2)
+    delta_b_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u).unbind(2)
+    c_steps = C.unbind(2)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for a_t, b_t, c_t in zip(delta_a, delta_b_u, c_steps):
+        h = a_t * h + b_t
+        ys.append(torch.einsum("bdn,bn->bd", h, c_t))
+    return torch.stack(ys, dim=2)
+
+
+def scan_inputs(length: int, d_inner: int = 256, d_state: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(1, d_inner, length, generator=g)
+    delta = F.softplus(torch.randn(1, d_inner, length, generator=g) - 3)
+    A = -torch.arange(1, d_state + 1.0).repeat(d_inner, 1)
+    B = torch.randn(1, d_state, length, generator=g)
+    C = torch.randn(1, d_state, length, generator=g)
+    return [t.requires_grad_() for t in (u, delta, A, B, C)]
+
+
+def time_fwd_bwd(fn, inputs, repeats: int) -> float:
+    def step():
+        for t in inputs:
+            t.grad = None
+        fn(*inputs).sum().backward()
+
+    return time_call(step, repeats=repeats, warmup=1 if repeats > 1 else 0)
+
+
+def run(quick: bool = False, size: int = 256) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+
+    def report(name: str, value: str) -> None:
+        rows.append((name, value))
+        print(f"{name:<58} {value}", flush=True)
+
+    report("machine", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    rate = matmul_rate()
+    report("float32 matmul rate (2048^3 GEMM)", f"{rate / 1e9:.1f} GFLOP/s")
+
+    for length in (1024, 4096):
+        inputs = scan_inputs(length)
+        t_fast = time_fwd_bwd(selective_scan_fast, inputs, repeats=3)
+        t_loop = time_fwd_bwd(_unbind_loop_scan, inputs, repeats=3)
+        report(f"scan fwd+bwd L={length} d_inner=256 N=8: fast", f"{t_fast * 1e3:.1f} ms")
+        report(f"scan fwd+bwd L={length}: unbind loop (linear backward)", f"{t_loop * 1e3:.1f} ms ({t_loop / t_fast:.1f}x fast)")
+        if quick and length > 1024:
+            report(f"scan fwd+bwd L={length}: reference loop", "skipped (--quick)")
+            continue
+        t_ref = time_fwd_bwd(selective_scan_ref, inputs, repeats=1)
+        report(f"scan fwd+bwd L={length}: reference loop (selective_scan_ref)", f"{t_ref:.2f} s -> speed-up {t_ref / t_fast:.1f}x")
+
+    net = ClinicalFMamba().eval()
+    x = torch.rand(1, 2, size, size)
+    flops = network_flops(net, x)
+    with torch.inference_mode():
+        t_net = time_call(lambda: net(x), repeats=5)
+    floor = flops / rate
+    report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
+    report(f"{size}x{size} inference (default network, batch 1)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip the slow reference loop at L=4096")
+    parser.add_argument("--size", type=int, default=256, help="image side for the network timing")
+    parser.add_argument("--markdown", help="also write the results as a markdown table to this file")
+    args = parser.parse_args()
+    rows = run(quick=args.quick, size=args.size)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("| measurement | result |\n| --- | --- |\n")
+            f.writelines(f"| {name} | {value} |\n" for name, value in rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+"""Dictionary transforms for image-fusion pairs: load, check, colour, and write.
+
+Pre-processing chain used by ``configs/inference.json`` (MONAI transforms where they do the job):
+
+1. :class:`LoadPaird` — ``mri`` and ``other`` file paths (or one 2-channel ``image`` file) to channel-first
+   ``MetaTensor`` s ``(C, *spatial)`` in MONAI's index order (PNG: width first; NIfTI: as stored);
+2. :class:`EnsureSpatialDimsd` — drop trailing singleton spatial dims (a NIfTI slice ``(X, Y, 1)`` becomes 2D);
+3. :class:`CheckSameShaped` — both images of the pair have the same spatial size (error names both files);
+4. :class:`SplitLumaChromad` — RGB(A) colour images (PET/SPECT) become their BT.601 luma ``Y`` (1 channel),
+   the full ``YCbCr`` is kept under ``<key>_ycbcr`` to re-attach the colour after fusion; RGB images that are
+   really grey become grey;
+5. ``monai.transforms.ScaleIntensityd(minv=0, maxv=1)`` — per-image min-max normalisation (a constant image
+   becomes zeros);
+6. ``monai.transforms.ConcatItemsd(keys=["mri", "other"], name="image")`` — the 2-channel network input,
+   carrying the reference image's metadata/affine;
+7. ``monai.transforms.DivisiblePadd(keys="image", k=8)`` — pad to a valid size, undone by ``Invertd``.
+
+Post-processing: ``monai.transforms.Invertd`` (crop ``pred`` back), :class:`AttachChromad` (colour fused
+image from the fused ``Y`` and the colour source's ``Cb``/``Cr``), :class:`SaveFusedd` (atomic writer, never
+overwrites unless asked) with a :class:`FusionSummary` counting written / skipped / failed pairs.
+
+Colour convention (``YCbCr``): ITU-R BT.601 full range ("JPEG" YCbCr, what ``PIL.Image.convert("YCbCr")``
+computes), on the 8-bit scale: ``Y`` in [0, 255], ``Cb``/``Cr`` centred on 128. The fused ``Y`` (``pred`` in
+[0, 1]) is mapped back to an 8-bit ``Y`` by ``y_range``:
+
+- ``"source"`` (default): onto the colour source's own ``Y`` range ``[min Y, max Y]``, the inverse of the
+  per-image normalisation its ``Y`` went through, so the colour image keeps the source's brightness;
+- ``"full"``: ``Y = 255 * pred`` as in the reference code (its colour outputs look brighter than the source
+  when the source ``Y`` does not reach 255; spec section 13, item 17).
+
+The grey fused image written next to the colour one (``<id>_fused_y.png``) is always ``255 * pred``: the
+fused image on the scale the metrics use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor, NibabelReader, PILReader
+from monai.transforms import LoadImage, MapTransform
+
+from scripts.data import IMAGE_EXTENSIONS, NIFTI_EXTENSIONS, split_extension
+
+__all__ = [
+    "AttachChromad",
+    "CheckSameShaped",
+    "EnsureSpatialDimsd",
+    "FusionSummary",
+    "LoadPaird",
+    "SaveFusedd",
+    "SplitLumaChromad",
+    "rgb_to_ycbcr",
+    "ycbcr_to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+# ITU-R BT.601 full-range (JPEG) YCbCr, the convention of PIL's "YCbCr" mode, on the 8-bit scale
+_RGB_TO_YCBCR = torch.tensor(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=torch.float64
+)
+_YCBCR_TO_RGB = torch.linalg.inv(_RGB_TO_YCBCR)
+_CHROMA_OFFSET = 128.0
+
+
+def _with_meta(tensor: torch.Tensor, like: Any) -> torch.Tensor:
+    """``tensor`` as a ``MetaTensor`` carrying ``like``'s metadata (when ``like`` has any)."""
+    tensor = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+    return MetaTensor(tensor, meta=dict(like.meta)) if isinstance(like, MetaTensor) else tensor
+
+
+def _filename(img: Any) -> str:
+    """The source file of a loaded image, for error messages."""
+    meta = getattr(img, "meta", None) or {}
+    name = meta.get("filename_or_obj", "<unknown file>")
+    if isinstance(name, (list, tuple)):  # collated
+        name = name[0] if name else "<unknown file>"
+    return str(name)
+
+
+def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB ``(3, *spatial)`` on the 8-bit scale to BT.601 full-range ``YCbCr`` ``(3, *spatial)``, as float."""
+    flat = rgb.reshape(3, -1).to(torch.float64)
+    ycbcr = _RGB_TO_YCBCR.to(flat.device) @ flat
+    ycbcr[1:] += _CHROMA_OFFSET
+    return ycbcr.reshape(rgb.shape).to(rgb.dtype if rgb.is_floating_point() else torch.float32)
+
+
+def ycbcr_to_rgb(ycbcr: torch.Tensor) -> torch.Tensor:
+    """BT.601 full-range ``YCbCr`` ``(3, *spatial)`` to RGB ``(3, *spatial)`` on the 8-bit scale (not clipped)."""
+    flat = ycbcr.reshape(3, -1).to(torch.float64).clone()
+    flat[1:] -= _CHROMA_OFFSET
+    rgb = _YCBCR_TO_RGB.to(flat.device) @ flat
+    return rgb.reshape(ycbcr.shape).to(ycbcr.dtype if ycbcr.is_floating_point() else torch.float32)
+
+
+def _pil_to_grey_or_rgb(image: Any) -> Any:
+    """PIL converter for :class:`monai.data.PILReader`: palette/CMYK/bilevel images to RGB(A)/L."""
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+    if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    if image.mode == "1":
+        return image.convert("L")
+    return image
+
+
+class LoadPaird(MapTransform):
+    """Load both images of a pair into channel-first ``MetaTensor`` s.
+
+    Input: ``data[keys[0]]`` and ``data[keys[1]]`` file paths, or — when those are absent — one 2-channel file
+    under ``image_key`` (channel 0 reference, channel 1 other modality; e.g. a 4-D NIfTI ``(X, Y, Z, 2)``),
+    which is split into the two keys. Output: ``data[key]`` as ``(C, *spatial)`` float32 ``MetaTensor`` with
+    the file's metadata (``filename_or_obj``, ``affine``, ``spatial_shape``). NIfTI files are read with
+    MONAI's ``NibabelReader``, PNG/JPEG/TIFF/BMP with its ``PILReader`` (palette images converted to RGB),
+    other formats with MONAI's default readers. PNG arrays are width-first, as ``PILReader`` returns them
+    (``PILWriter`` transposes back on writing). Errors name the file.
+
+    Args:
+        keys: the reference and the other-modality key, in this order.
+        image_key: key of a single 2-channel file, used when ``keys`` are absent.
+    """
+
+    def __init__(self, keys: KeysCollection = ("mri", "other"), image_key: str = "image") -> None:
+        super().__init__(keys)
+        if len(self.keys) != 2:
+            raise ValueError(f"LoadPaird needs exactly two keys (reference, other), got {self.keys}")
+        self.image_key = image_key
+        self._nifti_reader = NibabelReader()
+        self._pil_reader = PILReader(converter=_pil_to_grey_or_rgb)
+        self._loader = LoadImage(
+            reader=[self._nifti_reader, self._pil_reader], image_only=True, ensure_channel_first=True
+        )
+
+    def load(self, path: str | os.PathLike) -> MetaTensor:
+        """One file to ``(C, *spatial)``; errors name the file."""
+        path = str(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file not found: {path}")
+        ext = split_extension(path)[1].lower()
+        reader = (
+            self._nifti_reader if ext in NIFTI_EXTENSIONS else self._pil_reader if ext in IMAGE_EXTENSIONS else None
+        )  # None: try every registered MONAI reader
+        try:
+            img = self._loader(path, reader)
+        except Exception as e:
+            raise ValueError(f"cannot read image file {path}: {e}") from e
+        return img
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ref_key, other_key = self.keys
+        if ref_key in d and other_key in d:
+            for key in self.keys:
+                d[key] = d[key] if isinstance(d[key], torch.Tensor) else self.load(d[key])
+            return d
+        if self.image_key not in d:
+            raise KeyError(f"a pair needs '{ref_key}' and '{other_key}' file paths or one 2-channel '{self.image_key}'")
+        img = d[self.image_key] if isinstance(d[self.image_key], torch.Tensor) else self.load(d[self.image_key])
+        if img.shape[0] != 2:
+            raise ValueError(
+                f"{_filename(img)}: a single-file pair needs 2 channels (reference, other), it has {img.shape[0]} "
+                f"(shape {tuple(img.shape)} channel-first)"
+            )
+        d[ref_key], d[other_key] = _with_meta(img[0:1], img), _with_meta(img[1:2], img)
+        return d
+
+
+class EnsureSpatialDimsd(MapTransform):
+    """Drop trailing singleton spatial dimensions until ``spatial_dims`` remain.
+
+    ``(C, X, Y, 1)`` becomes ``(C, X, Y)`` for ``spatial_dims=2`` (a NIfTI slice); the metadata keep the
+    file's ``spatial_shape`` and affine so the writer restores the file's geometry. More non-singleton
+    dimensions than ``spatial_dims`` raise an error naming the file.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int = 2, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            spatial = tuple(img.shape[1:])
+            while len(spatial) > self.spatial_dims and spatial[-1] == 1:
+                spatial = spatial[:-1]
+            if len(spatial) != self.spatial_dims:
+                raise ValueError(
+                    f"{_filename(img)}: a {self.spatial_dims}D workflow needs {self.spatial_dims}D images or "
+                    f"single slices, this image has spatial shape {tuple(img.shape[1:])}"
+                )
+            if spatial != tuple(img.shape[1:]):
+                d[key] = _with_meta(img.reshape(img.shape[0], *spatial), img)
+        return d
+
+
+class CheckSameShaped(MapTransform):
+    """Raise ``ValueError`` naming both files when the images under ``keys`` differ in spatial size."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        shapes = {key: tuple(d[key].shape[1:]) for key in self.key_iterator(d)}
+        if len(set(shapes.values())) > 1:
+            detail = ", ".join(f"{key} {_filename(d[key])} has spatial shape {s}" for key, s in shapes.items())
+            raise ValueError(f"the images of a pair must have the same size: {detail}")
+        return d
+
+
+class SplitLumaChromad(MapTransform):
+    """Colour images to their luma ``Y``; keep the full ``YCbCr`` to re-attach the colour after fusion.
+
+    For each key: 1 channel: unchanged. 2 channels (grey + alpha): the grey channel. 3 or 4 channels (RGB,
+    RGBA; alpha dropped): if the colour channels are equal within ``grey_tolerance`` the image is grey and
+    channel 0 is kept; otherwise ``data[key]`` becomes ``Y`` ``(1, *spatial)`` and ``data[key + suffix]`` the
+    ``YCbCr`` image ``(3, *spatial)`` (BT.601 full range, 8-bit scale; see the module docstring).
+
+    Args:
+        keys: keys of the loaded images.
+        ycbcr_suffix: suffix of the key that receives the ``YCbCr`` image of a colour input.
+        grey_tolerance: largest channel difference still treated as grey.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        ycbcr_suffix: str = "_ycbcr",
+        grey_tolerance: float = 0.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ycbcr_suffix = ycbcr_suffix
+        self.grey_tolerance = grey_tolerance
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            channels = img.shape[0]
+            if channels == 1:
+                continue
+            if channels == 2:
+                d[key] = _with_meta(img[0:1], img)
+                continue
+            if channels not in (3, 4):
+                raise ValueError(f"{_filename(img)}: expected 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {channels}")
+            rgb = img[:3]
+            if float((rgb - rgb[0:1]).abs().max()) <= self.grey_tolerance:
+                d[key] = _with_meta(img[0:1], img)
+                continue
+            ycbcr = rgb_to_ycbcr(rgb.as_tensor() if isinstance(rgb, MetaTensor) else rgb)
+            d[key] = _with_meta(ycbcr[0:1], img)
+            d[f"{key}{self.ycbcr_suffix}"] = _with_meta(ycbcr, img)
+        return d
+
+
+class AttachChromad(MapTransform):
+    """Colour fused image from the fused luma and the colour source's chroma.
+
+    ``data[key]`` is the fused image ``(1, *spatial)`` in [0, 1]; when ``data[ycbcr_key]`` holds the colour
+    source's ``YCbCr`` ``(3, *spatial)``, ``data[output_key]`` receives the RGB image ``(3, *spatial)`` on the
+    8-bit scale (float, clipped to [0, 255]). Without ``ycbcr_key`` (grey pair) nothing changes.
+
+    Args:
+        keys: the fused image key (``"pred"``).
+        ycbcr_key: key of the colour source's ``YCbCr`` image (:class:`SplitLumaChromad`).
+        output_key: key for the RGB result.
+        y_range: ``"source"`` (fused ``Y`` mapped onto the source's ``[min Y, max Y]``) or ``"full"``
+            (``Y = 255 * fused``, the reference code's choice).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        ycbcr_key: str = "other_ycbcr",
+        output_key: str = "pred_rgb",
+        y_range: str = "source",
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=False)
+        if y_range not in ("source", "full"):
+            raise ValueError(f"y_range must be 'source' or 'full', got {y_range!r}")
+        self.ycbcr_key = ycbcr_key
+        self.output_key = output_key
+        self.y_range = y_range
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ycbcr = d.get(self.ycbcr_key)
+        if ycbcr is None:
+            return d
+        for key in self.key_iterator(d):
+            fused = torch.as_tensor(d[key]).detach().cpu().to(torch.float64).clamp(0.0, 1.0)
+            source = torch.as_tensor(ycbcr).detach().cpu().to(torch.float64)
+            if tuple(fused.shape[1:]) != tuple(source.shape[1:]):
+                raise ValueError(
+                    f"fused image {tuple(fused.shape)} and colour source {tuple(source.shape)} of "
+                    f"{_filename(ycbcr)} differ in size; invert the padding first"
+                )
+            if self.y_range == "source":
+                y_min, y_max = float(source[0].min()), float(source[0].max())
+                y = y_min + fused[0] * (y_max - y_min)
+            else:
+                y = 255.0 * fused[0]
+            rgb = ycbcr_to_rgb(torch.stack([y, source[1], source[2]])).clamp(0.0, 255.0)
+            d[self.output_key] = rgb.to(torch.float32)
+        return d
+
+
+class FusionSummary:
+    """Counts of fused pairs written, skipped (outputs exist) and failed, logged at the end of a run."""
+
+    def __init__(self, failed: Sequence[tuple[Mapping[str, Any], str]] = ()) -> None:
+        self.written: list[list[str]] = []
+        self.skipped: list[list[str]] = []
+        self.failed: list[tuple[Mapping[str, Any], str]] = list(failed)
+
+    def add_written(self, paths: Sequence[str]) -> None:
+        self.written.append(list(paths))
+
+    def add_skipped(self, paths: Sequence[str]) -> None:
+        self.skipped.append(list(paths))
+
+    def add_failed(self, item: Mapping[str, Any], reason: str) -> None:
+        self.failed.append((item, reason))
+
+    def __str__(self) -> str:
+        return f"{len(self.written)} pairs written, {len(self.skipped)} skipped, {len(self.failed)} failed"
+
+    def log(self, log: logging.Logger | None = None) -> str:
+        """Log the counts, then one line per skipped or failed pair; returns the one-line summary."""
+        log = log or logger
+        text = f"fusion summary: {self}"
+        log.info(text)
+        if self.skipped:
+            log.warning(
+                "%d pairs skipped because their outputs exist (set overwrite=true to replace them), e.g. %s",
+                len(self.skipped),
+                self.skipped[0][0],
+            )
+        for item, reason in self.failed:
+            log.error("failed pair %s: %s", item.get("id", item), reason)
+        return text
+
+
+def _atomic_write(write: Callable[[str], None], path: Path, overwrite: bool) -> bool:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then move it into place.
+
+    Without ``overwrite`` the final step is a hard link, which fails if ``path`` appeared meanwhile (no
+    file is ever replaced); returns False in that case. With ``overwrite`` it is an atomic ``os.replace``.
+    """
+    stem, ext = split_extension(path)
+    tmp = path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.tmp{ext}")
+    try:
+        write(str(tmp))
+        if overwrite:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # file system without hard links: best effort
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _to_uint8(img: torch.Tensor, scale: float) -> np.ndarray:
+    arr = torch.as_tensor(img).detach().cpu().to(torch.float64).nan_to_num(0.0).numpy() * scale
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+class SaveFusedd(MapTransform):
+    """Write the fused image of a pair next to nothing it could overwrite.
+
+    Outputs go to ``output_dir/<task>/<id>_<postfix><ext>`` (no ``<task>`` folder when the pair has none;
+    ``id`` defaults to the reference file's name):
+
+    - NIfTI reference (``.nii``/``.nii.gz``): float32 NIfTI, same extension, with the reference file's affine,
+      header (qform/sform, units) and spatial shape (a ``(X, Y, 1)`` slice stays ``(X, Y, 1)``);
+    - any other reference (PNG, JPEG, TIFF, ...): 8-bit PNG of ``round(255 * pred)``; when the pair had a
+      colour source (``data[colour_key]`` from :class:`AttachChromad`) that PNG is the colour (RGB) image and
+      the grey fused ``Y`` is written as ``<id>_<postfix>_y.png``.
+
+    Every file is written to a temporary name and moved into place. Existing outputs are never replaced unless
+    ``overwrite=True``: the pair is skipped with a warning (and counted in ``summary``), so re-running a
+    command completes the missing outputs only.
+
+    Args:
+        keys: the fused image key (``"pred"``), ``(1, *spatial)`` in [0, 1], cropped back to the input size.
+        output_dir: output folder (created when needed).
+        ref_key: key of the loaded reference image, whose metadata name the reference file.
+        colour_key: key of the RGB fused image, if any.
+        output_postfix: appended to the id in output names.
+        overwrite: replace existing outputs.
+        summary: collects written / skipped pairs.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: str | os.PathLike = "./eval/fused",
+        ref_key: str = "mri",
+        colour_key: str = "pred_rgb",
+        output_postfix: str = "fused",
+        overwrite: bool = False,
+        summary: FusionSummary | None = None,
+    ) -> None:
+        super().__init__(keys)
+        self.output_dir = Path(output_dir)
+        self.ref_key = ref_key
+        self.colour_key = colour_key
+        self.output_postfix = output_postfix
+        self.overwrite = overwrite
+        self.summary = summary
+
+    def _reference(self, d: Mapping[Hashable, Any], key: Hashable) -> tuple[str, Mapping[str, Any]]:
+        for candidate in (d.get(self.ref_key), d[key]):
+            if isinstance(candidate, MetaTensor) and "filename_or_obj" in candidate.meta:
+                return _filename(candidate), candidate.meta
+        raise ValueError(f"cannot tell the reference file of '{key}': no '{self.ref_key}' image with metadata")
+
+    @staticmethod
+    def _clean(name: Any) -> str:
+        return str(name).replace(os.sep, "_").replace("/", "_").strip() or "pair"
+
+    def output_paths(self, d: Mapping[Hashable, Any], key: Hashable) -> tuple[list[Path], str, Mapping[str, Any]]:
+        """Output files of one pair, the reference file and its metadata."""
+        ref_path, ref_meta = self._reference(d, key)
+        stem, ext = split_extension(ref_path)
+        pair_id = self._clean(d.get("id") or stem)
+        folder = self.output_dir / self._clean(d["task"]) if d.get("task") else self.output_dir
+        base = f"{pair_id}_{self.output_postfix}" if self.output_postfix else pair_id
+        if ext.lower() in NIFTI_EXTENSIONS:
+            return [folder / f"{base}{ext.lower()}"], ref_path, ref_meta
+        paths = [folder / f"{base}.png"]
+        if d.get(self.colour_key) is not None:
+            paths.append(folder / f"{base}_y.png")
+        return paths, ref_path, ref_meta
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            paths, ref_path, ref_meta = self.output_paths(d, key)
+            existing = [str(p) for p in paths if p.exists()]
+            if existing and not self.overwrite:
+                logger.warning("outputs exist, pair '%s' skipped (overwrite=false): %s", d.get("id", ""), existing)
+                if self.summary is not None:
+                    self.summary.add_skipped(existing)
+                continue
+            pred = torch.as_tensor(d[key]).detach().cpu()
+            self._check_shape(pred, ref_path, ref_meta)
+            paths[0].parent.mkdir(parents=True, exist_ok=True)
+            if paths[0].name.endswith(NIFTI_EXTENSIONS):
+                writers = [lambda p, pred=pred: self._write_nifti(pred, ref_path, ref_meta, p)]
+            elif len(paths) == 2:
+                writers = [
+                    lambda p: self._write_png(_to_uint8(d[self.colour_key], 1.0), p),
+                    lambda p, pred=pred: self._write_png(_to_uint8(pred, 255.0), p),
+                ]
+            else:
+                writers = [lambda p, pred=pred: self._write_png(_to_uint8(pred, 255.0), p)]
+            done = [str(p) for p, w in zip(paths, writers) if _atomic_write(w, p, self.overwrite)]
+            if len(done) < len(paths):
+                not_written = sorted(set(map(str, paths)) - set(done))
+                logger.warning("outputs appeared while writing, not replaced: %s", not_written)
+            if self.summary is not None:
+                (self.summary.add_written if done else self.summary.add_skipped)(done or [str(p) for p in paths])
+        return d
+
+    @staticmethod
+    def _check_shape(pred: torch.Tensor, ref_path: str, ref_meta: Mapping[str, Any]) -> None:
+        """The fused image must have the reference's spatial size (trailing singleton dims aside)."""
+        shape = ref_meta.get("spatial_shape")
+        if shape is None:
+            return
+        expected = [int(s) for s in np.asarray(shape).reshape(-1)]
+        got = list(pred.shape[1:])
+        while len(expected) > 1 and expected[-1] == 1:
+            expected.pop()
+        while len(got) > 1 and got[-1] == 1:
+            got.pop()
+        if expected != got:
+            raise ValueError(
+                f"fused image of {ref_path} has spatial shape {tuple(pred.shape[1:])}, the reference image has "
+                f"{tuple(int(s) for s in np.asarray(shape).reshape(-1))}: was the padding inverted (Invertd)?"
+            )
+
+    @staticmethod
+    def _write_png(arr: np.ndarray, path: str) -> None:
+        """``arr``: ``(C, W, H)`` uint8 in MONAI's width-first order, ``C`` 1 (grey) or 3 (RGB)."""
+        from monai.data import PILWriter
+
+        writer = PILWriter(output_dtype=np.uint8, scale=None)
+        writer.set_data_array(arr, channel_dim=0)
+        writer.write(path)
+
+    @staticmethod
+    def _write_nifti(pred: torch.Tensor, ref_path: str, ref_meta: Mapping[str, Any], path: str) -> None:
+        """``pred`` ``(1, *spatial)`` reshaped to the reference's spatial shape, saved with its affine and header.
+
+        nibabel with the reference header (rather than MONAI's ``NibabelWriter``, which builds a fresh header)
+        keeps qform/sform codes, units and pixel sizes exactly.
+        """
+        import nibabel as nib
+
+        ref = nib.load(ref_path)
+        shape = ref_meta.get("spatial_shape")
+        shape = tuple(int(s) for s in np.asarray(shape).reshape(-1)) if shape is not None else tuple(ref.shape[:3])
+        arr = pred.to(torch.float32).numpy().reshape(shape)
+        header = ref.header.copy()
+        header.set_data_dtype(np.float32)
+        header.set_intent("none")
+        header["cal_min"], header["cal_max"] = 0.0, 0.0
+        out = type(ref)(arr, ref.affine, header=header)
+        out.header.set_slope_inter(1.0, 0.0)
+        nib.save(out, path)
