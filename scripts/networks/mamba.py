@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.ssm import selective_scan
+from scripts.ssm import selective_scan_time_major
 
 from .scan_orders import inverse_orders, scan_orders
 
@@ -135,23 +135,46 @@ class DirectionalMamba(nn.Module):
             self.unused_A_log = nn.Parameter(torch.log(torch.arange(1, n + 1.0)).repeat(m, dead_a_matrices, di, 1))
         if dead_norm:
             self.unused_norm = MemberLayerNorm(m, di)
-        self._order_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._order_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # grid, batch, device -> indices
 
-    def _orders(self, grid: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(grid), str(device))
+    def _gather_index(self, grid: Sequence[int], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat row indices of the direction gather and of the re-alignment, cached per grid and batch.
+
+        ``forward[(l, b, m, k)]`` is the row of (M, B, L) tokens that direction k visits at step l;
+        ``backward[(l, b, m, k)]`` is the row of the (L, B, M, K) direction outputs that holds token l.
+        """
+        key = (tuple(grid), batch, str(device))
         if key not in self._order_cache:
             orders = scan_orders(self.order_set, grid)
-            self._order_cache[key] = (orders.to(device), inverse_orders(orders).to(device))
+            inverse = inverse_orders(orders)
+            k, length = orders.shape
+            b = torch.arange(batch).view(1, batch, 1, 1)
+            m = torch.arange(self.members).view(1, 1, -1, 1)
+            kk = torch.arange(k).view(1, 1, 1, k)
+            forward = (m * batch + b) * length + orders.t().reshape(length, 1, 1, k)
+            backward = ((inverse.t().reshape(length, 1, 1, k) * batch + b) * self.members + m) * k + kk
+            self._order_cache[key] = (forward.reshape(-1).to(device), backward.reshape(-1).to(device))
         return self._order_cache[key]
 
-    def _to_directions(self, x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-        """(M, B, L, C) -> (B, M*K*C, L): each direction's sequence, channel-major."""
+    def _to_directions(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(M, B, L, C) tokens -> (L, B, M*K, C): every direction's sequence, time-major (one row gather)."""
         m, b, length, c = x.shape
-        if self.order_set == "identity":
-            xk = x.unsqueeze(2)
-        else:
-            xk = x[:, :, orders]  # (M, B, K, L, C)
-        return xk.permute(1, 0, 2, 4, 3).reshape(b, m * orders.shape[0] * c, length)
+        return x.reshape(-1, c).index_select(0, index).view(length, b, -1, c)
+
+    def _from_directions(self, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(L, B, M*K, C) direction outputs -> (L, B, M, C): back to row-major token order, averaged."""
+        length, b, _, c = y.shape
+        aligned = y.reshape(-1, c).index_select(0, index).view(length, b, self.members, -1, c)
+        return aligned.mean(3) if aligned.shape[3] > 1 else aligned[:, :, :, 0]
+
+    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv along time of x (L, B, G, P) with this mixer's per-channel kernels."""
+        groups, width = x.shape[2], self.d_conv
+        weight = self.conv_weight.view(groups, -1, width)
+        out = x * weight[..., width - 1] + self.conv_bias.view(groups, -1)
+        for shift in range(1, min(width, x.shape[0])):
+            out[shift:].addcmul_(x[:-shift], weight[..., width - 1 - shift])
+        return out
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], extra: torch.Tensor | None = None) -> torch.Tensor:
         """x, extra: (M, B, L, d_model) with L = prod(grid), tokens row-major -> (M, B, L, d_model)."""
@@ -160,38 +183,26 @@ class DirectionalMamba(nn.Module):
         m, b, length, _ = x.shape
         if m != self.members or length != math.prod(grid):
             raise ValueError(f"mixer expects ({self.members}, B, {math.prod(grid)}, C) tokens for grid {tuple(grid)}, got {tuple(x.shape)}")
-        k, di, n, r = self.num_directions, self.d_inner, self.d_state, self.dt_rank
-        groups = m * k
-        orders, inverse = self._orders(grid, x.device)
+        n, r = self.d_state, self.dt_rank
+        forward_index, backward_index = self._gather_index(grid, b, x.device)
 
-        xz = member_linear(x, self.in_proj_weight)
-        xs, z = xz.split(di, dim=-1)
-        xs = self._to_directions(xs, orders)
-        xs = F.silu(F.conv1d(xs, self.conv_weight, self.conv_bias, padding=self.d_conv - 1, groups=groups * di)[..., :length])
-        if self.cross_modal:
-            source = self._to_directions(member_linear(extra, self.in_proj_b_weight), orders)
-        else:
-            source = xs
-        x_dbl = torch.einsum("bgdl,gcd->bgcl", source.view(b, groups, di, length), self.x_proj_weight)
-        dt, b_sel, c_sel = x_dbl.split([r, n, n], dim=2)
-        delta = torch.einsum("bgrl,gdr->bgdl", dt, self.dt_proj_weight).reshape(b, groups * di, length)
-        y = selective_scan(
+        xs, z = member_linear(x, self.in_proj_weight).split(self.d_inner, dim=-1)
+        xs = F.silu(self._causal_conv(self._to_directions(xs, forward_index)))  # (L, B, G, d_inner)
+        source = self._to_directions(member_linear(extra, self.in_proj_b_weight), forward_index) if self.cross_modal else xs
+        x_dbl = torch.einsum("lbgp,gcp->lbgc", source, self.x_proj_weight)
+        dt, b_sel, c_sel = x_dbl.split([r, n, n], dim=-1)
+        y = selective_scan_time_major(
             xs,
-            delta,
-            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))).reshape(groups * di, n),
-            b_sel.contiguous(),
-            c_sel.contiguous(),
-            self.D.reshape(-1),
-            delta_bias=self.dt_proj_bias.reshape(-1),
+            torch.einsum("lbgr,gpr->lbgp", dt, self.dt_proj_weight),
+            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
+            b_sel,
+            c_sel,
+            self.D,
+            delta_bias=self.dt_proj_bias,
             delta_softplus=True,
             backend=self.scan_backend,
         )
-        y = y.view(b, m, k, di, length)
-        if k > 1:  # back to row-major token order, then average the directions
-            y = torch.gather(y, 4, inverse.view(1, 1, k, 1, length).expand(b, m, k, di, length)).mean(2)
-        else:
-            y = y[:, :, 0]
-        y = y.permute(1, 0, 3, 2) * F.silu(z)  # (M, B, L, d_inner); gating commutes with re-alignment
+        y = self._from_directions(y, backward_index).permute(2, 1, 0, 3) * F.silu(z)  # (M, B, L, d_inner)
         if self.norm is not None:
             y = self.norm(y)
         return member_linear(y, self.out_proj_weight)

@@ -20,7 +20,7 @@ import os
 import torch
 
 from .cuda import mamba_ssm_available, mamba_ssm_scan
-from .fast import selective_scan_fast
+from .fast import DEFAULT_CHUNK, ChunkedSelectiveScan, selective_scan_fast
 from .reference import selective_scan_ref
 
 __all__ = [
@@ -30,12 +30,14 @@ __all__ = [
     "selective_scan",
     "selective_scan_backend_name",
     "selective_scan_fast",
+    "selective_scan_time_major",
     "selective_scan_ref",
     "set_scan_backend",
 ]
 
 ENV_VAR = "CLINICALFMAMBA_SCAN_BACKEND"
 BACKENDS = {"reference": selective_scan_ref, "fast": selective_scan_fast, "mamba_ssm": mamba_ssm_scan}
+_DETAILS = {"fast": "pure PyTorch", "reference": "sequential reference", "mamba_ssm": "CUDA kernel"}
 
 _logger = logging.getLogger(__name__)
 _default_backend: str | None = None
@@ -63,8 +65,14 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
 def selective_scan_backend_name(device: torch.device | str = "cpu") -> str:
     """Human-readable backend description for logs, e.g. ``fast (pure PyTorch) on cpu``."""
     name = resolve_backend(None, device)
-    detail = {"fast": "pure PyTorch", "reference": "sequential reference", "mamba_ssm": "CUDA kernel"}[name]
-    return f"{name} ({detail}) on {torch.device(device).type}"
+    return f"{name} ({_DETAILS[name]}) on {torch.device(device).type}"
+
+
+def _log_once(name: str, device: torch.device) -> None:
+    key = (name, device.type)
+    if key not in _logged:
+        _logged.add(key)
+        _logger.info("selective scan backend: %s (%s) on %s", name, _DETAILS[name], device.type)
 
 
 def selective_scan(
@@ -72,8 +80,51 @@ def selective_scan(
 ):
     """Selective scan; see :func:`scripts.ssm.reference.selective_scan_ref` for shapes and maths."""
     name = resolve_backend(backend, u.device)
-    key = (name, u.device.type)
-    if key not in _logged:
-        _logged.add(key)
-        _logger.info("selective scan backend: %s", selective_scan_backend_name(u.device) if backend is None else name)
+    _log_once(name, u.device)
     return BACKENDS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_scan_time_major(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
+    """Selective scan on time-major, grouped tensors (the mixers' native layout; no gate).
+
+    Args:
+        u, delta: (L, batch, G, P): G channel groups of P channels.
+        A: (G, P, N).
+        B, C: (L, batch, G, N), shared by the P channels of a group.
+        D, delta_bias: (G, P).
+
+    Returns:
+        y (L, batch, G, P). The ``fast`` backend works in this layout directly; the others get
+        mamba_ssm's (batch, G*P, L) layout and their result is transposed back.
+    """
+    name = resolve_backend(backend, u.device)
+    _log_once(name, u.device)
+    length, batch, groups, per_group = u.shape
+    if name == "fast":
+        compute = torch.promote_types(u.dtype, torch.float32)
+        u, delta = u.to(compute), delta.to(compute)
+        if delta_bias is not None:
+            delta = delta + delta_bias.to(compute)
+        if delta_softplus:
+            delta = torch.nn.functional.softplus(delta)
+        y, _ = ChunkedSelectiveScan.apply(
+            delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute).contiguous(), C.to(compute).contiguous(), DEFAULT_CHUNK
+        )
+        return y if D is None else y + u * D.to(compute)
+
+    def channels_first(x):  # (L, batch, G, P) -> (batch, G*P, L)
+        return x.permute(1, 2, 3, 0).reshape(batch, groups * per_group, length)
+
+    y = BACKENDS[name](
+        channels_first(u),
+        channels_first(delta),
+        A.reshape(groups * per_group, -1),
+        B.permute(1, 2, 3, 0),
+        C.permute(1, 2, 3, 0),
+        None if D is None else D.reshape(-1),
+        None,
+        None if delta_bias is None else delta_bias.reshape(-1),
+        delta_softplus,
+        False,
+    )
+    return y.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)

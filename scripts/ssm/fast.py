@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_CHUNK", "selective_scan_fast"]
+__all__ = ["DEFAULT_CHUNK", "ChunkedSelectiveScan", "selective_scan_fast"]
 
 DEFAULT_CHUNK = 8
 

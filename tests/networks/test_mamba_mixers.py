@@ -89,11 +89,13 @@ def test_tied_directions_transposing_the_grid_transposes_the_output(cross):
 def test_cross_modal_selection_depends_only_on_the_second_input(monkeypatch):
     captured = {}
 
-    def spy(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, backend=None):
-        captured.update(delta=delta, B=B, C=C)
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    original = mamba_module.selective_scan_time_major
 
-    monkeypatch.setattr(mamba_module, "selective_scan", spy)
+    def spy(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
+        captured.update(delta=delta, B=B, C=C)
+        return original(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
+
+    monkeypatch.setattr(mamba_module, "selective_scan_time_major", spy)
     mixer = DirectionalMamba(8, d_state=4, order_set="cross2d", cross_modal=True).double()
     x = torch.randn(1, 2, 12, 8, dtype=torch.float64, requires_grad=True)
     extra = torch.randn(1, 2, 12, 8, dtype=torch.float64, requires_grad=True)
