@@ -21,10 +21,22 @@ import time
 import torch
 import torch.nn.functional as F
 
+from scripts.cpu_tuning import tune_allocator
 from scripts.networks import ClinicalFMamba
 from scripts.ssm import selective_scan_fast, selective_scan_ref
 
 __all__ = ["matmul_rate", "network_flops", "time_call"]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def time_call(fn, repeats: int = 3, warmup: int = 1) -> float:
@@ -95,7 +107,8 @@ def run(quick: bool = False, size: int = 256) -> list[tuple[str, str]]:
         rows.append((name, value))
         print(f"{name:<58} {value}", flush=True)
 
-    report("machine", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    allocator = "glibc mmap threshold raised" if tune_allocator() else "default allocator"
+    report("machine", f"{_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {allocator}")
     rate = matmul_rate()
     report("float32 matmul rate (2048^3 GEMM)", f"{rate / 1e9:.1f} GFLOP/s")
 

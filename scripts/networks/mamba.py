@@ -170,10 +170,10 @@ class DirectionalMamba(nn.Module):
     def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv along time of x (L, B, G, P) with this mixer's per-channel kernels."""
         groups, width = x.shape[2], self.d_conv
-        weight = self.conv_weight.view(groups, -1, width)
-        out = x * weight[..., width - 1] + self.conv_bias.view(groups, -1)
+        taps = self.conv_weight.view(groups, -1, width).permute(2, 0, 1).contiguous()  # (width, G, P)
+        out = torch.addcmul(self.conv_bias.view(groups, -1), x, taps[width - 1])
         for shift in range(1, min(width, x.shape[0])):
-            out[shift:].addcmul_(x[:-shift], weight[..., width - 1 - shift])
+            out[shift:].addcmul_(x[:-shift], taps[width - 1 - shift])
         return out
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], extra: torch.Tensor | None = None) -> torch.Tensor:

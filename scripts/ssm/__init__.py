@@ -6,7 +6,9 @@ One entry point, :func:`selective_scan`, with ``mamba_ssm.selective_scan_fn`` se
 - ``reference``: sequential loop, the readable specification (tests only; quadratic backward);
 - ``fast``: pure PyTorch, linear-time forward and hand-written backward (default on CPU and the
   fallback everywhere);
-- ``mamba_ssm``: the fused CUDA kernel, used by ``auto`` when mamba_ssm imports and tensors are on CUDA.
+- ``mamba_ssm``: the fused CUDA kernel, used by ``auto`` when mamba_ssm imports and tensors are on CUDA;
+- ``export``: a TorchScript loop that tracing and ONNX export keep as a run-time loop (no backward;
+  set by :func:`scripts.export.prepare_export`).
 
 The backend is chosen by the ``backend`` argument, else :func:`set_scan_backend`, else the
 environment variable ``CLINICALFMAMBA_SCAN_BACKEND``, else ``auto``. The choice is logged once.
@@ -20,6 +22,7 @@ import os
 import torch
 
 from .cuda import mamba_ssm_available, mamba_ssm_scan
+from .export import selective_scan_export, selective_scan_export_time_major
 from .fast import DEFAULT_CHUNK, ChunkedSelectiveScan, selective_scan_fast
 from .reference import selective_scan_ref
 
@@ -36,8 +39,13 @@ __all__ = [
 ]
 
 ENV_VAR = "CLINICALFMAMBA_SCAN_BACKEND"
-BACKENDS = {"reference": selective_scan_ref, "fast": selective_scan_fast, "mamba_ssm": mamba_ssm_scan}
-_DETAILS = {"fast": "pure PyTorch", "reference": "sequential reference", "mamba_ssm": "CUDA kernel"}
+BACKENDS = {
+    "reference": selective_scan_ref,
+    "fast": selective_scan_fast,
+    "mamba_ssm": mamba_ssm_scan,
+    "export": selective_scan_export,
+}
+_DETAILS = {"fast": "pure PyTorch", "reference": "sequential reference", "mamba_ssm": "CUDA kernel", "export": "TorchScript loop"}
 
 _logger = logging.getLogger(__name__)
 _default_backend: str | None = None
@@ -56,9 +64,14 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
     """The concrete backend name that :func:`selective_scan` would use for tensors on ``device``."""
     name = backend or _default_backend or os.environ.get(ENV_VAR) or "auto"
     if name == "auto":
-        return "mamba_ssm" if torch.device(device).type == "cuda" and mamba_ssm_available() else "fast"
+        name = "mamba_ssm" if torch.device(device).type == "cuda" and mamba_ssm_available() else "fast"
     if name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r} (from argument, set_scan_backend or ${ENV_VAR})")
+    if name in ("fast", "mamba_ssm") and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        raise RuntimeError(
+            f"the {name!r} scan backend cannot be traced or exported; prepare the network with "
+            "scripts.export.prepare_export(net) or use scripts.export.ExportableClinicalFMamba (docs/export.md)"
+        )
     return name
 
 
@@ -99,6 +112,8 @@ def selective_scan_time_major(u, delta, A, B, C, D=None, delta_bias=None, delta_
     """
     name = resolve_backend(backend, u.device)
     _log_once(name, u.device)
+    if name == "export":
+        return selective_scan_export_time_major(u, delta, A, B, C, D, delta_bias, delta_softplus)
     length, batch, groups, per_group = u.shape
     if name == "fast":
         compute = torch.promote_types(u.dtype, torch.float32)

@@ -58,7 +58,8 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         # chunk-local work buffers, reused (no per-chunk allocation), and the boundary states
         decay = u.new_empty(chunk, *u.shape[1:3], A.shape[-1], u.shape[3])
         states = torch.empty_like(decay)
-        boundaries = u.new_zeros(n_chunks, *decay.shape[1:])
+        boundaries = u.new_empty(n_chunks, *decay.shape[1:])
+        boundaries[0].zero_()
         for index in range(n_chunks):
             t0 = index * chunk
             t1 = min(t0 + chunk, length)
@@ -104,13 +105,13 @@ class ChunkedSelectiveScan(torch.autograd.Function):
             grad_C[t0:t1] = torch.matmul(states[:n], gy.unsqueeze(-1)).squeeze(-1)
             grad_B[t0:t1] = torch.matmul(g[:n], du.unsqueeze(-1)).squeeze(-1)
             grad_du = torch.matmul(b_sel.unsqueeze(-2), g[:n]).squeeze(-2)
-            # d loss / d (delta * A) at each step = g_t * h_{t-1} * decay_t (states[:n] reused as h_{t-1})
-            states[1:n].copy_(states[: n - 1].clone())
-            states[0].copy_(boundaries[index])
-            grad_dA = g[:n].mul_(states[:n]).mul_(decay[:n])
+            # d loss / d (delta * A) at each step = g_t * h_{t-1} * decay_t, in place in g
+            g[1:n].mul_(states[: n - 1])
+            g[0].mul_(boundaries[index])
+            grad_dA = g[:n].mul_(decay[:n])
             grad_delta[t0:t1] = grad_du * uu + (grad_dA * a_t).sum(-2)
             grad_u[t0:t1] = grad_du * d
-            grad_a_t += torch.einsum("tbgnp,tbgp->gnp", grad_dA, d)
+            grad_a_t += (grad_dA * d.unsqueeze(-2)).sum((0, 1))
         return grad_delta, grad_u, grad_a_t.transpose(-1, -2), grad_B, grad_C, None
 
 
