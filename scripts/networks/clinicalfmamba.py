@@ -76,7 +76,10 @@ class ClinicalFMamba(nn.Module):
         expand, d_conv, dt_rank: Mamba mixer settings.
         channel_exchange: use the channel-exchange stage.
         pyramid: use the DGC pyramid (the released 3D model has none).
-        scan_order: order set of the latent mixers; default ``cross2d`` (2D) / ``triplane`` (3D).
+        scan_order: order set of the single-modality mixers; default ``cross2d`` (2D) / ``triplane`` (3D);
+            ``released3d_single`` reproduces the released 3D code's orders.
+        cross_scan_order: order set of the cross-modal mixers (default: ``scan_order``;
+            ``released3d_cross`` for the released 3D code).
         negative_slope: LeakyReLU slope.
         reference_compat: reproduce the released code's quirks (delta-bias init of the first direction
             only, token-swap residual wiring, decoder activation layout, dead parameters).
@@ -100,6 +103,7 @@ class ClinicalFMamba(nn.Module):
         channel_exchange: bool = True,
         pyramid: bool = True,
         scan_order: str | None = None,
+        cross_scan_order: str | None = None,
         negative_slope: float = 0.2,
         reference_compat: bool = False,
         scan_backend: str | None = None,
@@ -135,7 +139,7 @@ class ClinicalFMamba(nn.Module):
 
         # latent module (the two modality streams are the two members of each module)
         order = scan_order or ("cross2d" if spatial_dims == 2 else "triplane")
-        dead_a = 3 if reference_compat else 0
+        dead_a = 3 if reference_compat and spatial_dims == 2 else 0  # the released 2D mixers allocate 3 unused A
         self.single_blocks = nn.ModuleList(
             ResidualMambaBlock(d_model, members=2, d_state=d_state, order_set=order, dead_a_matrices=dead_a, **mixer)
             for _ in range(depth)
@@ -144,7 +148,7 @@ class ClinicalFMamba(nn.Module):
             TokenSwapStage(d_model, swap_d_state, reference_compat, **mixer) if channel_exchange else None
         )
         self.cross_blocks = CrossMambaBlock(
-            d_model, members=2, d_state=d_state, order_set=order, dead_a_matrices=dead_a, **mixer
+            d_model, members=2, d_state=d_state, order_set=cross_scan_order or order, dead_a_matrices=dead_a, **mixer
         )
         self.merge = nn.Linear(d_model, d_model)
 
@@ -159,6 +163,9 @@ class ClinicalFMamba(nn.Module):
         if reference_compat and spatial_dims == 2 and len(features) == 3:
             layouts = [("up", "conv", "norm", "act"), ("up", "conv", "act", "norm"), ("act", "up", "conv", "norm")]
             acts = [nn.ReLU(), nn.ReLU(), nn.LeakyReLU(negative_slope)]
+        elif reference_compat and spatial_dims == 3:  # released 3D decoder: no activation after the last stage
+            layouts = [("up", "conv", "norm", "act")] * (len(ups) - 1) + [("up", "conv", "norm")]
+            acts = [act] * len(ups)
         else:
             layouts, acts = [("up", "conv", "norm", "act")] * len(ups), [act] * len(ups)
         self.up_stages = nn.ModuleList(UpStage(spatial_dims, i, o, a, lay) for i, o, a, lay in zip(ins, ups, acts, layouts))

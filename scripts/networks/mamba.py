@@ -18,7 +18,7 @@ from torch import nn
 
 from scripts.ssm import selective_scan_time_major
 
-from .scan_orders import inverse_orders, scan_orders
+from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
 
 __all__ = ["CrossMambaBlock", "DirectionalMamba", "MemberLayerNorm", "ResidualMambaBlock", "member_linear"]
 
@@ -113,7 +113,9 @@ class DirectionalMamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.order_set, self.cross_modal, self.members = order_set, cross_modal, members
         self.scan_backend = scan_backend
-        self.num_directions = scan_orders(order_set, (2,) * {"identity": 1, "cross2d": 2, "triplane": 3}[order_set]).shape[0]
+        if order_set not in NUM_DIRECTIONS:
+            raise ValueError(f"unknown scan order set {order_set!r}; choose one of {sorted(NUM_DIRECTIONS)}")
+        self.num_directions = NUM_DIRECTIONS[order_set]
         m, k, di, n, r = members, self.num_directions, self.d_inner, d_state, self.dt_rank
         groups = m * k
 

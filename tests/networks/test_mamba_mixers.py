@@ -86,6 +86,27 @@ def test_tied_directions_transposing_the_grid_transposes_the_output(cross):
     assert not torch.allclose(run(x.transpose(2, 3), None if extra is None else extra.transpose(2, 3), (w, h)), run(x, extra, (h, w)).transpose(2, 3), atol=1e-6)
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_tied_plane_scans_permuting_the_volume_between_planes_permutes_the_output(cross):
+    # the coronal scan of a volume is the axial scan of the volume with its D and W axes swapped
+    d, h, w, c = 3, 2, 4, 6
+    coronal = DirectionalMamba(c, d_state=4, order_set="coronal", cross_modal=cross).double()
+    axial = DirectionalMamba(c, d_state=4, order_set="axial", cross_modal=cross).double()
+    tie_directions(coronal)
+    axial.load_state_dict(coronal.state_dict())
+    x = torch.randn(1, 1, d, h, w, c, dtype=torch.float64)
+    extra = torch.randn_like(x) if cross else None
+    swap = (0, 1, 4, 3, 2, 5)
+
+    def flat(t):
+        return None if t is None else t.reshape(1, 1, -1, c)
+
+    out = coronal(flat(x), (d, h, w), flat(extra)).reshape(1, 1, d, h, w, c)
+    xp = x.permute(*swap)
+    out_p = axial(flat(xp), (w, h, d), flat(None if extra is None else extra.permute(*swap))).reshape(1, 1, w, h, d, c)
+    assert torch.allclose(out_p, out.permute(*swap), atol=1e-12)
+
+
 def test_cross_modal_selection_depends_only_on_the_second_input(monkeypatch):
     captured = {}
 

@@ -4,7 +4,17 @@ import torch
 from scripts.networks.scan_orders import axis_order, inverse_orders, scan_orders
 
 
-@pytest.mark.parametrize("name,grid,k", [("identity", (5, 3), 1), ("cross2d", (4, 6), 4), ("triplane", (2, 3, 4), 6)])
+@pytest.mark.parametrize(
+    "name,grid,k",
+    [
+        ("identity", (5, 3), 1),
+        ("cross2d", (4, 6), 4),
+        ("triplane", (2, 3, 4), 6),
+        ("coronal", (3, 2, 5), 2),
+        ("released3d_single", (2, 3, 4), 3),
+        ("released3d_cross", (4, 3, 2), 8),
+    ],
+)
 def test_orders_are_permutations_and_inverses_restore_the_grid(name, grid, k):
     orders = scan_orders(name, grid)
     n = torch.tensor(grid).prod().item()
@@ -39,3 +49,13 @@ def test_bad_grid_for_order_set_is_refused():
         scan_orders("cross2d", (2, 2, 2))
     with pytest.raises(ValueError, match="unknown scan order"):
         scan_orders("spiral", (2, 2))
+
+
+def test_released_3d_orders_follow_the_released_token_order():
+    # released token order (h, w, z) = our (H, W, D) with D fastest; P3 swaps the two fastest axes
+    grid = (2, 3, 4)
+    single = scan_orders("released3d_single", grid)
+    index = torch.arange(24).reshape(grid)
+    assert torch.equal(single[0], index.permute(1, 2, 0).reshape(-1))
+    assert torch.equal(single[1], single[0].flip(0))
+    assert torch.equal(single[2], index.permute(1, 0, 2).reshape(-1))
