@@ -1,0 +1,234 @@
+"""DICOM round trip: a DICOM series pair built from real samples is fused; the derived series re-reads with the reference geometry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from scripts.baselines import MeanFusion
+from scripts.dicom import _normalise, fuse_series, fuse_volumes, read_series
+from scripts.networks import ClinicalFMamba
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = BUNDLE_ROOT / "docs" / "samples" / "CT-MRI"
+TINY = dict(features=(8, 8, 16), depth=1, decoder_depth=1, d_state=4, swap_d_state=4)
+SLICE_IDS = ("34012", "34016")  # two real Harvard MRI/CT pairs, at half resolution, stacked as a 2-slice volume
+
+# an oblique, anisotropic grid: rotation about two axes, row/column spacing 0.9/0.8 mm, slices 3.5 mm apart
+_a, _b = np.deg2rad(12.0), np.deg2rad(-7.0)
+_R = np.array([[np.cos(_a), -np.sin(_a), 0], [np.sin(_a), np.cos(_a), 0], [0, 0, 1]]) @ np.array(
+    [[1, 0, 0], [0, np.cos(_b), -np.sin(_b)], [0, np.sin(_b), np.cos(_b)]]
+)
+GEOMETRY = dict(row=_R[:, 0], col=_R[:, 1], origin=np.array([-100.5, -120.25, 30.0]), pixel_spacing=(0.9, 0.8), step=3.5)
+PATIENT = dict(PatientName="Doe^Jane", PatientID="P-0042", PatientBirthDate="19700101", PatientSex="F")
+
+
+def _volume(modality: str) -> np.ndarray:
+    """(2, 128, 128) uint8: the two slices, 2x2 block-averaged (keeps the network tests fast)."""
+    slices = [np.asarray(Image.open(SAMPLES / modality / f"{i}.png").convert("L"), dtype=np.float32) for i in SLICE_IDS]
+    return np.stack([s.reshape(128, 2, 128, 2).mean((1, 3)).round().astype(np.uint8) for s in slices])
+
+
+def write_series(
+    folder: Path,
+    volume: np.ndarray,
+    modality: str,
+    study_uid: str,
+    frame_uid: str,
+    patient: dict | None = None,
+    geometry: dict | None = None,
+    description: str = "",
+    series_number: int = 3,
+) -> str:
+    """Write (Z, Y, X) ``volume`` as a single-frame MR or CT series (files in reverse slice order); returns its UID."""
+    g = {**GEOMETRY, **(geometry or {})}
+    normal = np.cross(g["row"], g["col"])
+    series_uid = generate_uid()
+    folder.mkdir(parents=True)
+    for k, plane in enumerate(volume):
+        ds = Dataset()
+        for key, value in (PATIENT if patient is None else patient).items():
+            setattr(ds, key, value)
+        ds.SOPClassUID = MRImageStorage if modality == "MR" else CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240102", "101010", "ACC1", "S1"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = modality, series_number, k + 1, description
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*g["row"], *g["col"])]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in g["origin"] + k * g["step"] * normal]
+        ds.PixelSpacing = list(g["pixel_spacing"])
+        ds.SliceThickness, ds.SpacingBetweenSlices = 3.0, g["step"]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = plane.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        if modality == "MR":
+            ds.ScanningSequence, ds.SequenceVariant, ds.EchoTime, ds.RepetitionTime = "SE", "NONE", 20, 500
+            stored = plane.astype(np.uint16) * 4
+        else:  # CT: stored values with a -1024 intercept
+            ds.RescaleIntercept, ds.RescaleSlope, ds.KVP = -1024, 1, 120
+            stored = plane.astype(np.uint16) * 8
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        pydicom.dcmwrite(folder / f"slice_{len(volume) - k}.dcm", ds, enforce_file_format=True)
+    (folder / "README.txt").write_text("not DICOM; must be skipped")
+    return series_uid
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> dict:
+    study, frame = generate_uid(), generate_uid()
+    mri_uid = write_series(tmp_path / "mri", _volume("MRI"), "MR", study, frame, description="T2 axial")
+    ct_uid = write_series(tmp_path / "ct", _volume("CT"), "CT", study, frame, description="CT head", series_number=4)
+    return dict(mri=tmp_path / "mri", other=tmp_path / "ct", study=study, frame=frame, uids=(mri_uid, ct_uid), root=tmp_path)
+
+
+def _sitk_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def _assert_same_geometry(image: sitk.Image, reference: sitk.Image) -> None:
+    assert image.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-4)
+
+
+def test_read_series_sorts_slices_and_applies_rescale(pair):
+    series = read_series(pair["mri"])
+    ct = read_series(pair["other"])
+    assert series.volume.shape == (2, 128, 128)
+    assert [int(ds.InstanceNumber) for ds in series.datasets] == [1, 2]  # files were written in reverse order
+    np.testing.assert_allclose(series.spacing, (0.8, 0.9, 3.5), atol=1e-3)
+    np.testing.assert_array_equal(ct.volume, _volume("CT").astype(np.float32) * 8 - 1024)
+    _assert_same_geometry(series.to_sitk(), _sitk_series(pair["mri"]))
+
+
+def test_fuse_series_round_trip_with_network(pair):
+    torch.manual_seed(0)
+    net = ClinicalFMamba(**TINY).eval()
+    result = fuse_series(pair["mri"], pair["other"], pair["root"] / "out", network=net, method="clinicalfmamba", device="cpu")
+    mri, ct = read_series(pair["mri"]), read_series(pair["other"])
+    expected = fuse_volumes(_normalise(mri.volume, "volume"), _normalise(ct.volume, "volume"), net)
+    reference = _sitk_series(pair["mri"])
+
+    nifti = sitk.ReadImage(str(result["nifti"]))  # NIfTI: reference geometry, unquantised values
+    _assert_same_geometry(nifti, reference)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(nifti), expected, atol=1e-6)
+
+    derived = _sitk_series(result["dicom"])  # DICOM re-read by SimpleITK (GDCM)
+    _assert_same_geometry(derived, reference)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(derived), np.rint(expected * 4095), atol=0.5)
+
+    sources = sorted((pydicom.dcmread(f) for f in pair["mri"].glob("*.dcm")), key=lambda d: int(d.InstanceNumber))
+    ct_uids = {pydicom.dcmread(f).SOPInstanceUID for f in pair["other"].glob("*.dcm")}
+    outputs = [pydicom.dcmread(f) for f in result["files"]]
+    assert len({d.SeriesInstanceUID for d in outputs}) == 1 and outputs[0].SeriesInstanceUID not in pair["uids"]
+    assert result["series_uid"] == outputs[0].SeriesInstanceUID
+    new_sops = {d.SOPInstanceUID for d in outputs}
+    assert len(new_sops) == 2 and not new_sops & ({d.SOPInstanceUID for d in sources} | ct_uids)
+    for out, src in zip(outputs, sources):
+        assert out.StudyInstanceUID == pair["study"] and out.FrameOfReferenceUID == pair["frame"]
+        assert list(out.ImageType) == ["DERIVED", "SECONDARY"]
+        assert out.SOPClassUID == MRImageStorage and out.Modality == "MR"
+        for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices"):
+            assert out[key].value == src[key].value, key
+        for key, value in PATIENT.items():
+            assert str(out[key].value) == value, key
+        assert "ClinicalFMamba" in out.SeriesDescription and "T2 axial" in out.SeriesDescription
+        assert {item.SeriesInstanceUID for item in out.ReferencedSeriesSequence} == set(pair["uids"])
+        referenced = {i.ReferencedSOPInstanceUID for s in out.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+        assert referenced == {d.SOPInstanceUID for d in sources} | ct_uids
+        assert src.SOPInstanceUID in {i.ReferencedSOPInstanceUID for i in out.SourceImageSequence}
+        assert out.SeriesNumber == 1003 and out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert not any(elem.tag.is_private for elem in out)
+
+
+def test_cli_with_baseline_and_no_silent_overwrite(pair):
+    out = pair["root"] / "cli"
+    command = [sys.executable, "-m", "scripts.dicom", "fuse", "--mri", str(pair["mri"]), "--other", str(pair["other"])]
+    command += ["--output", str(out), "--method", "mean", "--device", "cpu"]
+    done = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(summary["nifti"]).is_file() and summary["slices"] == 2
+    first = pydicom.dcmread(sorted(Path(summary["dicom"]).glob("*.dcm"))[0])
+    assert first.SeriesDescription.startswith("Fused mean")
+    again = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "already exist" in again.stderr
+
+
+def test_missing_patient_attributes_are_left_empty_not_invented(tmp_path):
+    study, frame = generate_uid(), generate_uid()
+    write_series(tmp_path / "mri", _volume("MRI"), "MR", study, frame, patient={"PatientID": "ANON1"})
+    write_series(tmp_path / "ct", _volume("CT"), "CT", study, frame, patient={})
+    result = fuse_series(tmp_path / "mri", tmp_path / "ct", tmp_path / "out", network=MeanFusion(), method="mean")
+    out = pydicom.dcmread(result["files"][0])
+    assert out.PatientID == "ANON1"
+    assert out.PatientName == "" and out.PatientBirthDate == "" and out.PatientSex == ""
+    assert "PatientAge" not in out and "OtherPatientIDsSequence" not in out
+
+
+def test_different_patients_are_refused(tmp_path):
+    study, frame = generate_uid(), generate_uid()
+    write_series(tmp_path / "mri", _volume("MRI"), "MR", study, frame)
+    write_series(tmp_path / "ct", _volume("CT"), "CT", study, frame, patient={**PATIENT, "PatientID": "P-9999"})
+    with pytest.raises(ValueError, match="PatientID differs"):
+        fuse_series(tmp_path / "mri", tmp_path / "ct", tmp_path / "out", network=MeanFusion())
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_grid_is_refused_or_resampled(tmp_path):
+    study, frame = generate_uid(), generate_uid()
+    write_series(tmp_path / "mri", _volume("MRI"), "MR", study, frame)
+    coarse = _volume("CT")[:, ::2, ::2]  # same field of view, half the resolution
+    geometry = {"pixel_spacing": (1.8, 1.6), "origin": GEOMETRY["origin"] + 0.45 * GEOMETRY["col"] + 0.4 * GEOMETRY["row"]}
+    write_series(tmp_path / "ct", coarse, "CT", study, frame, geometry=geometry)
+    with pytest.raises(ValueError, match="not on the voxel grid.*--resample"):
+        fuse_series(tmp_path / "mri", tmp_path / "ct", tmp_path / "out", network=MeanFusion())
+    result = fuse_series(tmp_path / "mri", tmp_path / "ct", tmp_path / "out", network=MeanFusion(), resample=True)
+    _assert_same_geometry(sitk.ReadImage(str(result["nifti"])), _sitk_series(tmp_path / "mri"))
+    assert len(pydicom.dcmread(result["files"][0]).SourceImageSequence) == 1  # no 1:1 source slice after resampling
+
+
+def test_read_series_errors_name_the_folder(tmp_path, pair):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no DICOM images"):
+        read_series(tmp_path / "empty")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for series in (pair["mri"], pair["other"]):
+        for f in series.glob("*.dcm"):
+            (mixed / f"{series.name}_{f.name}").write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="holds 2 series"):
+        read_series(mixed)
+    assert read_series(mixed, pair["uids"][1]).volume.shape == (2, 128, 128)
+
+
+def test_clinicalfmamba_needs_a_checkpoint(pair):
+    config = pair["root"] / "tiny.json"
+    config.write_text(json.dumps({"network_def": {"_target_": "scripts.networks.ClinicalFMamba", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}}))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        fuse_series(pair["mri"], pair["other"], pair["root"] / "out", weights=pair["root"] / "none.pt", config_file=config)
+    torch.manual_seed(1)
+    net = ClinicalFMamba(**TINY)
+    torch.save({"model": net.state_dict()}, pair["root"] / "model.pt")
+    result = fuse_series(pair["mri"], pair["other"], pair["root"] / "out", weights=pair["root"] / "model.pt", config_file=config, device="cpu")
+    mri, ct = read_series(pair["mri"]), read_series(pair["other"])
+    expected = fuse_volumes(_normalise(mri.volume, "volume"), _normalise(ct.volume, "volume"), net.eval())
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(result["nifti"]))), expected, atol=1e-6)
