@@ -1,0 +1,50 @@
+"""Study helpers of the companion bundle ``bundle/tumor_classification`` (tumour classification on fused images).
+
+- :mod:`.cohort` — cohorts: the LGG (TCGA) adapter and the generic "bring your own cohort" per-slice CSV;
+- :mod:`.folds` — stratified patient-level k-fold, the same for every arm;
+- :mod:`.arms` — input arms (sequence A / B alone, both as two channels, fused by ClinicalFMamba or a baseline);
+- :mod:`.training` — the fixed classifier recipe shared by all arms;
+- :mod:`.stats` — ROC AUC, DeLong test, patient-level bootstrap CIs, slice-to-patient aggregation, thresholds;
+- :mod:`.study` — the whole protocol (:class:`~.study.ClassificationStudy`);
+- :mod:`.report` — markdown report and ROC figure;
+- :mod:`.datalist` — datalists for the companion bundle's MONAI ``train.json`` / ``evaluate.json``.
+"""
+
+from .arms import ChannelArm, FusionArm, load_fusion_weights, load_pairs
+from .cohort import Cohort, SliceRecord, csv_cohort, lgg_tcga_cohort, load_cohort
+from .folds import fold_assignment, stratified_patient_folds
+from .stats import (
+    aggregate_scores,
+    auc,
+    bootstrap_auc,
+    choose_threshold,
+    delong_test,
+    delong_variance,
+    paired_bootstrap_delta,
+    threshold_metrics,
+)
+from .study import ClassificationStudy, summarise
+
+__all__ = [
+    "ChannelArm",
+    "ClassificationStudy",
+    "Cohort",
+    "FusionArm",
+    "SliceRecord",
+    "aggregate_scores",
+    "auc",
+    "bootstrap_auc",
+    "choose_threshold",
+    "csv_cohort",
+    "delong_test",
+    "delong_variance",
+    "fold_assignment",
+    "lgg_tcga_cohort",
+    "load_cohort",
+    "load_fusion_weights",
+    "load_pairs",
+    "paired_bootstrap_delta",
+    "stratified_patient_folds",
+    "summarise",
+    "threshold_metrics",
+]

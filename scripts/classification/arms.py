@@ -1,0 +1,209 @@
+"""Input arms of the classification study: which image the classifier sees for each slice.
+
+Every arm starts from the same pre-processed pair tensor (:func:`load_pairs`): for each slice, sequence A and
+sequence B are read, resized to ``size x size`` (area interpolation) and min-max normalised to [0, 1] each,
+giving ``(N, 2, size, size)`` with channel 0 = A (FLAIR), channel 1 = B (post-contrast T1). That is the input
+convention of the root bundle's fusion network (channel 0 = reference, channel 1 = other sequence).
+
+- :class:`ChannelArm` — a selection of the two channels: A alone, B alone, or both stacked (2-channel input).
+- :class:`FusionArm` — a fusion module applied to the pair, giving a 1-channel image in [0, 1]: the root
+  bundle's ``ClinicalFMamba`` (with its trained weights when ``ckpt_path`` exists) or a classic rule from
+  ``scripts.baselines`` (mean, max, Laplacian pyramid). The fusion is fixed (it never sees labels), so
+  computing it once for all slices before the folds leaks nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import Resize, ScaleIntensity
+from torch import nn
+
+from .cohort import Cohort, read_image, select_channel
+
+__all__ = ["Arm", "ChannelArm", "FusionArm", "load_fusion_weights", "load_pairs", "state_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_pairs(cohort: Cohort, size: int) -> torch.Tensor:
+    """``(N, 2, size, size)`` float32: both sequences of every slice of ``cohort`` (in ``cohort.slices`` order),
+    each resized to ``size`` (area interpolation) and min-max normalised to [0, 1]."""
+    resize = Resize((size, size), mode="area")
+    scale = ScaleIntensity(minv=0.0, maxv=1.0)
+    out = torch.empty((len(cohort.slices), 2, size, size), dtype=torch.float32)
+    last: tuple[str, np.ndarray] | None = None  # both sequences often live in one file (LGG: RGB channels)
+    for i, rec in enumerate(cohort.slices):
+        for c, (path, ch) in enumerate(((rec.seq_a, rec.seq_a_channel), (rec.seq_b, rec.seq_b_channel))):
+            if last is None or last[0] != path:
+                last = (path, read_image(path))
+            img = torch.from_numpy(select_channel(last[1], ch, path))[None]
+            out[i, c] = torch.as_tensor(scale(resize(img)))[0]
+    return out
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """Short hash of a module's parameters and buffers (identifies the weights a fused image came from)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_fusion_weights(network: nn.Module, ckpt_path: str | os.PathLike) -> None:
+    """Load a root-bundle checkpoint: a plain state dict (what ``configs/train.json`` saves as ``model.pt``) or
+    a dict holding it under ``"model"`` (an ignite checkpoint with several objects)."""
+    state = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    network.load_state_dict(state)
+
+
+class Arm:
+    """An input arm: a name, the number of classifier input channels and the images themselves."""
+
+    name: str
+    in_channels: int
+
+    def build(self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = "") -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ChannelArm(Arm):
+    """Channels of the pair tensor: ``sources=[0]`` = sequence A alone, ``[1]`` = B alone, ``[0, 1]`` = both."""
+
+    def __init__(self, name: str, sources: Sequence[int]) -> None:
+        if not sources or any(int(s) not in (0, 1) for s in sources):
+            raise ValueError(f"arm {name}: sources must be channel indices 0 and/or 1, got {sources}")
+        self.name = str(name)
+        self.sources = [int(s) for s in sources]
+        self.in_channels = len(self.sources)
+
+    def build(self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = "") -> torch.Tensor:
+        return pairs[:, self.sources].contiguous()
+
+    def describe(self) -> dict[str, Any]:
+        return {"arm": self.name, "kind": "channels", "sources": self.sources, "in_channels": self.in_channels}
+
+
+class FusionArm(Arm):
+    """A fusion module applied to the pair (channel 0 = A, channel 1 = B) -> one channel in [0, 1].
+
+    Args:
+        name: arm name.
+        fusion: an ``nn.Module`` mapping ``(B, 2, H, W)`` in [0, 1] to ``(B, 1, H, W)`` (the root bundle's
+            ``scripts.networks.ClinicalFMamba`` or a ``scripts.baselines`` rule).
+        ckpt_path: trained weights for a learnable fusion module (``None`` for parameter-free rules). If the
+            file does not exist the module keeps its random initialisation and the arm is reported as
+            UNTRAINED everywhere (or an error is raised with ``require_weights``).
+        require_weights: raise instead of running a learnable fusion module without trained weights.
+        batch_size: fusion batch size.
+        device: where to run the fusion (default: CPU).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fusion: nn.Module,
+        ckpt_path: str | os.PathLike | None = None,
+        require_weights: bool = False,
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.name = str(name)
+        self.fusion = fusion
+        self.in_channels = 1
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        learnable = any(True for _ in fusion.parameters())
+        self.learnable = learnable
+        self.ckpt_path = str(ckpt_path) if ckpt_path else None
+        if learnable and self.ckpt_path and Path(self.ckpt_path).is_file():
+            load_fusion_weights(fusion, self.ckpt_path)
+            self.weights = "trained"
+        elif learnable:
+            if require_weights:
+                raise FileNotFoundError(
+                    f"arm {name}: trained fusion weights not found at {self.ckpt_path}; train the root bundle "
+                    "(configs/train.json) or pass --fusion_ckpt FILE"
+                )
+            self.weights = "untrained"
+            logger.warning(
+                "arm %s: no fusion weights at %s -- the fusion network keeps its RANDOM initialisation; the arm is "
+                "reported as UNTRAINED",
+                name,
+                self.ckpt_path,
+            )
+        else:
+            self.weights = "none (parameter-free rule)"
+        self.fingerprint = state_fingerprint(fusion) if learnable else type(fusion).__name__
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (UNTRAINED fusion weights)" if self.weights == "untrained" else self.name
+
+    def _fuse(self, pairs: torch.Tensor) -> torch.Tensor:
+        net = self.fusion.to(self.device).eval()
+        div = int(getattr(net, "size_divisor", 1))
+        h, w = pairs.shape[-2:]
+        ph, pw = (-h) % div, (-w) % div
+        out = torch.empty((pairs.shape[0], 1, h, w), dtype=torch.float32)
+        t0 = time.perf_counter()
+        n_batches = (pairs.shape[0] + self.batch_size - 1) // self.batch_size
+        with torch.inference_mode():
+            for b, start in enumerate(range(0, pairs.shape[0], self.batch_size)):
+                x = pairs[start : start + self.batch_size].to(self.device)
+                if ph or pw:
+                    x = F.pad(x, (0, pw, 0, ph))
+                y = net(x)
+                out[start : start + x.shape[0]] = y[..., :h, :w].float().clamp(0.0, 1.0).cpu()
+                if b == 0 or (b + 1) % 20 == 0 or b + 1 == n_batches:
+                    el = time.perf_counter() - t0
+                    logger.info("arm %s: fused %d/%d slices (%.1f s, %.3f s/slice)", self.name, start + x.shape[0], pairs.shape[0], el, el / (start + x.shape[0]))
+        self.fuse_seconds = time.perf_counter() - t0
+        return out
+
+    def build(self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = "") -> torch.Tensor:
+        self.cached = False
+        self.fuse_seconds = 0.0
+        if not cache_dir or not self.learnable:  # parameter-free rules are cheaper than a cache read
+            return self._fuse(pairs)
+        path = Path(cache_dir) / f"fused_{self.name}_{cache_key}_{pairs.shape[-1]}_{self.fingerprint}.pt"
+        if path.is_file():
+            fused = torch.load(str(path), map_location="cpu", weights_only=True)
+            if tuple(fused.shape) == (pairs.shape[0], 1, *pairs.shape[-2:]):
+                logger.info("arm %s: fused images read from cache %s", self.name, path)
+                self.cached = True
+                return fused
+        fused = self._fuse(pairs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(fused, str(tmp))
+        os.replace(tmp, path)
+        return fused
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "arm": self.name,
+            "kind": "fusion",
+            "module": type(self.fusion).__name__,
+            "in_channels": 1,
+            "weights": self.weights,
+            "ckpt_path": self.ckpt_path,
+            "weights_fingerprint": self.fingerprint,
+            "fuse_seconds": round(getattr(self, "fuse_seconds", 0.0), 1),
+            "from_cache": getattr(self, "cached", False),
+        }

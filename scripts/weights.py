@@ -1,0 +1,79 @@
+"""Loading trained weights safely, with errors a person can act on."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["load_network_weights", "read_state_dict"]
+
+
+def read_state_dict(path: str | os.PathLike, key: str | None = "model", map_location: str | torch.device = "cpu") -> dict:
+    """Read a state dict from ``path`` with ``weights_only=True`` (nothing is unpickled beyond tensors).
+
+    Accepts a plain state dict or a checkpoint dict holding it under ``key``; strips the ``module.``
+    prefix that DistributedDataParallel adds.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"weights file is empty: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not a readable PyTorch weights file (truncated, corrupt, or it holds objects other than "
+            f"tensors, which are never unpickled here): {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
+    if key is not None and key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+    state = {}
+    for name, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{path} looks like a checkpoint without a '{key}' entry (found keys: {', '.join(list(obj)[:8])})"
+            )
+        state[name[len("module.") :] if name.startswith("module.") else name] = value
+    return state
+
+
+def load_network_weights(
+    network: nn.Module, path: str | os.PathLike, key: str | None = "model", map_location: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load weights from ``path`` into ``network``; a mismatch is reported as counts and examples.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is unreadable, or its tensors do not fit the configured network.
+    """
+    state = read_state_dict(path, key, map_location)
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong_shape:
+            k = wrong_shape[0]
+            parts.append(
+                f"{len(wrong_shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, network {tuple(expected[k].shape)})"
+            )
+        raise ValueError(
+            f"weights in {os.fspath(path)} do not match the configured {type(network).__name__}: {'; '.join(parts)}. "
+            "They were probably trained with another configuration (spatial_dims, features, depth, d_state, "
+            "reference_compat); set network_def to match, or use weights trained for this configuration."
+        )
+    network.load_state_dict(state)
+    return network
