@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Union
 
 __all__ = [
+    "brats_datalist",
     "IMAGE_EXTENSIONS",
     "NIFTI_EXTENSIONS",
     "PairCheck",
@@ -165,6 +166,27 @@ def _finish(rows: Iterable[Mapping[str, Any]], base_dir: Path, source: str) -> l
     if not items:
         raise ValueError(f"empty datalist: {source} lists no image pairs (after filtering)")
     return items
+
+
+def brats_datalist(root: PathLike, reference: str = "Flair", other: str = "T1c") -> list[dict[str, str]]:
+    """Pairs from BraTS-style case folders: ``root/<case>/<reference>*.nii.gz`` + ``<other>*.nii.gz``.
+
+    ``root`` may also be a single case folder. Each pair gets ``task`` ``"<other>-<reference>"`` and the
+    case folder's name as ``id``. Folders missing one of the two files are an error naming the folder.
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"BraTS folder not found: {root_path}")
+    cases = [root_path] if any(root_path.glob(f"{reference}*.nii*")) else sorted(p for p in root_path.iterdir() if p.is_dir())
+    rows = []
+    for case in cases:
+        refs, others = sorted(case.glob(f"{reference}*.nii*")), sorted(case.glob(f"{other}*.nii*"))
+        if len(refs) != 1 or len(others) != 1:
+            raise ValueError(f"{case}: expected one {reference}*.nii(.gz) and one {other}*.nii(.gz), found {len(refs)} and {len(others)}")
+        rows.append({"mri": str(refs[0]), "other": str(others[0]), "task": f"{other}-{reference}", "id": case.name})
+    if not rows:
+        raise ValueError(f"empty datalist: {root_path} has no case folders with {reference} and {other} volumes")
+    return rows
 
 
 def datalist_from_csv(path: PathLike, split: str | Sequence[str] | None = None) -> list[dict[str, str]]:
