@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import prepare_inputs
+
 __all__ = ["DEFAULT_CHUNK", "ChunkedSelectiveScan", "selective_scan_fast"]
 
 DEFAULT_CHUNK = 8
@@ -134,12 +136,7 @@ def selective_scan_fast(
     runs several scan directions (each with its own A, D, delta bias) in one call.
     """
     dtype_in = u.dtype
-    compute = torch.promote_types(dtype_in, torch.float32)
-    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[..., None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    compute, u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     if B.dim() == 3:
         B, C = B.unsqueeze(1), C.unsqueeze(1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan_ref", "expand_groups"]
+__all__ = ["selective_scan_ref", "expand_groups", "prepare_inputs"]
 
 
 def expand_groups(bc: torch.Tensor, dim: int) -> torch.Tensor:
@@ -32,6 +32,18 @@ def expand_groups(bc: torch.Tensor, dim: int) -> torch.Tensor:
     if dim % groups != 0:
         raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
     return bc.repeat_interleave(dim // groups, dim=1)
+
+
+def prepare_inputs(u, delta, A, delta_bias=None, delta_softplus=False):
+    """Shared prologue of the (batch, dim, L) backends: compute dtype (at least float32), then
+    ``delta + delta_bias`` and the optional softplus. Returns (compute dtype, u, delta, A)."""
+    compute = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[..., None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return compute, u, delta, A
 
 
 def selective_scan_ref(
@@ -63,12 +75,7 @@ def selective_scan_ref(
         y (batch, dim, L) in the dtype of ``u`` (computed in at least float32).
     """
     dtype_in = u.dtype
-    compute = torch.promote_types(dtype_in, torch.float32)
-    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[..., None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    compute, u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     B = expand_groups(B.to(compute), dim)
     C = expand_groups(C.to(compute), dim)
