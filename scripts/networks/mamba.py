@@ -147,16 +147,20 @@ class DirectionalMamba(nn.Module):
         """
         key = (tuple(grid), batch, str(device))
         if key not in self._order_cache:
-            orders = scan_orders(self.order_set, grid)
-            inverse = inverse_orders(orders)
-            k, length = orders.shape
-            b = torch.arange(batch).view(1, batch, 1, 1)
-            m = torch.arange(self.members).view(1, 1, -1, 1)
-            kk = torch.arange(k).view(1, 1, 1, k)
-            forward = (m * batch + b) * length + orders.t().reshape(length, 1, 1, k)
-            backward = ((inverse.t().reshape(length, 1, 1, k) * batch + b) * self.members + m) * k + kk
-            self._order_cache[key] = (forward.reshape(-1).to(device), backward.reshape(-1).to(device))
+            with torch.inference_mode(False):  # normal tensors: a cache filled under inference_mode serves training too
+                self._order_cache[key] = self._build_gather_index(grid, batch, device)
         return self._order_cache[key]
+
+    def _build_gather_index(self, grid: Sequence[int], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        orders = scan_orders(self.order_set, grid)
+        inverse = inverse_orders(orders)
+        k, length = orders.shape
+        b = torch.arange(batch).view(1, batch, 1, 1)
+        m = torch.arange(self.members).view(1, 1, -1, 1)
+        kk = torch.arange(k).view(1, 1, 1, k)
+        forward = (m * batch + b) * length + orders.t().reshape(length, 1, 1, k)
+        backward = ((inverse.t().reshape(length, 1, 1, k) * batch + b) * self.members + m) * k + kk
+        return forward.reshape(-1).to(device), backward.reshape(-1).to(device)
 
     def _to_directions(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """(M, B, L, C) tokens -> (L, B, M*K, C): every direction's sequence, time-major (one row gather)."""

@@ -122,3 +122,13 @@ def test_tiny_network_trains_with_decreasing_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_training_after_inference_mode_forward():
+    """Index caches filled under torch.inference_mode() must not break a later training step."""
+    net = ClinicalFMamba(spatial_dims=2, features=(4, 8, 8), depth=1, decoder_depth=1, d_state=4)
+    x = torch.rand(1, 2, 32, 32)
+    with torch.inference_mode():
+        net(x)
+    net(x).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
