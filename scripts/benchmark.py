@@ -8,15 +8,22 @@ Ratios printed:
 - fast scan forward+backward vs the sequential reference (``selective_scan_ref``, whose autograd
   backward is quadratic in L) and vs a sequential loop with a linear backward (``unbind`` slicing);
 - 256x256 network inference time vs its FLOP floor = network FLOPs (conv + matmul, counted by
-  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate.
+  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate;
+- 3D: one 128^3 volume pair fused whole by the 3D network of ``configs/inference_3d.json``, timed in a fresh
+  process whose peak resident memory (``ru_maxrss``, model and input included) is reported (``--no-3d`` skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +32,9 @@ from scripts.cpu_tuning import tune_allocator
 from scripts.networks import ClinicalFMamba
 from scripts.ssm import selective_scan_fast, selective_scan_ref
 
-__all__ = ["matmul_rate", "network_flops", "time_call"]
+__all__ = ["matmul_rate", "network_flops", "time_call", "volume_probe", "network_3d_from_config"]
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cpu_name() -> str:
@@ -100,7 +109,40 @@ def time_fwd_bwd(fn, inputs, repeats: int) -> float:
     return time_call(step, repeats=repeats, warmup=1 if repeats > 1 else 0)
 
 
-def run(quick: bool = False, size: int = 256) -> list[tuple[str, str]]:
+def network_3d_from_config() -> torch.nn.Module:
+    """The 3D network as ``configs/inference_3d.json`` defines it (layered on ``inference.json``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / "inference.json"), str(BUNDLE_ROOT / "configs" / "inference_3d.json")])
+    return parser.get_parsed_content("network_def")
+
+
+def volume_probe(size: int = 128, repeats: int = 2) -> dict[str, float]:
+    """Fuse one ``size``^3 pair whole with the 3D network; seconds (median), GFLOP and this process's peak RSS (GB).
+
+    Meant to run in a fresh process (``python -m scripts.benchmark --volume-probe 128``) so that the peak
+    resident memory belongs to the 3D inference alone.
+    """
+    tune_allocator()
+    net = network_3d_from_config().eval()
+    x = torch.rand(1, 2, size, size, size)
+    with torch.inference_mode():
+        seconds = time_call(lambda: net(x), repeats=repeats, warmup=1)
+    flops = network_flops(net, x)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"seconds": seconds, "gflop": flops / 1e9, "peak_rss_gb": peak_kb / 1024**2}
+
+
+def _volume_probe_subprocess(size: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark", "--volume-probe", str(size)],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False, size: int = 256, volume: int | None = 128) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
 
     def report(name: str, value: str) -> None:
@@ -132,6 +174,16 @@ def run(quick: bool = False, size: int = 256) -> list[tuple[str, str]]:
     floor = flops / rate
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
     report(f"{size}x{size} inference (default network, batch 1)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
+
+    if volume:
+        probe = _volume_probe_subprocess(volume)
+        floor_3d = probe["gflop"] * 1e9 / rate
+        report(f"3D network FLOPs, one {volume}^3 pair (inference_3d.json network)", f"{probe['gflop']:.1f} GFLOP")
+        report(
+            f"{volume}^3 volume inference (whole volume, batch 1)",
+            f"{probe['seconds']:.2f} s = {probe['seconds'] / floor_3d:.2f}x the FLOP floor ({floor_3d:.2f} s)",
+        )
+        report(f"{volume}^3 volume inference: peak resident memory (fresh process)", f"{probe['peak_rss_gb']:.2f} GB")
     return rows
 
 
@@ -139,9 +191,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the slow reference loop at L=4096")
     parser.add_argument("--size", type=int, default=256, help="image side for the network timing")
+    parser.add_argument("--volume", type=int, default=128, help="volume side for the 3D timing and peak memory")
+    parser.add_argument("--no-3d", action="store_true", help="skip the 3D volume measurement")
+    parser.add_argument("--volume-probe", type=int, help=argparse.SUPPRESS)  # internal: the 3D measurement process
     parser.add_argument("--markdown", help="also write the results as a markdown table to this file")
     args = parser.parse_args()
-    rows = run(quick=args.quick, size=args.size)
+    if args.volume_probe:
+        print(json.dumps(volume_probe(args.volume_probe)))
+        return
+    rows = run(quick=args.quick, size=args.size, volume=None if args.no_3d else args.volume)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("| measurement | result |\n| --- | --- |\n")

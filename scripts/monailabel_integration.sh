@@ -20,7 +20,7 @@
 # Options: --weights FILE (serve this checkpoint; default models/model.pt, else a seed-0 random initialisation
 # via --conf allow_untrained true, which the summary states), --keep (keep the temporary folder), --record.
 # Environment: MONAILABEL_VENV (default .venv-monailabel), NICE (default "nice -n 19"), INSTALL_TIMEOUT (s, 5400),
-# START_TIMEOUT (s, 900), INFER_TIMEOUT (s per request, 900).
+# START_TIMEOUT (s, 900), INFER_TIMEOUT (s per request, 900), MONAILABEL_PORT (first port to try; default a free one).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
             WEIGHTS="$(realpath "$2")"; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --record) RECORD=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -132,8 +132,14 @@ trap 'log "interrupted"; exit 130' INT TERM HUP
 # Long steps run in the background and are waited for, so that a signal reaches the trap at once (bash runs traps
 # only between foreground commands) and the trap can end them: CHILD_PID is a process-group leader (setsid).
 CHILD_PID=""
-run_child() {  # run_child CMD...: run CMD in its own process group, wait for it, return its status
-    setsid "$@" &
+# The child's output is redirected here, not around the call: a redirection around the call would also capture
+# what the trap prints (the summary) when a signal arrives during the step.
+run_child() {  # run_child [--out FILE | --log FILE] CMD...: run CMD in its own process group, wait, return its status
+    case "$1" in
+        --out) local out="$2"; shift 2; setsid "$@" > "$out" & ;;       # stdout to FILE
+        --log) local out="$2"; shift 2; setsid "$@" > "$out" 2>&1 & ;;  # stdout and stderr to FILE
+        *) setsid "$@" & ;;
+    esac
     CHILD_PID=$!
     wait "$CHILD_PID"
     local rc=$?
@@ -166,8 +172,8 @@ if [ -x "$VENV/bin/python" ] && env_ok; then
 else
     log "creating the MONAI Label environment $VENV (scripts/monailabel_env.sh, timeout ${INSTALL_TIMEOUT} s)"
     t_install=$(date +%s)
-    if NICE="$NICE" MONAILABEL_VENV="$VENV" run_child timeout "$INSTALL_TIMEOUT" "$ROOT/scripts/monailabel_env.sh" \
-        > "$WORK/install.log" 2>&1 && env_ok; then
+    if NICE="$NICE" MONAILABEL_VENV="$VENV" run_child --log "$WORK/install.log" \
+        timeout "$INSTALL_TIMEOUT" "$ROOT/scripts/monailabel_env.sh" && env_ok; then
         record PASS "environment (installed in $(( $(date +%s) - t_install )) s, $(du -sh "$VENV" | cut -f1))"
         grep '^\[monailabel_env\]' "$WORK/install.log"
     else
@@ -205,28 +211,51 @@ fi
 log "weights: $WEIGHTS_NOTE"
 
 # ---------------------------------------------------------------- 3. server
-PORT="$("$PY" "$HELPER" free-port)" || fail "free port"
-URL="http://127.0.0.1:$PORT"
 DEAD_PROXY="http://127.0.0.1:9"
-log "starting: monailabel start_server --app <tmp copy of scripts/monailabel/fusion_app> --studies <tmp>/studies ${CONF[*]} --host 127.0.0.1 --port $PORT"
-# setsid: the server gets its own process group (= its PID), so stop_server can end it and every child.
-setsid env PATH="$VENV/bin:$PATH" \
-    HTTP_PROXY="$DEAD_PROXY" HTTPS_PROXY="$DEAD_PROXY" ALL_PROXY="$DEAD_PROXY" \
-    http_proxy="$DEAD_PROXY" https_proxy="$DEAD_PROXY" all_proxy="$DEAD_PROXY" \
-    NO_PROXY="127.0.0.1,localhost" no_proxy="127.0.0.1,localhost" \
-    HF_HUB_OFFLINE=1 MONAI_LABEL_DATASTORE_AUTO_RELOAD=false \
-    $NICE monailabel start_server --app "$WORK/fusion_app" --studies "$WORK/studies" "${CONF[@]}" \
-    --host 127.0.0.1 --port "$PORT" > "$WORK/server.log" 2>&1 < /dev/null &
-SERVER_PID=$!
-SERVER_PGID=$SERVER_PID
-log "server pid $SERVER_PID, waiting up to ${START_TIMEOUT} s for $URL/info/"
-deadline=$(( $(date +%s) + START_TIMEOUT ))
-until curl --noproxy '*' -sf --max-time 10 "$URL/info/" -o "$WORK/info.json"; do
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then server_log_tail; fail "server start (the server exited)"; fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then server_log_tail; fail "server start (no /info/ within ${START_TIMEOUT} s)"; fi
-    sleep 3
+start_server() {  # start the server on $PORT in the background; its own process group (= its PID), so that
+                  # stop_server can end it and every child
+    log "starting: monailabel start_server --app <tmp copy of scripts/monailabel/fusion_app> --studies <tmp>/studies ${CONF[*]} --host 127.0.0.1 --port $PORT"
+    setsid env PATH="$VENV/bin:$PATH" \
+        HTTP_PROXY="$DEAD_PROXY" HTTPS_PROXY="$DEAD_PROXY" ALL_PROXY="$DEAD_PROXY" \
+        http_proxy="$DEAD_PROXY" https_proxy="$DEAD_PROXY" all_proxy="$DEAD_PROXY" \
+        NO_PROXY="127.0.0.1,localhost" no_proxy="127.0.0.1,localhost" \
+        HF_HUB_OFFLINE=1 MONAI_LABEL_DATASTORE_AUTO_RELOAD=false \
+        $NICE monailabel start_server --app "$WORK/fusion_app" --studies "$WORK/studies" "${CONF[@]}" \
+        --host 127.0.0.1 --port "$PORT" > "$WORK/server.log" 2>&1 < /dev/null &
+    SERVER_PID=$!
+    SERVER_PGID=$SERVER_PID
+    log "server pid $SERVER_PID, waiting up to ${START_TIMEOUT} s for $URL/info/"
+}
+wait_server() {  # 0: /info/ answered; 1: the server exited; 2: no answer within START_TIMEOUT
+    local deadline=$(( $(date +%s) + START_TIMEOUT ))
+    until curl --noproxy '*' -sf --max-time 10 "$URL/info/" -o "$WORK/info.json"; do
+        kill -0 "$SERVER_PID" 2>/dev/null || return 1
+        [ "$(date +%s)" -lt "$deadline" ] || return 2
+        sleep 3
+    done
+}
+# The port is free when chosen, but another process may take it before the server binds it (the app loads first):
+# then the server exits with "address already in use" and is started again on another free port (3 tries).
+PORT="${MONAILABEL_PORT:-}"
+for try in 1 2 3; do
+    [ -n "$PORT" ] || PORT="$("$PY" "$HELPER" free-port)" || fail "free port"
+    URL="http://127.0.0.1:$PORT"
+    t_start=$(date +%s)
+    start_server
+    wait_server
+    ws=$?
+    [ "$ws" = 0 ] && break
+    if [ "$ws" = 1 ] && [ "$try" -lt 3 ] && grep -qi "address already in use" "$WORK/server.log"; then
+        log "port $PORT was taken before the server could bind it: trying another free port"
+        stop_server
+        PORT=""
+        continue
+    fi
+    server_log_tail
+    [ "$ws" = 1 ] && fail "server start (the server exited)"
+    fail "server start (no /info/ within ${START_TIMEOUT} s)"
 done
-record PASS "server start (/info/ answered after $(( $(date +%s) - deadline + START_TIMEOUT )) s)"
+record PASS "server start (/info/ answered after $(( $(date +%s) - t_start )) s$([ "$try" -gt 1 ] && echo ", try $try"))"
 
 # ---------------------------------------------------------------- 4. requests
 if "$PY" "$HELPER" info "$URL" "$MODEL" > "$WORK/info_check.txt" 2>&1; then r=PASS; else r=FAIL; fi
@@ -235,8 +264,8 @@ record "$r" "/info/ lists $MODEL as an 'others' model, no trainers"
 [ "$r" = PASS ] || { server_log_tail; exit 1; }
 
 infer() {  # infer NAME OUTPUT PARAMS FILE; the HTTP status goes to $WORK/NAME.code
-    run_child curl --noproxy '*' -s --max-time "$INFER_TIMEOUT" -X POST \
-        "$URL/infer/$MODEL?image=$IMAGE_ID&output=$2" -F "params=$3" -o "$4" -w '%{http_code}' > "$WORK/$1.code"
+    run_child --out "$WORK/$1.code" curl --noproxy '*' -s --max-time "$INFER_TIMEOUT" -X POST \
+        "$URL/infer/$MODEL?image=$IMAGE_ID&output=$2" -F "params=$3" -o "$4" -w '%{http_code}'
 }
 
 P1='{"result_dtype": "float32", "result_extension": ".nii.gz"}'
