@@ -17,9 +17,11 @@ Sources understood by :func:`load_datalist`:
 - a JSON file holding a list of such dicts or a Decathlon-style ``{"testing": [...]}``; relative paths are
   resolved against the JSON file's folder.
 
-Missing files and empty datalists raise errors naming the file. :func:`check_pairs` then reads only the
-image headers to set aside pairs that cannot be fused (unreadable file, different sizes) before any
-compute is spent.
+Missing files and empty datalists raise errors naming the file. :func:`check_pairs` then checks every
+pair before any compute is spent: first from the file headers (empty or unsupported files, channel counts,
+dimensionality, sizes, NIfTI voxel grids), then, with ``read_pixels``, by decoding the pixels with the
+bundle's own loading transforms (truncated or corrupt files, NaN/Inf voxels). Pairs that cannot be fused
+are set aside with a reason naming the file(s), or stop the run (``on_error="raise"``).
 """
 
 from __future__ import annotations
@@ -38,13 +40,19 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "NIFTI_EXTENSIONS",
     "PairCheck",
+    "channels_message",
+    "check_nifti_size",
     "check_pairs",
+    "check_tasks",
     "datalist_from_csv",
     "datalist_from_folder",
     "datalist_from_json",
+    "dims_message",
+    "geometry_differences",
     "harvard_datalist",
     "load_datalist",
     "split_extension",
+    "unsupported_format_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,7 @@ _ALL_EXTENSIONS = NIFTI_EXTENSIONS + IMAGE_EXTENSIONS
 REFERENCE_DIRS = ("MRI", "FLAIR")
 _PAIR_KEYS = ("mri", "other")
 _SINGLE_KEY = "image"
+SUPPORTED_FORMATS = "PNG, JPEG, TIFF or BMP (2D), NIfTI .nii / .nii.gz (2D or 3D)"
 
 
 def split_extension(path: PathLike) -> tuple[str, str]:
@@ -67,6 +76,83 @@ def split_extension(path: PathLike) -> tuple[str, str]:
             return name[: -len(ext)], name[-len(ext) :]
     stem, ext = os.path.splitext(name)
     return stem, ext
+
+
+def unsupported_format_message(path: PathLike) -> str:
+    """The error text for a file whose format the fusion workflows do not read."""
+    ext = split_extension(path)[1] or "(no extension)"
+    return (
+        f"unsupported image format '{ext}' of {path}: use {SUPPORTED_FORMATS}; DICOM series are fused with "
+        "`python -m scripts.dicom fuse` (docs/dicom.md); other formats: convert to NIfTI first"
+    )
+
+
+def geometry_differences(affine_a: Any, affine_b: Any, tolerance: float = 1e-3) -> list[str]:
+    """How the voxel grid of ``affine_b`` differs from ``affine_a`` (empty list: the same grid).
+
+    Compares voxel spacing (relative difference), orientation (direction cosines, absolute difference) and
+    origin (difference in voxels of ``affine_a``), each against ``tolerance``.
+    """
+    import numpy as np
+
+    a, b = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
+    if a.shape != b.shape:
+        return [f"affines of different sizes {a.shape} and {b.shape}"]
+    n = a.shape[0] - 1
+    spacing_a, spacing_b = np.linalg.norm(a[:n, :n], axis=0), np.linalg.norm(b[:n, :n], axis=0)
+    diffs = []
+
+    def fmt(values: Any) -> str:
+        return "(" + ", ".join(f"{x:.4g}" for x in values) + ")"
+
+    if np.any(np.abs(spacing_a - spacing_b) > tolerance * np.maximum(spacing_a, spacing_b)):
+        diffs.append(f"voxel spacing {fmt(spacing_a)} vs {fmt(spacing_b)} mm")
+    dir_a = a[:n, :n] / np.where(spacing_a > 0, spacing_a, 1.0)
+    dir_b = b[:n, :n] / np.where(spacing_b > 0, spacing_b, 1.0)
+    if np.abs(dir_a - dir_b).max() > tolerance:
+        diffs.append(f"orientation (direction cosines) {fmt(dir_a.T.ravel())} vs {fmt(dir_b.T.ravel())}")
+    if np.any(np.abs(a[:n, n] - b[:n, n]) > tolerance * max(float(spacing_a.min()), 1e-6)):
+        diffs.append(f"origin {fmt(a[:n, n])} vs {fmt(b[:n, n])} mm")
+    return diffs
+
+
+def check_nifti_size(path: PathLike) -> None:
+    """Refuse a NIfTI file whose header declares more voxel data than the file holds, before reading it.
+
+    A truncated file, or a corrupt header declaring a huge image, would otherwise make the reader allocate the
+    declared size first (possibly many GB). ``.nii``: compared with the file size; ``.nii.gz``: the stream is
+    decompressed (without keeping it) up to the declared size.
+    """
+    import gzip
+    import zlib
+    from math import prod
+
+    import nibabel as nib
+
+    path = os.fspath(path)
+    header = nib.load(path).header
+    shape = tuple(int(s) for s in header.get_data_shape())
+    declared = prod(shape) * header.get_data_dtype().itemsize
+    offset = int(header.get_data_offset())
+    needed = offset + declared
+    if path.lower().endswith(".gz"):
+        available = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while available < needed:
+                    chunk = f.read(min(1 << 22, needed - available))
+                    if not chunk:
+                        break
+                    available += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            pass  # truncated or corrupt stream: ``available`` is what could be read
+    else:
+        available = os.path.getsize(path)
+    if available < needed:
+        raise ValueError(
+            f"{path} is truncated or its header is corrupt: the header declares {declared} bytes of voxel data "
+            f"(shape {shape}, {header.get_data_dtype()}) from byte {offset}, the file holds {max(available - offset, 0)}"
+        )
 
 
 def _supported(path: Path) -> bool:
@@ -201,12 +287,15 @@ def datalist_from_csv(path: PathLike, split: str | Sequence[str] | None = None) 
     csv_path = Path(path).expanduser()
     if not csv_path.is_file():
         raise FileNotFoundError(f"datalist CSV not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if not ({"mri", "other"} <= set(columns) or _SINGLE_KEY in columns):
-            raise ValueError(f"{csv_path}: needs columns 'mri' and 'other' (or 'image'); found {columns}")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            if not ({"mri", "other"} <= set(columns) or _SINGLE_KEY in columns):
+                raise ValueError(f"{csv_path}: needs columns 'mri' and 'other' (or 'image'); found {columns}")
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{csv_path}: not a readable UTF-8 CSV datalist ({e})") from e
     return _finish(_filter_split(rows, split, str(csv_path)), csv_path.parent, str(csv_path))
 
 
@@ -226,7 +315,7 @@ def datalist_from_json(
     try:
         with open(json_path, encoding="utf-8") as f:
             content = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{json_path}: not valid JSON ({e})") from e
     if isinstance(content, Mapping):
         if key not in content:
@@ -280,29 +369,80 @@ def load_datalist(
     raise ValueError(f"unsupported datalist source {path}: expected a folder, a .csv or a .json file")
 
 
-def _header_shape(path: str) -> tuple[tuple[int, ...], int]:
-    """``(spatial shape in MONAI order, channels)`` from the file header, without reading the pixels."""
+@dataclass
+class _Header:
+    """What a file header tells without reading the pixels."""
+
+    shape: tuple[int, ...]  # spatial shape in MONAI order (PNG: width first)
+    channels: int
+    affine: Any = None  # 4x4 world affine of a NIfTI file, else None
+
+
+def _read_header(path: str) -> _Header:
+    """Spatial shape, channels and (NIfTI) affine from the file header; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"image file is empty (0 bytes): {path}; re-export or re-download it")
     ext = split_extension(path)[1].lower()
     if ext in NIFTI_EXTENSIONS:
         import nibabel as nib
 
-        shape = tuple(int(s) for s in nib.load(path).shape)
+        try:
+            img = nib.load(path)
+            shape = tuple(int(s) for s in img.shape)
+            affine = img.affine
+            if ext == ".nii":  # cheap for uncompressed files; .nii.gz streams are checked when read
+                check_nifti_size(path)
+        except Exception as e:
+            raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
         if len(shape) >= 4:  # (X, Y, Z, C) or NIfTI vector (X, Y, Z, 1, C)
-            return shape[:3], shape[-1]
-        return shape, 1
+            return _Header(shape[:3], shape[-1], affine)
+        return _Header(shape, 1, affine)
     if ext in IMAGE_EXTENSIONS:
         from PIL import Image
 
-        with Image.open(path) as im:
-            width, height = im.size
-            return (width, height), len(im.getbands())  # MONAI's PILReader puts width first
-    raise ValueError(f"unsupported image format '{ext}'")
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+                bands = len(im.getbands()) if im.mode not in ("P", "PA") else (4 if im.mode == "PA" else 3)
+        except Exception as e:
+            raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+        return _Header((width, height), bands)  # MONAI's PILReader puts width first
+    raise ValueError(unsupported_format_message(path))
 
 
-def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
-    while len(shape) > 2 and shape[-1] == 1:
+def _header_shape(path: str) -> tuple[tuple[int, ...], int]:
+    """``(spatial shape in MONAI order, channels)`` from the file header, without reading the pixels."""
+    header = _read_header(path)
+    return header.shape, header.channels
+
+
+def _squeeze_trailing(shape: tuple[int, ...], keep: int = 2) -> tuple[int, ...]:
+    while len(shape) > keep and shape[-1] == 1:
         shape = shape[:-1]
     return shape
+
+
+def dims_message(path: str, spatial_dims: int, shape: Sequence[int]) -> str:
+    """The error text for an image of the wrong dimensionality for a ``spatial_dims`` workflow."""
+    fix = (
+        "fuse volumes with the 3D configuration (configs/inference_3d.json, spatial_dims=3) or extract 2D slices"
+        if spatial_dims == 2
+        else "fuse 2D images with the 2D configuration (configs/inference.json, spatial_dims=2)"
+    )
+    return (
+        f"{path}: a {spatial_dims}D workflow needs {spatial_dims}D images (or single slices), this image has "
+        f"spatial shape {tuple(shape)}; {fix}"
+    )
+
+
+def channels_message(path: str, channels: int) -> str:
+    """The error text for an image with a channel count the fusion workflows do not read."""
+    return (
+        f"{path}: expected 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {channels}; pass single-channel images "
+        "(a 2-channel file holding both images of a pair goes under 'image')"
+    )
 
 
 @dataclass
@@ -313,39 +453,112 @@ class PairCheck:
     failed: list[tuple[dict[str, str], str]] = field(default_factory=list)
 
 
+def check_tasks(
+    datalist: Sequence[Mapping[str, Any]], expected_tasks: str | Sequence[str] | None, source: Any = "datalist"
+) -> None:
+    """Refuse a datalist holding pairs of tasks other than ``expected_tasks`` (``None``: any task)."""
+    if expected_tasks is None:
+        return
+    wanted = {expected_tasks} if isinstance(expected_tasks, str) else {str(t) for t in expected_tasks}
+    found: dict[str, int] = {}
+    for d in datalist:
+        found[str(d.get("task", ""))] = found.get(str(d.get("task", "")), 0) + 1
+    other = {t or "(no task)": n for t, n in sorted(found.items()) if t not in wanted}
+    if other:
+        where = source if isinstance(source, (str, os.PathLike)) else "the datalist"
+        raise ValueError(
+            f"{where} mixes tasks: it holds pairs of {other} (pairs per task), but this workflow expects only "
+            f"{sorted(wanted)}; filter the datalist to those tasks (evaluate.json / train.json: --tasks), or set "
+            "--expected_tasks null to fuse every pair"
+        )
+
+
+def _check_header(item: Mapping[str, str], spatial_dims: int | None, resample: bool, tolerance: float) -> str | None:
+    """Why a pair cannot be fused, from the file headers only; ``None`` when the headers look fine."""
+    if _SINGLE_KEY in item and "mri" not in item:
+        header = _read_header(item[_SINGLE_KEY])
+        if header.channels != 2:
+            return (
+                f"{item[_SINGLE_KEY]}: a single-file pair needs 2 channels (reference, other), this file has "
+                f"{header.channels}; list the two images under 'mri' and 'other' instead"
+            )
+        if spatial_dims is not None and len(_squeeze_trailing(header.shape, spatial_dims)) != spatial_dims:
+            return dims_message(item[_SINGLE_KEY], spatial_dims, header.shape)
+        return None
+    headers = {}
+    for key in _PAIR_KEYS:
+        header = _read_header(item[key])
+        pil = split_extension(item[key])[1].lower() in IMAGE_EXTENSIONS
+        if header.channels not in (1, 3, 4) and not (pil and header.channels == 2):  # PIL "LA": grey + alpha
+            return channels_message(item[key], header.channels)
+        if spatial_dims is not None and len(_squeeze_trailing(header.shape, spatial_dims)) != spatial_dims:
+            return dims_message(item[key], spatial_dims, header.shape)
+        headers[key] = header
+    ref, other = headers["mri"], headers["other"]
+    with_geometry = ref.affine is not None and other.affine is not None
+    same_size = _squeeze_trailing(ref.shape) == _squeeze_trailing(other.shape)
+    if with_geometry and not resample:
+        diffs = geometry_differences(ref.affine, other.affine, tolerance)
+        if diffs or not same_size:
+            detail = "; ".join(diffs + ([] if same_size else [f"size {ref.shape} vs {other.shape}"]))
+            return (
+                f"the two images of pair '{item.get('id', '')}' are not on the same voxel grid ({detail}): "
+                f"{item['mri']} (reference) and {item['other']}; register / resample the other image onto the "
+                "reference first, or pass --resample true to resample it onto the reference grid"
+            )
+    elif not with_geometry and not same_size:
+        hint = " (resampling needs NIfTI images with a world geometry)" if resample else ""
+        return (
+            f"the two images of pair '{item.get('id', '')}' differ in size: {item['mri']} is {ref.shape}, "
+            f"{item['other']} is {other.shape}; resize or register the other image onto the reference{hint}"
+        )
+    return None
+
+
 def check_pairs(
-    datalist: PathLike | Sequence[Mapping[str, Any]], on_error: str = "skip", split: str | Sequence[str] | None = None
+    datalist: PathLike | Sequence[Mapping[str, Any]],
+    on_error: str = "skip",
+    split: str | Sequence[str] | None = None,
+    spatial_dims: int | None = None,
+    expected_tasks: str | Sequence[str] | None = None,
+    read_pixels: bool = True,
+    resample: bool = False,
+    tolerance: float = 1e-3,
 ) -> PairCheck:
-    """Check each pair from the image headers: readable, supported format, same spatial size.
+    """Check every pair before any compute: readable, supported, consistent, finite.
+
+    Header checks (no pixels read): the files exist and are not empty, their format is supported, their
+    channel counts are 1, 3 or 4 (2 for a single-file pair), their dimensionality fits ``spatial_dims``, both
+    images have the same size and, for NIfTI pairs, the same voxel grid (spacing, orientation, origin within
+    ``tolerance``). With ``read_pixels`` the pair is then loaded with the workflows' own transforms
+    (:func:`scripts.transforms.validate_pair`), which also finds truncated or corrupt pixel data and NaN/Inf
+    voxels.
 
     Args:
         datalist: a datalist or any source :func:`load_datalist` reads (folder, CSV, JSON).
         on_error: ``"skip"``: log an error naming the file(s) and set the pair aside in ``failed``;
-            ``"raise"``: raise ``ValueError`` at the first bad pair.
+            ``"raise"``: raise ``ValueError`` at the first bad pair (nothing is fused).
         split: for CSV/JSON sources, keep only entries of this split.
+        spatial_dims: 2 or 3: the workflow's dimensionality (``None``: not checked).
+        expected_tasks: the tasks the workflow is meant for; a datalist holding other tasks is refused
+            (:func:`check_tasks`). ``None``: any task.
+        read_pixels: also decode the pixels (twice the reading, but every unreadable pair is found up front).
+        resample: NIfTI pairs on different voxel grids are accepted (the workflow resamples the other image
+            onto the reference grid) instead of set aside.
+        tolerance: voxel-grid tolerance (:func:`geometry_differences`).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    items = load_datalist(datalist, split=split)
+    check_tasks(items, expected_tasks, datalist)
     result = PairCheck()
-    for item in load_datalist(datalist, split=split):
-        reason = None
+    for item in items:
         try:
-            if _SINGLE_KEY in item and "mri" not in item:
-                _, channels = _header_shape(item[_SINGLE_KEY])
-                if channels != 2:
-                    reason = f"{item[_SINGLE_KEY]}: a single-file pair needs 2 channels, this file has {channels}"
-            else:
-                shapes = {}
-                for key in _PAIR_KEYS:
-                    try:
-                        shapes[key] = _squeeze_trailing(_header_shape(item[key])[0])
-                    except Exception as e:  # unreadable or unsupported file
-                        raise ValueError(f"cannot read {key} image {item[key]}: {e}") from e
-                if shapes["mri"] != shapes["other"]:
-                    reason = (
-                        f"the two images of pair '{item.get('id', '')}' differ in size: "
-                        f"{item['mri']} is {shapes['mri']}, {item['other']} is {shapes['other']}"
-                    )
+            reason = _check_header(item, spatial_dims, resample, tolerance)
+            if reason is None and read_pixels:
+                from scripts.transforms import validate_pair
+
+                validate_pair(item, spatial_dims=spatial_dims, resample=resample, tolerance=tolerance)
         except Exception as e:
             reason = str(e)
         if reason is None:

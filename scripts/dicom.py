@@ -51,7 +51,6 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from torch import nn
@@ -156,7 +155,7 @@ def _dicom_files(folder: Path) -> list[tuple[Path, Dataset]]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+        except Exception:  # not DICOM, or a header pydicom cannot parse (InvalidDicomError, struct.error, ...)
             logger.debug("skipping %s: not a DICOM file", path)
             continue
         if "Rows" not in ds or "SeriesInstanceUID" not in ds:
@@ -192,9 +191,21 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> DicomSerie
 
     Raises:
         FileNotFoundError / ValueError naming the folder or file: no images, several series and no
-        ``series_uid``, multi-frame images, missing or inconsistent geometry, duplicate or uneven slices.
+        ``series_uid``, multi-frame images, missing, unreadable or inconsistent geometry, duplicate or uneven
+        slices, undecodable pixel data.
     """
-    folder = Path(folder)
+    try:
+        return _read_series(Path(folder), series_uid)
+    except (ValueError, FileNotFoundError) as e:
+        if str(folder) in str(e):
+            raise
+        raise ValueError(f"{folder}: unreadable DICOM data ({e})") from e
+    except Exception as e:  # a corrupt element pydicom only parses on access (KeyError, struct.error, ...)
+        raise ValueError(f"{folder}: unreadable DICOM data ({type(e).__name__}: {e})") from e
+
+
+def _read_series(folder: Path, series_uid: str | None) -> DicomSeries:
+    """:func:`read_series` without the error wrapping."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: DICOM series folder not found")
     found = _dicom_files(folder)

@@ -420,7 +420,10 @@ class FusionReport:
     def check_outputs(self) -> None:
         """Raise ``FileExistsError`` when reports exist and ``overwrite`` is false; ``ValueError`` without pairs."""
         if self.datalist is not None and not self.datalist:
-            raise ValueError(f"no valid pairs to evaluate ({len(self.failed)} set aside, see the log)")
+            reasons = "; ".join(reason for _, reason in self.failed[:3]) + ("; ..." if len(self.failed) > 3 else "")
+            raise ValueError(
+                f"no valid pairs to evaluate ({len(self.failed)} set aside" + (f": {reasons})" if reasons else ")")
+            )
         existing = [str(v) for k, v in self.report_paths().items() if k != "figure" and v.exists()]
         if existing and not self.overwrite:
             raise FileExistsError(

@@ -5,7 +5,9 @@ Pre-processing chain used by ``configs/inference.json`` (MONAI transforms where 
 1. :class:`LoadPaird` — ``mri`` and ``other`` file paths (or one 2-channel ``image`` file) to channel-first
    ``MetaTensor`` s ``(C, *spatial)`` in MONAI's index order (PNG: width first; NIfTI: as stored);
 2. :class:`EnsureSpatialDimsd` — drop trailing singleton spatial dims (a NIfTI slice ``(X, Y, 1)`` becomes 2D);
-3. :class:`CheckSameShaped` — both images of the pair have the same spatial size (error names both files);
+3. :class:`CheckSameShaped` — both images of the pair have the same spatial size and, for NIfTI pairs, the same
+   voxel grid (spacing, orientation, origin); errors name both files. ``resample=True`` resamples the other image
+   onto the reference grid instead;
 4. :class:`SplitLumaChromad` — RGB(A) colour images (PET/SPECT) become their BT.601 luma ``Y`` (1 channel),
    the full ``YCbCr`` is kept under ``<key>_ycbcr`` to re-attach the colour after fusion; RGB images that are
    really grey become grey;
@@ -34,6 +36,7 @@ fused image on the scale the metrics use.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import uuid
@@ -47,7 +50,16 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader, PILReader
 from monai.transforms import LoadImage, MapTransform
 
-from scripts.data import IMAGE_EXTENSIONS, NIFTI_EXTENSIONS, split_extension
+from scripts.data import (
+    IMAGE_EXTENSIONS,
+    NIFTI_EXTENSIONS,
+    channels_message,
+    check_nifti_size,
+    dims_message,
+    geometry_differences,
+    split_extension,
+    unsupported_format_message,
+)
 
 __all__ = [
     "AttachChromad",
@@ -58,6 +70,7 @@ __all__ = [
     "SaveFusedd",
     "SplitLumaChromad",
     "rgb_to_ycbcr",
+    "validate_pair",
     "ycbcr_to_rgb",
 ]
 
@@ -120,9 +133,11 @@ class LoadPaird(MapTransform):
     under ``image_key`` (channel 0 reference, channel 1 other modality; e.g. a 4-D NIfTI ``(X, Y, Z, 2)``),
     which is split into the two keys. Output: ``data[key]`` as ``(C, *spatial)`` float32 ``MetaTensor`` with
     the file's metadata (``filename_or_obj``, ``affine``, ``spatial_shape``). NIfTI files are read with
-    MONAI's ``NibabelReader``, PNG/JPEG/TIFF/BMP with its ``PILReader`` (palette images converted to RGB),
-    other formats with MONAI's default readers. PNG arrays are width-first, as ``PILReader`` returns them
-    (``PILWriter`` transposes back on writing). Errors name the file.
+    MONAI's ``NibabelReader``, PNG/JPEG/TIFF/BMP with its ``PILReader`` (palette images converted to RGB);
+    other formats are refused (nothing is ever unpickled). PNG arrays are width-first, as ``PILReader``
+    returns them (``PILWriter`` transposes back on writing). Missing, empty, unreadable files and images
+    with NaN or infinite voxels raise errors naming the file; a constant image is accepted with a warning
+    (it normalises to zeros).
 
     Args:
         keys: the reference and the other-modality key, in this order.
@@ -145,14 +160,31 @@ class LoadPaird(MapTransform):
         path = str(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path}")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"image file is empty (0 bytes): {path}; re-export or re-download it")
         ext = split_extension(path)[1].lower()
-        reader = (
-            self._nifti_reader if ext in NIFTI_EXTENSIONS else self._pil_reader if ext in IMAGE_EXTENSIONS else None
-        )  # None: try every registered MONAI reader
+        if ext not in NIFTI_EXTENSIONS + IMAGE_EXTENSIONS:
+            raise ValueError(unsupported_format_message(path))
+        reader = self._nifti_reader if ext in NIFTI_EXTENSIONS else self._pil_reader
         try:
+            if ext in NIFTI_EXTENSIONS:
+                check_nifti_size(path)  # before the reader allocates what a (corrupt) header declares
             img = self._loader(path, reader)
         except Exception as e:
-            raise ValueError(f"cannot read image file {path}: {e}") from e
+            cause = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+            raise ValueError(
+                f"cannot read image file {path}: {type(e).__name__}: {cause} (truncated, corrupt, or not the format "
+                "its extension says); re-export the image"
+            ) from e
+        values = (img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)).detach().cpu().numpy()
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise ValueError(
+                f"{path}: {values.size - int(finite.sum())} of {values.size} voxels are NaN or infinite; replace them "
+                "(e.g. with the background value) before fusion"
+            )
+        if values.size and values.max() == values.min():
+            logger.warning("%s is constant (every voxel %g): it normalises to zeros and adds nothing", path, float(values.max()))
         return img
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -194,31 +226,108 @@ class EnsureSpatialDimsd(MapTransform):
             while len(spatial) > self.spatial_dims and spatial[-1] == 1:
                 spatial = spatial[:-1]
             if len(spatial) != self.spatial_dims:
-                raise ValueError(
-                    f"{_filename(img)}: a {self.spatial_dims}D workflow needs {self.spatial_dims}D images or "
-                    f"single slices, this image has spatial shape {tuple(img.shape[1:])}"
-                )
+                raise ValueError(dims_message(_filename(img), self.spatial_dims, tuple(img.shape[1:])))
             if spatial != tuple(img.shape[1:]):
                 d[key] = _with_meta(img.reshape(img.shape[0], *spatial), img)
         return d
 
 
+def _has_geometry(img: Any) -> bool:
+    """Whether an image came from a file with a world geometry (NIfTI) and carries its affine."""
+    return (
+        isinstance(img, MetaTensor)
+        and split_extension(_filename(img))[1].lower() in NIFTI_EXTENSIONS
+        and img.meta.get("affine") is not None
+    )
+
+
+def _file_grid(img: MetaTensor) -> MetaTensor:
+    """``img`` reshaped to its file's spatial shape (undoing :class:`EnsureSpatialDimsd`), for resampling."""
+    shape = img.meta.get("spatial_shape")
+    shape = [int(s) for s in np.asarray(shape).reshape(-1)] if shape is not None else list(img.shape[1:])
+    return MetaTensor(img.as_tensor().reshape(img.shape[0], *shape), meta=dict(img.meta))
+
+
+def _resample_onto(img: MetaTensor, ref: MetaTensor) -> MetaTensor:
+    """``img`` resampled (bilinear, zeros outside its field of view) onto ``ref``'s voxel grid and shape."""
+    from monai.transforms import ResampleToMatch
+
+    moved = ResampleToMatch(mode="bilinear", padding_mode="zeros")(_file_grid(img), img_dst=_file_grid(ref))
+    values = torch.as_tensor(moved).reshape(img.shape[0], *ref.shape[1:]).to(torch.float32)
+    meta = dict(ref.meta)
+    meta["filename_or_obj"] = _filename(img)
+    return MetaTensor(values, meta=meta)  # no applied operations: the fused image stays on the reference grid
+
+
 class CheckSameShaped(MapTransform):
-    """Raise ``ValueError`` naming both files when the images under ``keys`` differ in spatial size."""
+    """Both images of a pair must lie on one grid: the same spatial size and, for NIfTI images, the same voxel
+    spacing, orientation and origin (within ``tolerance``, :func:`scripts.data.geometry_differences`).
+
+    A mismatch raises ``ValueError`` naming both files and what differs. With ``resample=True`` (an explicit
+    choice: it interpolates the other image) NIfTI images that differ are resampled onto the first key's grid
+    instead (bilinear, zeros outside their field of view); images without a world geometry (PNG, ...) cannot
+    be resampled and are still refused.
+
+    Args:
+        keys: the reference key first, then the other image(s).
+        resample: resample the other images onto the reference grid instead of refusing.
+        tolerance: voxel-grid tolerance.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, resample: bool = False, tolerance: float = 1e-3, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.resample = resample
+        self.tolerance = tolerance
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        shapes = {key: tuple(d[key].shape[1:]) for key in self.key_iterator(d)}
-        if len(set(shapes.values())) > 1:
-            detail = ", ".join(f"{key} {_filename(d[key])} has spatial shape {s}" for key, s in shapes.items())
-            raise ValueError(f"the images of a pair must have the same size: {detail}")
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        ref_key = keys[0]
+        ref = d[ref_key]
+        for key in keys[1:]:
+            img = d[key]
+            same_size = tuple(img.shape[1:]) == tuple(ref.shape[1:])
+            geometry = _has_geometry(ref) and _has_geometry(img)
+            diffs = geometry_differences(ref.meta["affine"], img.meta["affine"], self.tolerance) if geometry else []
+            if same_size and not diffs:
+                continue
+            if self.resample and geometry:
+                logger.warning("resampling %s onto the grid of %s (%s)", _filename(img), _filename(ref), "; ".join(diffs) or "size")
+                d[key] = _resample_onto(img, ref)
+                continue
+            if not geometry:
+                hint = " (resampling needs NIfTI images with a world geometry)" if self.resample else ""
+                raise ValueError(
+                    f"the images of a pair must have the same size: {ref_key} {_filename(ref)} has spatial shape "
+                    f"{tuple(ref.shape[1:])}, {key} {_filename(img)} has spatial shape {tuple(img.shape[1:])}; "
+                    f"resize or register the other image onto the reference{hint}"
+                )
+            detail = "; ".join(diffs + ([] if same_size else [f"size {tuple(ref.shape[1:])} vs {tuple(img.shape[1:])}"]))
+            raise ValueError(
+                f"the images of a pair are not on the same voxel grid ({detail}): {_filename(ref)} (reference) and "
+                f"{_filename(img)}; register / resample the other image onto the reference first, or pass "
+                "--resample true to resample it onto the reference grid"
+            )
         return d
+
+
+def _check_channels(img: Any) -> None:
+    """1 (grey), 3 (RGB) or 4 (RGBA) channels, or 2 (grey + alpha) for a PNG/TIFF/...; else a ``ValueError``."""
+    channels = img.shape[0]
+    pil = split_extension(_filename(img))[1].lower() in IMAGE_EXTENSIONS
+    if channels not in (1, 3, 4) and not (channels == 2 and pil):
+        raise ValueError(channels_message(_filename(img), channels))
 
 
 class SplitLumaChromad(MapTransform):
     """Colour images to their luma ``Y``; keep the full ``YCbCr`` to re-attach the colour after fusion.
 
-    For each key: 1 channel: unchanged. 2 channels (grey + alpha): the grey channel. 3 or 4 channels (RGB,
+    For each key: 1 channel: unchanged. 2 channels of a PNG/TIFF (grey + alpha): the grey channel (2 channels
+    of any other file are refused: that is a pair in one file, see :class:`LoadPaird`). 3 or 4 channels (RGB,
     RGBA; alpha dropped): if the colour channels are equal within ``grey_tolerance`` the image is grey and
     channel 0 is kept; otherwise ``data[key]`` becomes ``Y`` ``(1, *spatial)`` and ``data[key + suffix]`` the
     ``YCbCr`` image ``(3, *spatial)`` (BT.601 full range, 8-bit scale; see the module docstring).
@@ -247,11 +356,10 @@ class SplitLumaChromad(MapTransform):
             channels = img.shape[0]
             if channels == 1:
                 continue
-            if channels == 2:
+            _check_channels(img)
+            if channels == 2:  # grey + alpha
                 d[key] = _with_meta(img[0:1], img)
                 continue
-            if channels not in (3, 4):
-                raise ValueError(f"{_filename(img)}: expected 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {channels}")
             rgb = img[:3]
             if float((rgb - rgb[0:1]).abs().max()) <= self.grey_tolerance:
                 d[key] = _with_meta(img[0:1], img)
@@ -315,7 +423,11 @@ class AttachChromad(MapTransform):
 
 
 class FusionSummary:
-    """Counts of fused pairs written, skipped (outputs exist) and failed, logged at the end of a run."""
+    """Fused pairs written, skipped (outputs exist) and failed (with the reason), logged at the end of a run.
+
+    ``failed`` starts with the pairs set aside before fusion (:func:`scripts.data.check_pairs`); the writer adds
+    pairs whose outputs could not be written.
+    """
 
     def __init__(self, failed: Sequence[tuple[Mapping[str, Any], str]] = ()) -> None:
         self.written: list[list[str]] = []
@@ -335,10 +447,12 @@ class FusionSummary:
         return f"{len(self.written)} pairs written, {len(self.skipped)} skipped, {len(self.failed)} failed"
 
     def log(self, log: logging.Logger | None = None) -> str:
-        """Log the counts, then one line per skipped or failed pair; returns the one-line summary."""
+        """Log the counts, then the written files, the skipped and the failed pairs; returns the one-line summary."""
         log = log or logger
         text = f"fusion summary: {self}"
         log.info(text)
+        for paths in self.written:
+            log.info("written: %s", ", ".join(paths))
         if self.skipped:
             log.warning(
                 "%d pairs skipped because their outputs exist (set overwrite=true to replace them), e.g. %s",
@@ -396,7 +510,9 @@ class SaveFusedd(MapTransform):
 
     Every file is written to a temporary name and moved into place. Existing outputs are never replaced unless
     ``overwrite=True``: the pair is skipped with a warning (and counted in ``summary``), so re-running a
-    command completes the missing outputs only.
+    command completes the missing outputs only. A pair whose outputs cannot be written (e.g. a full disk) leaves
+    no file behind: with ``on_error="skip"`` it is logged and counted as failed and the run goes on, with
+    ``"raise"`` the run stops.
 
     Args:
         keys: the fused image key (``"pred"``), ``(1, *spatial)`` in [0, 1], cropped back to the input size.
@@ -405,7 +521,8 @@ class SaveFusedd(MapTransform):
         colour_key: key of the RGB fused image, if any.
         output_postfix: appended to the id in output names.
         overwrite: replace existing outputs.
-        summary: collects written / skipped pairs.
+        summary: collects written / skipped / failed pairs.
+        on_error: ``"skip"`` or ``"raise"`` when writing a pair fails.
     """
 
     def __init__(
@@ -417,8 +534,12 @@ class SaveFusedd(MapTransform):
         output_postfix: str = "fused",
         overwrite: bool = False,
         summary: FusionSummary | None = None,
+        on_error: str = "raise",
     ) -> None:
         super().__init__(keys)
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        self.on_error = on_error
         self.output_dir = Path(output_dir)
         self.ref_key = ref_key
         self.colour_key = colour_key
@@ -453,32 +574,50 @@ class SaveFusedd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            paths, ref_path, ref_meta = self.output_paths(d, key)
-            existing = [str(p) for p in paths if p.exists()]
-            if existing and not self.overwrite:
-                logger.warning("outputs exist, pair '%s' skipped (overwrite=false): %s", d.get("id", ""), existing)
-                if self.summary is not None:
-                    self.summary.add_skipped(existing)
-                continue
-            pred = torch.as_tensor(d[key]).detach().cpu()
-            self._check_shape(pred, ref_path, ref_meta)
-            paths[0].parent.mkdir(parents=True, exist_ok=True)
-            if paths[0].name.endswith(NIFTI_EXTENSIONS):
-                writers = [lambda p, pred=pred: self._write_nifti(pred, ref_path, ref_meta, p)]
-            elif len(paths) == 2:
-                writers = [
-                    lambda p: self._write_png(_to_uint8(d[self.colour_key], 1.0), p),
-                    lambda p, pred=pred: self._write_png(_to_uint8(pred, 255.0), p),
-                ]
-            else:
-                writers = [lambda p, pred=pred: self._write_png(_to_uint8(pred, 255.0), p)]
-            done = [str(p) for p, w in zip(paths, writers) if _atomic_write(w, p, self.overwrite)]
-            if len(done) < len(paths):
-                not_written = sorted(set(map(str, paths)) - set(done))
-                logger.warning("outputs appeared while writing, not replaced: %s", not_written)
-            if self.summary is not None:
-                (self.summary.add_written if done else self.summary.add_skipped)(done or [str(p) for p in paths])
+            try:
+                self._save(d, key)
+            except Exception as e:
+                if self.on_error == "raise" or self.summary is None:
+                    raise
+                logger.error("pair '%s' failed, nothing written: %s", d.get("id", ""), e)
+                self.summary.add_failed({k: v for k, v in d.items() if isinstance(v, str)}, f"{type(e).__name__}: {e}")
         return d
+
+    def _save(self, d: dict[Hashable, Any], key: Hashable) -> None:
+        """Write the outputs of one pair (see the class docstring)."""
+        paths, ref_path, ref_meta = self.output_paths(d, key)
+        existing = [str(p) for p in paths if p.exists()]
+        if existing and not self.overwrite:
+            logger.warning("outputs exist, pair '%s' skipped (overwrite=false): %s", d.get("id", ""), existing)
+            if self.summary is not None:
+                self.summary.add_skipped(existing)
+            return
+        pred = torch.as_tensor(d[key]).detach().cpu()
+        self._check_shape(pred, ref_path, ref_meta)
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        if paths[0].name.endswith(NIFTI_EXTENSIONS):
+            writers = [lambda p, pred=pred: self._write_nifti(pred, ref_path, ref_meta, p)]
+        elif len(paths) == 2:
+            writers = [
+                lambda p: self._write_png(_to_uint8(d[self.colour_key], 1.0), p),
+                lambda p, pred=pred: self._write_png(_to_uint8(pred, 255.0), p),
+            ]
+        else:
+            writers = [lambda p, pred=pred: self._write_png(_to_uint8(pred, 255.0), p)]
+        done: list[str] = []
+        try:
+            for path, write in zip(paths, writers):
+                if _atomic_write(write, path, self.overwrite):
+                    done.append(str(path))
+        except BaseException:
+            for path in done:  # a pair is written whole or not at all
+                Path(path).unlink(missing_ok=True)
+            raise
+        if len(done) < len(paths):
+            not_written = sorted(set(map(str, paths)) - set(done))
+            logger.warning("outputs appeared while writing, not replaced: %s", not_written)
+        if self.summary is not None:
+            (self.summary.add_written if done else self.summary.add_skipped)(done or [str(p) for p in paths])
 
     @staticmethod
     def _check_shape(pred: torch.Tensor, ref_path: str, ref_meta: Mapping[str, Any]) -> None:
@@ -527,3 +666,33 @@ class SaveFusedd(MapTransform):
         out = type(ref)(arr, ref.affine, header=header)
         out.header.set_slope_inter(1.0, 0.0)
         nib.save(out, path)
+
+
+@functools.lru_cache(maxsize=4)
+def _pair_loader(keys: tuple[str, ...], image_key: str) -> LoadPaird:
+    """A reused :class:`LoadPaird` (building MONAI's ``LoadImage`` registers every reader: slow per pair)."""
+    return LoadPaird(keys=list(keys), image_key=image_key)
+
+
+def validate_pair(
+    item: Mapping[str, Any],
+    keys: Sequence[str] = ("mri", "other"),
+    image_key: str = "image",
+    spatial_dims: int | None = None,
+    resample: bool = False,
+    tolerance: float = 1e-3,
+) -> dict[Hashable, Any]:
+    """Load and check one pair as the workflows do, without fusing it; errors name the file(s).
+
+    Runs :class:`LoadPaird` (missing, empty, unsupported, unreadable files; NaN/Inf voxels),
+    :class:`EnsureSpatialDimsd` (when ``spatial_dims`` is given), :class:`CheckSameShaped` (size and voxel grid,
+    or resampling with ``resample``) and the channel check of :class:`SplitLumaChromad`. Returns the loaded pair.
+    """
+    keys = list(keys)
+    d = _pair_loader(tuple(keys), image_key)(item)
+    if spatial_dims is not None:
+        d = EnsureSpatialDimsd(keys=keys, spatial_dims=spatial_dims)(d)
+    d = CheckSameShaped(keys=keys, resample=resample, tolerance=tolerance)(d)
+    for key in keys:
+        _check_channels(d[key])
+    return d

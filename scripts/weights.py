@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["load_network_weights", "read_state_dict"]
+__all__ = ["check_weights", "load_network_weights", "read_state_dict"]
 
 
 def read_state_dict(path: str | os.PathLike, key: str | None = "model", map_location: str | torch.device = "cpu") -> dict:
@@ -26,10 +24,11 @@ def read_state_dict(path: str | os.PathLike, key: str | None = "model", map_loca
         raise ValueError(f"weights file is empty: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
+    except Exception as e:  # corrupt files raise many types: UnpicklingError, BadZipFile, EOFError, KeyError, ...
+        first_line = (str(e).splitlines() or [""])[0][:200]
         raise ValueError(
             f"{path} is not a readable PyTorch weights file (truncated, corrupt, or it holds objects other than "
-            f"tensors, which are never unpickled here): {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            f"tensors, which are never unpickled here): {type(e).__name__}: {first_line}"
         ) from e
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
@@ -55,6 +54,25 @@ def load_network_weights(
         ValueError: the file is unreadable, or its tensors do not fit the configured network.
     """
     state = read_state_dict(path, key, map_location)
+    _check_match(network, state, path)
+    network.load_state_dict(state)
+    return network
+
+
+def check_weights(network: nn.Module | None, path: str | os.PathLike | None, key: str | None = "model") -> None:
+    """Check, without loading them, that the weights in ``path`` fit ``network`` (nothing to do for ``None``).
+
+    Used before resuming a training run: a checkpoint of another configuration is then a readable error
+    (:func:`load_network_weights`'s message) instead of a key-by-key dump from ``load_state_dict``.
+    """
+    if network is None or path is None:
+        return
+    network = getattr(network, "module", network)  # DistributedDataParallel
+    _check_match(network, read_state_dict(path, key), path)
+
+
+def _check_match(network: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` (counts and examples) when ``state`` does not fit ``network``."""
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -75,5 +93,3 @@ def load_network_weights(
             "They were probably trained with another configuration (spatial_dims, features, depth, d_state, "
             "reference_compat); set network_def to match, or use weights trained for this configuration."
         )
-    network.load_state_dict(state)
-    return network

@@ -43,10 +43,18 @@ def load_pairs(cohort: Cohort, size: int) -> torch.Tensor:
     out = torch.empty((len(cohort.slices), 2, size, size), dtype=torch.float32)
     last: tuple[str, np.ndarray] | None = None  # both sequences often live in one file (LGG: RGB channels)
     for i, rec in enumerate(cohort.slices):
-        for c, (path, ch) in enumerate(((rec.seq_a, rec.seq_a_channel), (rec.seq_b, rec.seq_b_channel))):
+        images = []
+        for path, ch in ((rec.seq_a, rec.seq_a_channel), (rec.seq_b, rec.seq_b_channel)):
             if last is None or last[0] != path:
                 last = (path, read_image(path))
-            img = torch.from_numpy(select_channel(last[1], ch, path))[None]
+            images.append(torch.from_numpy(select_channel(last[1], ch, path))[None])
+        if images[0].shape != images[1].shape:
+            raise ValueError(
+                f"slice {rec.patient}/{rec.slice_id}: the two sequences differ in size ({rec.seq_a} is "
+                f"{tuple(images[0].shape[1:])}, {rec.seq_b} is {tuple(images[1].shape[1:])}); they must be "
+                "co-registered on one grid"
+            )
+        for c, img in enumerate(images):
             out[i, c] = torch.as_tensor(scale(resize(img)))[0]
     return out
 
@@ -62,11 +70,12 @@ def state_fingerprint(module: nn.Module) -> str:
 
 def load_fusion_weights(network: nn.Module, ckpt_path: str | os.PathLike) -> None:
     """Load a root-bundle checkpoint: a plain state dict (what ``configs/train.json`` saves as ``model.pt``) or
-    a dict holding it under ``"model"`` (an ignite checkpoint with several objects)."""
-    state = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    network.load_state_dict(state)
+    a dict holding it under ``"model"`` (an ignite checkpoint with several objects). Read with
+    ``weights_only=True``; weights of another configuration raise a ``ValueError`` saying so
+    (:func:`scripts.weights.load_network_weights`)."""
+    from ..weights import load_network_weights
+
+    load_network_weights(network, ckpt_path)
 
 
 class Arm:

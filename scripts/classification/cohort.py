@@ -166,8 +166,13 @@ class Cohort:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    if not path.is_file():
+        raise FileNotFoundError(f"cohort table not found: {path}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a readable UTF-8 CSV table ({e})") from e
 
 
 def lgg_tcga_cohort(root: str | os.PathLike, sequences: Sequence[str] = ("flair", "t1c")) -> Cohort:
@@ -231,7 +236,9 @@ def csv_cohort(
     """A cohort from the generic per-slice CSV described in the module docstring."""
     path = Path(path)
     rows = _read_csv(path)
-    missing = {"patient", "label", "seq_a", "seq_b"} - set(rows[0] if rows else {})
+    if not rows:
+        raise ValueError(f"{path}: the cohort table lists no slices (one row per slice: patient, label, seq_a, seq_b)")
+    missing = {"patient", "label", "seq_a", "seq_b"} - set(rows[0])
     if missing:
         raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
     base = path.parent
@@ -309,15 +316,35 @@ def load_cohort(
 
 
 def read_image(path: str) -> np.ndarray:
-    """The stored array of a 2-D image file: ``(H, W)`` or ``(H, W, C)`` (rows first, as stored)."""
+    """The stored array of a 2-D image file: ``(H, W)`` or ``(H, W, C)`` (rows first, as stored).
+
+    PNG / JPEG / TIFF / BMP are read with PIL, NIfTI with MONAI's ``NibabelReader``; other formats are refused
+    (nothing is unpickled). Missing, empty or unreadable files raise errors naming the file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"image file is empty (0 bytes): {path}")
     if path.lower().endswith(_PIL_EXTENSIONS):
         from PIL import Image
 
-        with Image.open(path) as im:
-            return np.asarray(im)
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im)
+        except Exception as e:
+            raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        raise ValueError(f"unsupported image format of {path}: use PNG, JPEG, TIFF, BMP or NIfTI")
+    from monai.data import NibabelReader
     from monai.transforms import LoadImage
 
-    arr = np.squeeze(np.asarray(LoadImage(image_only=True)(path)))
+    from ..data import check_nifti_size
+
+    try:
+        check_nifti_size(path)
+        arr = np.squeeze(np.asarray(LoadImage(reader=NibabelReader(), image_only=True)(path)))
+    except Exception as e:
+        raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {str(e).strip()[-300:]}") from e
     if arr.ndim == 3 and arr.shape[-1] > 4 and arr.shape[0] <= 4:  # channel-first reader output -> channel-last
         arr = np.moveaxis(arr, 0, -1)
     return np.swapaxes(arr, 0, 1) if arr.ndim >= 2 else arr  # MONAI readers are (W, H) for 2-D files
@@ -330,12 +357,18 @@ def select_channel(arr: np.ndarray, channel: int | None, path: str = "") -> np.n
             if arr.shape[2] != 1:
                 raise ValueError(f"{path} has {arr.shape[2]} channels: give the channel column")
             channel = 0
+        if not 0 <= channel < arr.shape[2]:
+            raise ValueError(f"{path} has {arr.shape[2]} channels; channel {channel} does not exist")
         arr = arr[..., channel]
     elif channel not in (None, 0):
         raise ValueError(f"{path} is single-channel; channel {channel} does not exist")
     if arr.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D image, got shape {arr.shape}")
-    return arr.astype(np.float32)
+    arr = arr.astype(np.float32)
+    non_finite = int((~np.isfinite(arr)).sum())
+    if non_finite:
+        raise ValueError(f"{path}: {non_finite} of {arr.size} pixels are NaN or infinite; fix the image")
+    return arr
 
 
 def load_sequence(path: str, channel: int | None = None) -> np.ndarray:

@@ -27,7 +27,7 @@ from .cohort import Cohort
 from .folds import stratified_patient_folds
 from .stats import aggregate_scores, bootstrap_auc, threshold_metrics
 
-__all__ = ["ArmData", "PredictionWriter"]
+__all__ = ["ArmData", "PredictionWriter", "refuse_existing_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,20 @@ class ArmData:
         return n_neg / n_pos if n_pos > 0 and n_neg > 0 else 1.0
 
 
+def refuse_existing_outputs(paths: Sequence[str | os.PathLike], overwrite: bool = False) -> None:
+    """Raise ``FileExistsError`` naming the outputs of ``paths`` that exist, unless ``overwrite``.
+
+    Called by ``train.json`` / ``evaluate.json`` before anything runs, so that an earlier classifier or
+    evaluation is never replaced silently.
+    """
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"outputs exist and are not replaced: {', '.join(existing)}; pass --overwrite true to replace them, "
+            "or choose another --ckpt_dir / --output_dir"
+        )
+
+
 class PredictionWriter:
     """Evaluator handler: collects slice probabilities, writes ``predictions.csv`` and ``summary.json``.
 
@@ -181,10 +195,14 @@ class PredictionWriter:
 
     def _write(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "predictions.csv", "w", newline="") as f:
+        summ = self.summary()  # before writing anything: a failure here leaves no file
+        tmp = self.output_dir / f".predictions.csv.{os.getpid()}.tmp"
+        with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["unit", "patient", "label", "score"])
             w.writeheader()
             w.writerows(self.rows)
-        summ = self.summary()
-        (self.output_dir / "summary.json").write_text(json.dumps(summ, indent=2))
+        os.replace(tmp, self.output_dir / "predictions.csv")
+        tmp = self.output_dir / f".summary.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(summ, indent=2))
+        os.replace(tmp, self.output_dir / "summary.json")
         logger.info("evaluation summary: %s", json.dumps(summ))

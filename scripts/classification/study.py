@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -452,15 +453,20 @@ class ClassificationStudy:
         return {**stats, "run_info": run_info, "predictions": predictions, "fold_metrics": fold_metrics}
 
     def _write(self, stats, predictions, fold_metrics, fold_rows, run_info, labels) -> None:
-        out = self.output_dir
-        _write_csv(out / "results.csv", stats["results"])
-        _write_csv(out / "comparisons.csv", stats["comparisons"])
-        _write_csv(out / "fold_metrics.csv", fold_metrics)
-        _write_csv(out / "predictions.csv", predictions)
-        _write_csv(out / "folds.csv", fold_rows)
-        write_roc_figure(out / "roc_curves.png", stats["roc"], labels, self.cohort, stats["results"])
-        (out / "run_info.json").write_text(json.dumps(run_info, indent=2, default=str))
-        write_report(out / "report.md", stats, run_info, self.cohort, labels)
+        """Write every result into a temporary folder beside them, then move the files into place: a failure
+        while writing leaves no partial set of results."""
+        with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=".partial-") as tmp:
+            out = Path(tmp)
+            _write_csv(out / "results.csv", stats["results"])
+            _write_csv(out / "comparisons.csv", stats["comparisons"])
+            _write_csv(out / "fold_metrics.csv", fold_metrics)
+            _write_csv(out / "predictions.csv", predictions)
+            _write_csv(out / "folds.csv", fold_rows)
+            write_roc_figure(out / "roc_curves.png", stats["roc"], labels, self.cohort, stats["results"])
+            (out / "run_info.json").write_text(json.dumps(run_info, indent=2, default=str))
+            write_report(out / "report.md", stats, run_info, self.cohort, labels)
+            for path in sorted(out.iterdir()):
+                os.replace(path, self.output_dir / path.name)
 
 
 def _versions() -> dict[str, str]:
