@@ -9,6 +9,8 @@ Ratios printed:
   backward is quadratic in L) and vs a sequential loop with a linear backward (``unbind`` slicing);
 - 256x256 network inference time vs its FLOP floor = network FLOPs (conv + matmul, counted by
   ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate;
+- training: one step (forward, backward, Adam) on a batch of 4 random 128x128 crops with the paper's loss, as
+  pairs per second, and the Harvard train-split epoch (446 pairs, 112 steps) it implies;
 - 3D: one 128^3 volume pair fused whole by the 3D network of ``configs/inference_3d.json``, timed in a fresh
   process whose peak resident memory (``ru_maxrss``, model and input included) is reported (``--no-3d`` skips it).
 """
@@ -109,6 +111,26 @@ def time_fwd_bwd(fn, inputs, repeats: int) -> float:
     return time_call(step, repeats=repeats, warmup=1 if repeats > 1 else 0)
 
 
+HARVARD_TRAIN_PAIRS = 446
+
+
+def training_step_seconds(batch: int = 4, crop: int = 128, repeats: int = 3) -> float:
+    """Median seconds of one training step of the default 2D network (``train.json`` loss and optimiser)."""
+    from scripts.losses import FusionLoss
+
+    net = ClinicalFMamba().train()
+    loss_fn = FusionLoss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=5e-4)
+    image = torch.rand(batch, 2, crop, crop)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(net(image), image).backward()
+        optimizer.step()
+
+    return time_call(step, repeats=repeats, warmup=1)
+
+
 def network_3d_from_config() -> torch.nn.Module:
     """The 3D network as ``configs/inference_3d.json`` defines it (layered on ``inference.json``)."""
     from monai.bundle import ConfigParser
@@ -174,6 +196,11 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128) -> list[
     floor = flops / rate
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
     report(f"{size}x{size} inference (default network, batch 1)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
+
+    t_step = training_step_seconds()
+    steps = -(-HARVARD_TRAIN_PAIRS // 4)
+    report("training step, batch 4 x 128x128 crops (fwd + bwd + Adam)", f"{t_step:.2f} s = {4 / t_step:.1f} pairs/s")
+    report(f"Harvard train epoch ({HARVARD_TRAIN_PAIRS} pairs, {steps} steps; no validation)", f"{steps * t_step / 60:.1f} min")
 
     if volume:
         probe = _volume_probe_subprocess(volume)

@@ -20,3 +20,9 @@ def test_volume_probe_reports_time_flops_and_peak_memory():
     small, large = (network_flops(net, torch.rand(1, 2, s, s, s)) for s in (16, 32))
     assert abs(probe["gflop"] * 1e9 - small) / small < 1e-6
     assert 6.0 < large / small < 9.0
+
+
+def test_training_step_timing_runs_a_real_step():
+    from scripts.benchmark import training_step_seconds
+
+    assert training_step_seconds(batch=1, crop=32, repeats=1) > 0
