@@ -287,10 +287,17 @@ def _resample_onto(ref: DicomSeries, other: DicomSeries) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled)
 
 
+NORMALISE_MODES = ("volume", "slice", "percentile")
+
+
 def _normalise(volume: np.ndarray, mode: str) -> np.ndarray:
-    """Min-max to [0, 1] over the whole volume (``volume``) or per slice (``slice``)."""
-    if mode not in ("volume", "slice"):
-        raise ValueError(f"normalise must be 'volume' or 'slice', got {mode!r}")
+    """Min-max to [0, 1] over the whole volume (``volume``) or per slice (``slice``); ``percentile``: minimum -> 0,
+    99.9th percentile -> 1, clipped (as ``configs/inference_3d.json`` normalises volumes for the 3D network)."""
+    if mode not in NORMALISE_MODES:
+        raise ValueError(f"normalise must be one of {NORMALISE_MODES}, got {mode!r}")
+    if mode == "percentile":
+        low, high = float(volume.min()), float(np.percentile(volume, 99.9))
+        return np.clip((volume - low) / max(high - low, 1e-8), 0.0, 1.0).astype(np.float32)
     axes = None if mode == "volume" else (1, 2)
     low, high = volume.min(axis=axes, keepdims=True), volume.max(axis=axes, keepdims=True)
     return ((volume - low) / np.maximum(high - low, 1e-8)).astype(np.float32)
@@ -325,16 +332,48 @@ def fuse_volumes(
     return fused
 
 
+def fuse_volume_3d(
+    mri: np.ndarray,
+    other: np.ndarray,
+    network: nn.Module,
+    roi_size: Sequence[int] = (64, 64, 64),
+    overlap: float = 0.25,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Fuse two (Z, Y, X) volumes in [0, 1] whole with a 3D fusion network -> (Z, Y, X) float32.
+
+    The network sees the volume as (X, Y, Z), the axis order of the NIfTI workflows it was trained with,
+    window by window (MONAI ``SlidingWindowInferer``, Gaussian blending; windows larger than the volume are
+    padded and cropped back).
+    """
+    from monai.inferers import SlidingWindowInferer
+
+    if mri.shape != other.shape or mri.ndim != 3:
+        raise ValueError(f"volumes must both be (Z, Y, X) of one shape, got {mri.shape} and {other.shape}")
+    network = network.to(device).eval()
+    pair = np.stack([mri.transpose(2, 1, 0), other.transpose(2, 1, 0)])[None]  # (1, 2, X, Y, Z)
+    inferer = SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=1, overlap=overlap, mode="gaussian")
+    with torch.no_grad():
+        fused = inferer(torch.from_numpy(np.ascontiguousarray(pair)).to(device), network)
+    return fused[0, 0].float().cpu().numpy().transpose(2, 1, 0).astype(np.float32)
+
+
+def _config_files(spatial_dims: int) -> list[Path]:
+    configs = BUNDLE_ROOT / "configs"
+    return [configs / "inference.json"] + ([configs / "inference_3d.json"] if spatial_dims == 3 else [])
+
+
 def load_fusion_network(
     method: str = "clinicalfmamba",
     weights: str | Path | None = None,
-    config_file: str | Path | None = None,
+    config_file: str | Path | Sequence[str | Path] | None = None,
+    spatial_dims: int = 2,
 ) -> nn.Module:
-    """The 2D fusion network for ``method``.
+    """The fusion network for ``method``: 2D (slice-wise fusion) or 3D (whole-volume fusion).
 
-    ``clinicalfmamba``: ``network_def`` of ``config_file`` (default ``configs/inference.json``) with the
-    checkpoint ``weights`` (default ``models/model.pt``; plain or ``{"model": state_dict}``) loaded
-    strictly. A missing checkpoint is an error: DICOM output is never made with random weights.
+    ``clinicalfmamba``: ``network_def`` of ``config_file`` (default ``configs/inference.json``, for 3D layered
+    with ``configs/inference_3d.json``) with the checkpoint ``weights`` (default ``models/model.pt``, 3D
+    ``models/model_3d.pt``; plain or ``{"model": state_dict}``) loaded strictly. A missing checkpoint is an error: DICOM output is never made with random weights.
     ``mean``, ``max``, ``laplacian``: the classic baselines of :mod:`scripts.baselines`.
     """
     from scripts.baselines import LaplacianPyramidFusion, MaxFusion, MeanFusion
@@ -346,16 +385,23 @@ def load_fusion_network(
         raise ValueError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
     from monai.bundle import ConfigParser
 
-    config_file = Path(config_file or BUNDLE_ROOT / "configs" / "inference.json")
-    weights = Path(weights or BUNDLE_ROOT / "models" / "model.pt")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if config_file is None:
+        config_file = _config_files(spatial_dims)
+    configs = [str(f) for f in (config_file if isinstance(config_file, (list, tuple)) else [config_file])]
+    weights = Path(weights or BUNDLE_ROOT / "models" / ("model.pt" if spatial_dims == 2 else "model_3d.pt"))
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: ClinicalFMamba checkpoint not found; pass --weights FILE or use a baseline --method")
     parser = ConfigParser()
-    parser.read_config(str(config_file))
+    parser.read_config(configs)
     parser["bundle_root"] = str(BUNDLE_ROOT)
     network = parser.get_parsed_content("network_def")
-    if getattr(network, "spatial_dims", 2) != 2:
-        raise ValueError(f"{config_file}: network_def must be the 2D network for slice-wise DICOM fusion")
+    if getattr(network, "spatial_dims", 2) != spatial_dims:
+        raise ValueError(
+            f"{', '.join(configs)}: network_def is a {getattr(network, 'spatial_dims', 2)}D network, "
+            f"but {spatial_dims}D fusion was asked for (--spatial-dims)"
+        )
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     network.load_state_dict(checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint)
     return network.eval()
@@ -531,7 +577,7 @@ def fuse_series(
     config_file: str | Path | None = None,
     mri_series: str | None = None,
     other_series: str | None = None,
-    normalise: str = "volume",
+    normalise: str | None = None,
     resample: bool = False,
     device: str | torch.device | None = None,
     batch_size: int = 4,
@@ -540,6 +586,8 @@ def fuse_series(
     name: str = "fused",
     overwrite: bool = False,
     check_patient: bool = True,
+    spatial_dims: int = 2,
+    roi_size: Sequence[int] = (64, 64, 64),
 ) -> dict[str, Any]:
     """Fuse a reference (MRI) series with another series; write ``<name>.nii.gz`` and ``<name>_dicom/``.
 
@@ -547,10 +595,12 @@ def fuse_series(
         mri_dir, other_dir: folders of the reference series (network channel 0) and the other modality.
         output_dir: where the outputs go (created).
         method: ``clinicalfmamba`` or a baseline (``mean``, ``max``, ``laplacian``); ignored if ``network`` is given.
-        network: a 2D fusion module (B, 2, H, W) -> (B, 1, H, W) to use instead of ``method``'s.
+        network: a fusion module to use instead of ``method``'s: 2D (B, 2, H, W) -> (B, 1, H, W), or 3D with
+            ``spatial_dims=3``.
         weights, config_file: checkpoint and config of ``clinicalfmamba`` (see :func:`load_fusion_network`).
         mri_series, other_series: Series Instance UIDs, when a folder holds several series.
-        normalise: min-max to [0, 1] per ``volume`` or per ``slice`` before fusion.
+        normalise: to [0, 1] before fusion: min-max per ``volume`` or per ``slice``, or ``percentile``
+            (see :func:`_normalise`); default ``volume`` in 2D, ``percentile`` in 3D (as the 3D network was trained).
         resample: resample the other series onto the reference grid when the grids differ (same frame of reference only).
         device: torch device; default CUDA when available.
         batch_size: slices per forward pass.
@@ -558,6 +608,8 @@ def fuse_series(
         name: output file stem.
         overwrite: replace existing outputs of the same name (otherwise an error).
         check_patient: refuse series whose PatientID or PatientName differ.
+        spatial_dims: 2 fuses slice by slice with a 2D network; 3 fuses the whole volume with a 3D network
+            (``configs/inference_3d.json``, ``models/model_3d.pt``), window by window of ``roi_size``.
 
     Returns:
         ``{"nifti": Path, "dicom": Path, "files": [Path, ...], "series_uid": str, "slices": int}``.
@@ -588,10 +640,17 @@ def fuse_series(
     elif mri.header("FrameOfReferenceUID") != other.header("FrameOfReferenceUID"):
         logger.warning("%s and %s share a voxel grid but not a frame of reference; assuming they are co-registered", mri.path, other.path)
 
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    normalise = normalise or ("volume" if spatial_dims == 2 else "percentile")
     if network is None:
-        network = load_fusion_network(method, weights, config_file)
+        network = load_fusion_network(method, weights, config_file, spatial_dims=spatial_dims)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    fused = fuse_volumes(_normalise(mri.volume, normalise), _normalise(other_volume, normalise), network, batch_size, device)
+    a, b = _normalise(mri.volume, normalise), _normalise(other_volume, normalise)
+    if spatial_dims == 3:
+        fused = fuse_volume_3d(a, b, network, roi_size, device=device)
+    else:
+        fused = fuse_volumes(a, b, network, batch_size, device)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=f".{name}.partial-") as tmp:
@@ -621,11 +680,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     fuse.add_argument("--other", required=True, help="folder of the other series (CT, PET, SPECT, second MRI sequence)")
     fuse.add_argument("--output", required=True, help="output folder: <name>.nii.gz and <name>_dicom/")
     fuse.add_argument("--method", default="clinicalfmamba", choices=METHODS)
-    fuse.add_argument("--weights", help="ClinicalFMamba checkpoint (default models/model.pt)")
-    fuse.add_argument("--config", help="bundle config with network_def (default configs/inference.json)")
+    fuse.add_argument("--weights", help="ClinicalFMamba checkpoint (default models/model.pt; 3D models/model_3d.pt)")
+    fuse.add_argument("--config", nargs="+", help="bundle config file(s) with network_def (default configs/inference.json, + inference_3d.json in 3D)")
     fuse.add_argument("--mri-series", help="Series Instance UID, when --mri holds several series")
     fuse.add_argument("--other-series", help="Series Instance UID, when --other holds several series")
-    fuse.add_argument("--normalise", default="volume", choices=("volume", "slice"))
+    fuse.add_argument("--normalise", choices=NORMALISE_MODES, help="default: volume (2D), percentile (3D)")
+    fuse.add_argument("--spatial-dims", type=int, default=2, choices=(2, 3), help="2: slice-wise 2D network; 3: whole-volume 3D network")
+    fuse.add_argument("--roi-size", type=int, nargs=3, default=(64, 64, 64), help="3D sliding-window size (default 64 64 64)")
     fuse.add_argument("--resample", action="store_true", help="resample --other onto the reference grid if they differ")
     fuse.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     fuse.add_argument("--batch-size", type=int, default=4)
@@ -656,6 +717,8 @@ def _run_fuse(args: argparse.Namespace) -> dict[str, Any]:
         mri_series=args.mri_series,
         other_series=args.other_series,
         normalise=args.normalise,
+        spatial_dims=args.spatial_dims,
+        roi_size=args.roi_size,
         resample=args.resample,
         device=args.device,
         batch_size=args.batch_size,

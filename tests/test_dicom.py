@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from scripts.baselines import MeanFusion
-from scripts.dicom import _normalise, fuse_series, fuse_volumes, read_series
+from scripts.dicom import _normalise, fuse_series, fuse_volume_3d, fuse_volumes, load_fusion_network, read_series
 from scripts.networks import ClinicalFMamba
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -232,3 +232,34 @@ def test_clinicalfmamba_needs_a_checkpoint(pair):
     mri, ct = read_series(pair["mri"]), read_series(pair["other"])
     expected = fuse_volumes(_normalise(mri.volume, "volume"), _normalise(ct.volume, "volume"), net.eval())
     np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(result["nifti"]))), expected, atol=1e-6)
+
+
+TINY_3D = dict(spatial_dims=3, features=(4, 8, 8), depth=1, channel_exchange=False, pyramid=False, decoder_depth=0, d_state=4)
+
+
+def test_fuse_series_with_the_3d_network(pair):
+    """Whole-volume 3D fusion of a DICOM pair: windows padded past the 2-slice volume, geometry kept."""
+    torch.manual_seed(0)
+    net = ClinicalFMamba(**TINY_3D).eval()
+    seen = []
+    net.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    result = fuse_series(
+        pair["mri"], pair["other"], pair["root"] / "out3d", network=net, spatial_dims=3, roi_size=(16, 16, 16), device="cpu"
+    )
+    assert seen and all(shape == (1, 2, 16, 16, 16) for shape in seen)  # (B, 2, X, Y, Z) windows
+    mri, ct = read_series(pair["mri"]), read_series(pair["other"])
+    a, b = _normalise(mri.volume, "percentile"), _normalise(ct.volume, "percentile")
+    assert a.min() == 0.0 and a.max() == 1.0
+    expected = fuse_volume_3d(a, b, net, (16, 16, 16))
+    assert expected.shape == mri.volume.shape
+    nifti = sitk.ReadImage(str(result["nifti"]))
+    _assert_same_geometry(nifti, _sitk_series(pair["mri"]))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(nifti), expected, atol=1e-6)
+    assert result["slices"] == mri.volume.shape[0]
+
+
+def test_3d_fusion_refuses_a_2d_network_config(tmp_path):
+    weights = tmp_path / "w.pt"
+    torch.save({}, weights)
+    with pytest.raises(ValueError, match="is a 2D network, but 3D fusion was asked for"):
+        load_fusion_network("clinicalfmamba", weights, BUNDLE_ROOT / "configs" / "inference.json", spatial_dims=3)
