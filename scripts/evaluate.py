@@ -599,9 +599,15 @@ class FusionReport:
             f"- method: `{self.method}`{weights}",
             f"- data: {self.data_description or 'datalist'}; {n} pairs scored"
             + (f", {len(self.failed)} set aside before fusion" if self.failed else ""),
-            "- scored images: F = the fused grey image (colour pairs: the fused Y) in [0, 1], cropped to the input "
-            "size; sources A = MRI, B = CT or the BT.601 Y of the colour PET/SPECT image, each min-max normalised "
-            "to [0, 1] as the method received them; then the profile's scale below",
+            (
+                "- scored images: F = the fused grey image (colour pairs: the fused Y) in [0, 1], cropped to the input "
+                "size; sources A = MRI, B = CT or the BT.601 Y of the colour PET/SPECT image, each min-max normalised "
+                "to [0, 1] as the method received them; then the profile's scale below"
+                if self.spatial_dims == 2
+                else "- scored volumes: F = the fused volume in [0, 1] on the reference grid (whole volume, background "
+                "included); sources A = reference, B = other volume, each normalised to [0, 1] as the method received "
+                "them (configs/inference_3d.json: minimum -> 0, 99.9th percentile -> 1, clipped); then the profile's scale below"
+            ),
             "- table: mean ± sample standard deviation (n - 1) over pairs, per task, then all pairs pooled",
             "",
         ]
@@ -646,8 +652,10 @@ class FusionReport:
 # ------------------------------------------------------------------------------------------------
 
 
-def _config_files(bundle_root: Path) -> list[str]:
-    return [str(bundle_root / "configs" / "inference.json"), str(bundle_root / "configs" / "evaluate.json")]
+def _config_files(bundle_root: Path, spatial_dims: int = 2) -> list[str]:
+    """The evaluation config stack: 2D ``inference + evaluate``; 3D with ``inference_3d`` / ``evaluate_3d`` layered."""
+    names = ["inference", "evaluate"] if spatial_dims == 2 else ["inference", "inference_3d", "evaluate", "evaluate_3d"]
+    return [str(bundle_root / "configs" / f"{n}.json") for n in names]
 
 
 def compare(
@@ -657,11 +665,13 @@ def compare(
     bundle_root: PathLike | None = None,
     reuse: bool = False,
     overwrite: bool = False,
+    spatial_dims: int = 2,
     **override: Any,
 ) -> dict[str, Path]:
     """Evaluate several methods on the same pairs and write one comparison table per profile.
 
-    Runs ``configs/inference.json`` + ``configs/evaluate.json`` once per method (``output_dir/<method>``), then
+    Runs ``configs/inference.json`` + ``configs/evaluate.json`` (``spatial_dims=3``: with ``inference_3d.json`` and
+    ``evaluate_3d.json`` layered, BraTS-style volumes) once per method (``output_dir/<method>``), then
     writes ``output_dir/comparison_P.csv`` (rows: task, method) and ``output_dir/comparison_P.md`` (profile
     conventions and the mean ± std table, rows per task then method).
 
@@ -673,6 +683,7 @@ def compare(
         reuse: keep a method's existing per-pair CSV for a profile instead of re-running it, when it covers
             exactly the current pairs (checked by task and id).
         overwrite: replace existing reports.
+        spatial_dims: 2 (images) or 3 (volumes, the 3D config stack).
         override: further config overrides (``dataset_dir``, ``datalist``, ``split``, ``tasks``, ``ckpt_path``,
             ``save_fused``, ...).
 
@@ -694,7 +705,7 @@ def compare(
     for method in methods:
         method_dir = out_root / method
         wf = ConfigWorkflow(
-            config_file=_config_files(root),
+            config_file=_config_files(root, spatial_dims),
             meta_file=str(root / "configs" / "metadata.json"),
             logging_file=str(root / "configs" / "logging.conf"),
             workflow_type="infer",
@@ -739,8 +750,14 @@ def compare(
         lines = [f"# Fusion metrics: {', '.join(methods)}, profile `{p}`", ""]
         lines += [
             f"- data: {description}",
-            "- scored images: F = fused grey / Y image in [0, 1]; sources = MRI and CT / PET-Y / SPECT-Y, each "
-            "min-max normalised to [0, 1] as the methods received them; then the profile's scale",
+            (
+                "- scored images: F = fused grey / Y image in [0, 1]; sources = MRI and CT / PET-Y / SPECT-Y, each "
+                "min-max normalised to [0, 1] as the methods received them; then the profile's scale"
+                if spatial_dims == 2
+                else "- scored volumes: F = fused volume in [0, 1] on the reference grid; sources = the two volumes, each "
+                "normalised as the methods received them (minimum -> 0, 99.9th percentile -> 1, clipped); whole volumes, "
+                "background included; then the profile's scale"
+            ),
             "- table: mean ± sample standard deviation (n - 1) over pairs",
             "",
         ]
@@ -774,6 +791,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--bundle_root", default=None)
     parser.add_argument("--reuse", action="store_true", help="reuse per-method CSVs that cover the same pairs")
     parser.add_argument("--overwrite", action="store_true", help="replace existing reports")
+    parser.add_argument("--spatial_dims", type=int, default=2, choices=(2, 3), help="3: volumes, the 3D config stack")
     args, rest = parser.parse_known_args(argv)
     override: dict[str, Any] = {}
     i = 0
@@ -790,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         bundle_root=args.bundle_root,
         reuse=args.reuse,
         overwrite=args.overwrite,
+        spatial_dims=args.spatial_dims,
         **override,
     )
 

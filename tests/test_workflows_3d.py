@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from scripts.evaluate import compare
 from scripts.networks import ClinicalFMamba
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -83,39 +84,34 @@ def test_3d_training_config_trains_validates_and_saves(tmp_path):
 
 
 def test_3d_evaluate_config_scores_baselines_on_volumes(tmp_path):
+    """``python -m scripts.evaluate --spatial_dims 3``: the 3D config stack per method, then comparison tables."""
     data = _dataset(tmp_path)
     out = tmp_path / "eval"
-    wf = ConfigWorkflow(
-        config_file=[
-            str(CONFIGS / "inference.json"),
-            str(CONFIGS / "inference_3d.json"),
-            str(CONFIGS / "evaluate.json"),
-            str(CONFIGS / "evaluate_3d.json"),
-        ],
-        meta_file=str(BUNDLE_ROOT / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE_ROOT),
-        dataset_dir=str(data / "test"),
-        output_dir=str(out),
-        method="max",
+    written = compare(
+        methods=["mean", "max"],
         profile=["cddfuse", "clinicalfmamba"],
+        output_dir=out,
+        bundle_root=BUNDLE_ROOT,
+        spatial_dims=3,
+        dataset_dir=str(data / "test"),
         roi_size=[16, 16, 16],
     )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    with open(out / "metrics_cddfuse.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert sorted(r["id"] for r in rows) == ["case_d", "case_e"]
-    assert {r["task"] for r in rows} == {"T1c-Flair"}
-    for r in rows:
-        # the max of two sources is at least as similar to each as it is different: SSIM sum well above 0
-        assert 0.5 < float(r["SSIM"]) <= 2.0 and float(r["EN"]) > 0
-    with open(out / "metrics_clinicalfmamba.csv", newline="") as f:
-        header = next(csv.reader(f))
-    assert {"PSNR", "MS-SSIM", "EN"} <= set(header)
-    assert (out / "figure.png").is_file()
+    for method in ("mean", "max"):
+        with open(out / method / "metrics_cddfuse.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(r["id"] for r in rows) == ["case_d", "case_e"]
+        assert {r["task"] for r in rows} == {"T1c-Flair"}
+        for r in rows:
+            # each fusion is closer to its sources than unrelated volumes: SSIM sum well above 0
+            assert 0.5 < float(r["SSIM"]) <= 2.0 and float(r["EN"]) > 0
+        assert (out / method / "figure.png").is_file()
+    with open(written["comparison_clinicalfmamba_csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["task"], r["method"]) for r in table] == [("T1c-Flair", "mean"), ("T1c-Flair", "max")]
+    assert {"PSNR_mean", "MS-SSIM_mean", "EN_mean"} <= set(table[0])
+    # the mean of two sources is closer to both than their maximum (PSNR averaged over the two sources)
+    assert float(table[0]["PSNR_mean"]) > float(table[1]["PSNR_mean"])
+    assert "scored volumes" in written["comparison_cddfuse_md"].read_text()
 
 
 def test_3d_network_definitions_agree_across_configs():
