@@ -7,7 +7,9 @@
 Ratios printed:
 - fast scan forward+backward vs the sequential reference (``selective_scan_ref``, whose autograd
   backward is quadratic in L) and vs a sequential loop with a linear backward (``unbind`` slicing);
-- 256x256 network inference time vs its FLOP floor = network FLOPs (conv + matmul, counted by
+- inference scan forward (L=1024): the compiled C kernel (``compiled`` backend) vs the fast PyTorch scan, and
+  the kernel's first-call build time;
+- 256x256 network inference time vs its FLOP floor (default scan backend; also with the ``fast`` scan) = network FLOPs (conv + matmul, counted by
   ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate;
 - training: one step (forward, backward, Adam) on a batch of 4 random 128x128 crops with the paper's loss, as
   pairs per second, and the Harvard train-split epoch (446 pairs, 112 steps) it implies;
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 from scripts.cpu_tuning import tune_allocator
 from scripts.networks import ClinicalFMamba
-from scripts.ssm import selective_scan_fast, selective_scan_ref
+from scripts.ssm import compiled_scan_info, resolve_backend, selective_scan, selective_scan_fast, selective_scan_ref, set_scan_backend
 
 __all__ = ["matmul_rate", "network_flops", "time_call", "volume_probe", "network_3d_from_config"]
 
@@ -188,14 +190,28 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128) -> list[
         t_ref = time_fwd_bwd(selective_scan_ref, inputs, repeats=1)
         report(f"scan fwd+bwd L={length}: reference loop (selective_scan_ref)", f"{t_ref:.2f} s -> speed-up {t_ref / t_fast:.1f}x")
 
+    info = compiled_scan_info()
+    report("compiled scan kernel: first-call build + self-check", f"{info['seconds']:.2f} s" if info["available"] else f"unavailable ({info['error']})")
+    if info["available"]:
+        inputs = [t.detach() for t in scan_inputs(1024)]
+        with torch.inference_mode():
+            t_f, t_c = (time_call(lambda b=b: selective_scan(*inputs, backend=b), repeats=5) for b in ("fast", "compiled"))
+        report("scan forward (inference) L=1024: compiled vs fast", f"{t_c * 1e3:.1f} ms vs {t_f * 1e3:.1f} ms ({t_f / t_c:.1f}x)")
+
     net = ClinicalFMamba().eval()
     x = torch.rand(1, 2, size, size)
     flops = network_flops(net, x)
     with torch.inference_mode():
         t_net = time_call(lambda: net(x), repeats=5)
+        set_scan_backend("fast")
+        try:
+            t_net_fast = time_call(lambda: net(x), repeats=5)
+        finally:
+            set_scan_backend(None)
     floor = flops / rate
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
-    report(f"{size}x{size} inference (default network, batch 1)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
+    report(f"{size}x{size} inference (default network, batch 1, {resolve_backend(None, 'cpu')} scan)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
+    report(f"{size}x{size} inference with the fast (PyTorch) scan", f"{t_net_fast:.3f} s = {t_net_fast / floor:.2f}x the FLOP floor")
 
     t_step = training_step_seconds()
     steps = -(-HARVARD_TRAIN_PAIRS // 4)

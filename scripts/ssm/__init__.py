@@ -4,8 +4,10 @@ One entry point, :func:`selective_scan`, with ``mamba_ssm.selective_scan_fn`` se
 (u, delta, A, B, C, D, z, delta_bias, delta_softplus). Backends:
 
 - ``reference``: sequential loop, the readable specification (tests only; quadratic backward);
-- ``fast``: pure PyTorch, linear-time forward and hand-written backward (default on CPU and the
-  fallback everywhere);
+- ``fast``: pure PyTorch, linear-time forward and hand-written backward (the fallback everywhere, and
+  what ``compiled`` runs whenever autograd is needed);
+- ``compiled``: one fused C kernel built at run time by the system C compiler (inference on CPU; see
+  :mod:`scripts.ssm.compiled`); ``auto`` picks it on CPU when it builds, else ``fast``;
 - ``mamba_ssm``: the fused CUDA kernel, used by ``auto`` when mamba_ssm imports and tensors are on CUDA;
 - ``export``: a TorchScript loop that tracing and ONNX export keep as a run-time loop (no backward;
   set by :func:`scripts.export.prepare_export`).
@@ -21,6 +23,13 @@ import os
 
 import torch
 
+from .compiled import (
+    compiled_scan_available,
+    compiled_scan_info,
+    kernel_applicable,
+    scan_time_major_kernel,
+    selective_scan_compiled,
+)
 from .cuda import mamba_ssm_available, mamba_ssm_scan
 from .export import selective_scan_export, selective_scan_export_time_major
 from .fast import DEFAULT_CHUNK, ChunkedSelectiveScan, selective_scan_fast
@@ -29,9 +38,12 @@ from .reference import selective_scan_ref
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "compiled_scan_available",
+    "compiled_scan_info",
     "resolve_backend",
     "selective_scan",
     "selective_scan_backend_name",
+    "selective_scan_compiled",
     "selective_scan_fast",
     "selective_scan_time_major",
     "selective_scan_ref",
@@ -42,10 +54,17 @@ ENV_VAR = "CLINICALFMAMBA_SCAN_BACKEND"
 BACKENDS = {
     "reference": selective_scan_ref,
     "fast": selective_scan_fast,
+    "compiled": selective_scan_compiled,
     "mamba_ssm": mamba_ssm_scan,
     "export": selective_scan_export,
 }
-_DETAILS = {"fast": "pure PyTorch", "reference": "sequential reference", "mamba_ssm": "CUDA kernel", "export": "TorchScript loop"}
+_DETAILS = {
+    "fast": "pure PyTorch",
+    "compiled": "fused C kernel for inference, fast PyTorch scan with autograd",
+    "reference": "sequential reference",
+    "mamba_ssm": "CUDA kernel",
+    "export": "TorchScript loop",
+}
 
 _logger = logging.getLogger(__name__)
 _default_backend: str | None = None
@@ -53,7 +72,7 @@ _logged: set[tuple[str, str]] = set()
 
 
 def set_scan_backend(name: str | None) -> None:
-    """Set the process-wide backend (``auto``, ``fast``, ``reference``, ``mamba_ssm``; None resets)."""
+    """Set the process-wide backend (``auto``, ``fast``, ``compiled``, ``reference``, ``mamba_ssm``, ``export``; None resets)."""
     global _default_backend
     if name is not None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -64,10 +83,13 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
     """The concrete backend name that :func:`selective_scan` would use for tensors on ``device``."""
     name = backend or _default_backend or os.environ.get(ENV_VAR) or "auto"
     if name == "auto":
-        name = "mamba_ssm" if torch.device(device).type == "cuda" and mamba_ssm_available() else "fast"
+        if torch.device(device).type == "cuda":
+            name = "mamba_ssm" if mamba_ssm_available() else "fast"
+        else:
+            name = "compiled" if compiled_scan_available() else "fast"
     if name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r} (from argument, set_scan_backend or ${ENV_VAR})")
-    if name in ("fast", "mamba_ssm") and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+    if name in ("fast", "compiled", "mamba_ssm") and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
         raise RuntimeError(
             f"the {name!r} scan backend cannot be traced or exported; prepare the network with "
             "scripts.export.prepare_export(net) or use scripts.export.ExportableClinicalFMamba (docs/export.md)"
@@ -107,7 +129,7 @@ def selective_scan_time_major(u, delta, A, B, C, D=None, delta_bias=None, delta_
         D, delta_bias: (G, P).
 
     Returns:
-        y (L, batch, G, P). The ``fast`` backend works in this layout directly; the others get
+        y (L, batch, G, P). The ``fast`` and ``compiled`` backends work in this layout directly; the others get
         mamba_ssm's (batch, G*P, L) layout and their result is transposed back.
     """
     name = resolve_backend(backend, u.device)
@@ -115,7 +137,9 @@ def selective_scan_time_major(u, delta, A, B, C, D=None, delta_bias=None, delta_
     if name == "export":
         return selective_scan_export_time_major(u, delta, A, B, C, D, delta_bias, delta_softplus)
     length, batch, groups, per_group = u.shape
-    if name == "fast":
+    if name == "compiled" and kernel_applicable(u, delta, A, B, C, D, delta_bias, n_state=A.shape[-1]):
+        return scan_time_major_kernel(u, delta, A, B, C, D, delta_bias, delta_softplus)[0]
+    if name in ("fast", "compiled"):
         compute = torch.promote_types(u.dtype, torch.float32)
         u, delta = u.to(compute), delta.to(compute)
         if delta_bias is not None:

@@ -1,0 +1,281 @@
+"""Compiled selective scan (CPU inference): one fused C kernel, built at run time, with a clean fallback.
+
+The ``fast`` backend runs the recurrence as one small PyTorch op per time step (single-threaded, each op
+below PyTorch's parallel grain size) plus separate ops for the softplus, ``exp(delta * A)``, the drive
+``delta * B * u``, the ``C`` contraction and the ``D`` skip. Here all of it is one loop nest in C
+(``scan_kernel.c``): per (batch, group) lane and block of 16 channels the N states stay in registers for all
+L steps, and the softplus, exponentials, recurrence, contraction and skip are explicit SIMD code.
+
+Build: on first use the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) compiles the kernel
+into a temporary shared library (about 0.2-1 s; no PyTorch headers), which is loaded with ctypes and
+checked against the float64 reference on a small problem. If anything fails (no compiler, compiler
+error, time-out after :data:`COMPILE_TIMEOUT` s, failed self-check) a warning is logged once and the
+``fast`` path is used; nothing raises.
+
+Scope: forward without autograd (``torch.no_grad``/``inference_mode``, or no input requiring grad), CPU
+tensors, float32 (SIMD, Cephes-accurate exp/log, ~1e-7 relative) or float64 (scalar, C library exp and
+log1p), N <= 64. Anything else, training included, runs the ``fast`` backend (and its backward) unchanged.
+Work items (lane x channel block) are split over ``torch.get_num_threads()`` threads; ctypes releases the
+GIL during the call.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "COMPILE_TIMEOUT",
+    "compiled_scan_available",
+    "compiled_scan_info",
+    "kernel_applicable",
+    "scan_time_major_kernel",
+    "selective_scan_compiled",
+]
+
+#: seconds the C compiler may take before the build is abandoned (then the ``fast`` path is used)
+COMPILE_TIMEOUT = float(os.environ.get("CLINICALFMAMBA_COMPILE_TIMEOUT", "60"))
+_SOURCE = Path(__file__).with_name("scan_kernel.c")
+
+_logger = logging.getLogger(__name__)
+_lock = threading.RLock()  # re-entered by the self-check
+_build: dict = {}  # filled once: lib, nmax, seconds, compiler, flags, error
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _find_compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compile(source: Path, output: str) -> tuple[str, list[str]]:
+    """Compile ``source`` into the shared library ``output``; returns (compiler, flags). Raises on failure."""
+    if sys.platform == "win32":
+        raise RuntimeError("the compiled scan is built with a Unix C compiler; not supported on Windows")
+    compiler = _find_compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
+    base = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno", "-Wno-psabi"]
+    errors = []
+    for arch in (["-march=native"], []):  # -march=native: the library is built for, and used on, this machine
+        flags = base + arch
+        proc = subprocess.run(
+            [compiler, *flags, str(source), "-o", output, "-lm"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT
+        )
+        if proc.returncode == 0:
+            return compiler, flags
+        errors.append(proc.stderr.strip()[-2000:])
+    raise RuntimeError(f"{compiler} failed: {errors[-1]}")
+
+
+def _load() -> dict:
+    """Build, load and self-check the kernel (once per process); never raises."""
+    with _lock:
+        if _build:
+            return _build
+        start = time.perf_counter()
+        tmp = tempfile.mkdtemp(prefix="clinicalfmamba_scan_")
+        try:
+            output = os.path.join(tmp, "scan_kernel.so")
+            compiler, flags = _compile(_SOURCE, output)
+            lib = ctypes.CDLL(output)  # mapped into the process: the file can go
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            for fn in (lib.scan_f32, lib.scan_f64):
+                fn.argtypes = [i64] * 5 + [ptr] * 5 + [i64] + [ptr] * 2 + [ctypes.c_int] + [ptr] * 2 + [i64] * 2
+                fn.restype = None
+            _build.update(lib=lib, nmax=int(lib.scan_nmax()), block=int(lib.scan_width()), compiler=compiler, flags=flags)
+            _self_check()
+            _build["seconds"] = time.perf_counter() - start
+            _logger.info("compiled selective scan built in %.2f s (%s %s)", _build["seconds"], compiler, " ".join(flags))
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the fast path
+            _build.clear()
+            _build.update(lib=None, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
+            _logger.warning("compiled selective scan unavailable, using the fast PyTorch scan instead (%s)", _build["error"])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return _build
+
+
+def _self_check() -> None:
+    """Compare the freshly built kernel with the float64 reference on a small problem (both dtypes)."""
+    from .reference import selective_scan_ref
+
+    g = torch.Generator().manual_seed(0)
+    batch, dim, length, n_state, groups = 2, 38, 21, 5, 2  # 19 channels per group: one full and one partial block
+    u, delta, z = (torch.randn(batch, dim, length, generator=g, dtype=torch.float64) for _ in range(3))
+    A = -torch.rand(dim, n_state, generator=g, dtype=torch.float64) * 3
+    B, C = (torch.randn(batch, groups, n_state, length, generator=g, dtype=torch.float64) for _ in range(2))
+    D, bias = (torch.randn(dim, generator=g, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, True)
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            args = [t.to(dtype) for t in (u, delta, A, B, C, D, z, bias)]
+            y = selective_scan_compiled(*args, delta_softplus=True, _require_kernel=True)
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            if not err <= tol:  # also catches NaN
+                raise RuntimeError(f"self-check failed for {dtype}: relative error {err:.2e} > {tol:.0e}")
+
+
+def compiled_scan_available() -> bool:
+    """Whether the kernel is built and loaded (builds it on first call; False after a failed build)."""
+    return _load()["lib"] is not None
+
+
+def compiled_scan_info() -> dict:
+    """Build report: ``available``, ``seconds`` (first-call build + self-check), ``compiler``, ``flags``, ``error``."""
+    info = _load()
+    return {
+        "available": info["lib"] is not None,
+        "seconds": info.get("seconds"),
+        "compiler": info.get("compiler"),
+        "flags": info.get("flags"),
+        "error": info.get("error"),
+    }
+
+
+def kernel_applicable(*tensors: torch.Tensor | None, n_state: int) -> bool:
+    """True when the kernel can run these inputs: CPU, no autograd needed, N supported, kernel built."""
+    present = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" for t in present):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    info = _load()
+    return info["lib"] is not None and n_state <= info["nmax"]
+
+
+def _forget_pool() -> None:  # a forked child has the pool object but not its threads
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _threads(items: int) -> int:
+    return max(1, min(torch.get_num_threads(), items))
+
+
+def _run(fn, args: list, items: int) -> None:
+    """Call the kernel on work items 0..items-1, split over torch's thread count."""
+    global _pool, _pool_size
+    threads = _threads(items)
+    if threads == 1:
+        fn(*args, 0, items)
+        return
+    with _lock:
+        if _pool is None or _pool_size != threads - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = concurrent.futures.ThreadPoolExecutor(threads - 1, thread_name_prefix="clinicalfmamba_scan")
+            _pool_size = threads - 1
+        pool = _pool
+    bounds = [items * i // threads for i in range(threads + 1)]
+    futures = [pool.submit(fn, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    fn(*args, bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(L, batch, G, N) tensor and the stride between its (t, batch, group) rows; copies only if the rows
+    are not evenly spaced with unit stride inside (split views of one projection output are not copied)."""
+    length, batch, groups, _ = x.shape
+    s = x.stride()
+    if s[3] == 1 and s[1] == groups * s[2] and s[0] == batch * groups * s[2] and s[2] >= x.shape[3]:
+        return x, s[2]
+    x = x.contiguous()
+    return x, x.shape[3]
+
+
+def scan_time_major_kernel(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, h0=None):
+    """The kernel on time-major inputs (shapes as :func:`scripts.ssm.selective_scan_time_major`).
+
+    Returns y (L, batch, G, P) and the last state (batch, G, N, P), in float32 or float64 (the promoted
+    compute dtype). The caller checks :func:`kernel_applicable` first.
+    """
+    compute = torch.promote_types(u.dtype, torch.float32)
+    length, batch, groups, per_group = u.shape
+    n_state = A.shape[-1]
+    u = u.to(compute).contiguous()
+    delta = delta.to(compute).contiguous()
+    a_t = A.to(compute).reshape(groups, per_group, n_state).transpose(-1, -2).contiguous()  # (G, N, P)
+    B, C = B.to(compute), C.to(compute)
+    (B, sb), (C, sc) = _rows(B), _rows(C)
+    if sb != sc:
+        (B, sb), (C, sc) = _rows(B.contiguous()), _rows(C.contiguous())
+    D = None if D is None else D.to(compute).reshape(groups, per_group).contiguous()
+    bias = None if delta_bias is None else delta_bias.to(compute).reshape(groups, per_group).contiguous()
+    y = torch.empty_like(u)
+    lanes = batch * groups
+    h = u.new_zeros(lanes, n_state, per_group) if h0 is None else h0.to(compute).reshape(lanes, n_state, per_group).clone()
+    if length:
+        lib = _load()["lib"]
+        fn = lib.scan_f32 if compute == torch.float32 else lib.scan_f64
+        args = [
+            length, lanes, groups, per_group, n_state,
+            delta.data_ptr(), u.data_ptr(), a_t.data_ptr(), B.data_ptr(), C.data_ptr(), sb,
+            None if D is None else D.data_ptr(), None if bias is None else bias.data_ptr(),
+            int(bool(delta_softplus)), y.data_ptr(), h.data_ptr(),
+        ]  # fmt: skip
+        _run(fn, args, lanes * (-(-per_group // _build["block"])))
+    return y, h.view(batch, groups, n_state, per_group)
+
+
+def selective_scan_compiled(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, _require_kernel=False
+):
+    """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`).
+
+    Runs the compiled kernel when :func:`kernel_applicable`, else :func:`scripts.ssm.fast.selective_scan_fast`.
+    """
+    n_state = A.shape[-1]
+    if not _require_kernel and not kernel_applicable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state):
+        from .fast import selective_scan_fast
+
+        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dtype_in = u.dtype
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    groups = B.shape[1]
+    if dim % groups != 0:
+        raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
+    per_group = dim // groups
+
+    def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
+        return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
+
+    y, last = scan_time_major_kernel(
+        time_major(u),
+        time_major(delta),
+        A.reshape(groups, per_group, n_state),
+        B.permute(3, 0, 1, 2),
+        C.permute(3, 0, 1, 2),
+        D,
+        delta_bias,
+        delta_softplus,
+    )
+    y = y.reshape(length, batch, dim).permute(1, 2, 0)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    y = y.to(dtype_in)
+    if return_last_state:
+        return y, last.transpose(-1, -2).reshape(batch, dim, n_state)
+    return y

@@ -1,0 +1,245 @@
+"""The ``compiled`` selective-scan backend (run-time built C kernel) against the float64 reference, and its fallback."""
+
+import logging
+
+import pytest
+import torch
+
+import scripts.ssm.compiled as compiled
+from scripts.ssm import (
+    ENV_VAR,
+    compiled_scan_available,
+    compiled_scan_info,
+    resolve_backend,
+    selective_scan,
+    selective_scan_compiled,
+    selective_scan_fast,
+    selective_scan_ref,
+    selective_scan_time_major,
+    set_scan_backend,
+)
+
+
+
+def make_inputs(batch, dim, length, n_state, groups=None, delta_max=8.0, dtype=torch.float64, seed=0):
+    """As in test_ssm.py: mamba_ssm-shaped inputs (B/C shared, or in G groups), all requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    shape_bc = (batch, n_state, length) if groups is None else (batch, groups, n_state, length)
+    inputs = dict(
+        u=torch.randn(batch, dim, length, generator=g, dtype=dtype),
+        delta=torch.rand(batch, dim, length, generator=g, dtype=dtype) * delta_max,
+        A=-torch.rand(dim, n_state, generator=g, dtype=dtype) * 4 - 0.05,
+        B=torch.randn(*shape_bc, generator=g, dtype=dtype),
+        C=torch.randn(*shape_bc, generator=g, dtype=dtype),
+        D=torch.randn(dim, generator=g, dtype=dtype),
+        z=torch.randn(batch, dim, length, generator=g, dtype=dtype),
+        delta_bias=torch.randn(dim, generator=g, dtype=dtype) * 0.5,
+    )
+    return {k: v.requires_grad_() for k, v in inputs.items()}
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+needs_kernel = pytest.mark.skipif(not compiled_scan_available(), reason=f"kernel not built: {compiled_scan_info()['error']}")
+
+
+def detached(inputs, dtype=None):
+    return {k: v.detach().to(dtype or v.dtype) for k, v in inputs.items()}
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "batch,dim,length,n_state,groups,softplus,drop",
+    [
+        (2, 4, 64, 8, None, True, ()),  # 4 channels: one partial SIMD block
+        (1, 40, 300, 16, 2, True, ()),  # 20 channels per group: a full and a partial block
+        (2, 64, 129, 8, 4, False, ("D", "z", "delta_bias")),  # no skip, no gate, no bias
+        (1, 3, 2048, 8, None, False, ()),  # raw delta up to 8: large steps
+    ],
+)
+def test_kernel_matches_reference_float64(batch, dim, length, n_state, groups, softplus, drop):
+    inputs = detached(make_inputs(batch, dim, length, n_state, groups))
+    for name in drop:
+        inputs[name] = None
+    y_ref, h_ref = selective_scan_ref(**inputs, delta_softplus=softplus, return_last_state=True)
+    assert compiled.kernel_applicable(*inputs.values(), n_state=n_state)
+    y, h = selective_scan_compiled(**inputs, delta_softplus=softplus, return_last_state=True)
+    assert y.dtype == torch.float64
+    assert rel_err(y, y_ref) <= 1e-12
+    assert rel_err(h, h_ref) <= 1e-12
+
+
+@needs_kernel
+@pytest.mark.parametrize("groups", [None, 4])
+def test_kernel_float32_close_to_float64_reference(groups):
+    inputs = detached(make_inputs(2, 48, 500, 16, groups, delta_max=4.0, seed=1))
+    y_ref = selective_scan_ref(**inputs, delta_softplus=True)
+    y = selective_scan_compiled(**detached(inputs, torch.float32), delta_softplus=True)
+    assert y.dtype == torch.float32
+    assert rel_err(y.double(), y_ref) <= 2e-6
+    # the fast backend in float32, for scale: the kernel is not less accurate
+    y_fast = selective_scan_fast(**detached(inputs, torch.float32), delta_softplus=True)
+    assert rel_err(y.double(), y_ref) <= 2 * rel_err(y_fast.double(), y_ref) + 1e-7
+
+
+@needs_kernel
+def test_kernel_float32_underflow_and_softplus_range_stay_exact():
+    # exp(delta * A) underflows to 0 for large steps; raw delta spans the softplus' linear and exp regimes
+    inputs = detached(make_inputs(1, 32, 2048, 16, delta_max=30.0, dtype=torch.float32, seed=3))
+    inputs["A"] = inputs["A"] * 20
+    inputs["delta"] = inputs["delta"] * 2 - 30  # -30 .. 30
+    y_ref = selective_scan_ref(**detached(inputs, torch.float64), delta_softplus=True)
+    y = selective_scan_compiled(**inputs, delta_softplus=True)
+    assert torch.isfinite(y).all()
+    assert rel_err(y.double(), y_ref) <= 2e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_time_major_entry_with_split_views_matches_reference(dtype):
+    # the mixers pass B and C as split views of one projection output: strided rows, no copy needed
+    length, batch, groups, per_group, n_state, rank = 70, 2, 3, 20, 8, 4
+    inputs = detached(make_inputs(batch, groups * per_group, length, n_state, groups=groups))
+    y_ref = selective_scan_ref(**{k: v for k, v in inputs.items() if k != "z"}, delta_softplus=True)
+
+    def tm(x):  # (batch, G*P, L) -> (L, batch, G, P)
+        return x.permute(2, 0, 1).reshape(length, batch, groups, per_group).contiguous()
+
+    projection = torch.randn(length, batch, groups, rank + 2 * n_state, dtype=torch.float64)
+    projection[..., rank : rank + n_state] = inputs["B"].permute(3, 0, 1, 2)
+    projection[..., rank + n_state :] = inputs["C"].permute(3, 0, 1, 2)
+    _, b_sel, c_sel = projection.to(dtype).split([rank, n_state, n_state], dim=-1)
+    assert compiled._rows(b_sel)[0] is b_sel  # used in place
+    args = [tm(inputs["u"]), tm(inputs["delta"]), inputs["A"].reshape(groups, per_group, n_state)]
+    skip, bias = inputs["D"].reshape(groups, per_group), inputs["delta_bias"].reshape(groups, per_group)
+    args = [a.to(dtype) for a in args] + [b_sel, c_sel, skip.to(dtype)]
+    y = selective_scan_time_major(*args, delta_bias=bias.to(dtype), delta_softplus=True, backend="compiled")
+    assert y.dtype == dtype
+    assert rel_err(y.double(), tm(y_ref)) <= (1e-12 if dtype == torch.float64 else 2e-6)
+
+
+@needs_kernel
+def test_threads_split_the_work_without_changing_the_result():
+    inputs = detached(make_inputs(2, 96, 200, 8, groups=3, dtype=torch.float32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = selective_scan_compiled(**inputs, delta_softplus=True)
+        torch.set_num_threads(3)
+        y3 = selective_scan_compiled(**inputs, delta_softplus=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y3)
+
+
+def test_autograd_runs_the_fast_backward():
+    # with grad, the compiled backend is the fast backend: same values and gradients as the reference
+    inputs = make_inputs(1, 6, 100, 8, groups=2)
+    y_ref = selective_scan_ref(**inputs, delta_softplus=True)
+    y = selective_scan(**inputs, delta_softplus=True, backend="compiled")
+    assert rel_err(y, y_ref) <= 1e-10
+    g = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, list(inputs.values()), g)
+    grads_ref = torch.autograd.grad(y_ref, list(inputs.values()), g)
+    for name, a, b in zip(inputs, grads, grads_ref):
+        assert rel_err(a, b) <= 1e-10, name
+
+
+@needs_kernel
+def test_network_inference_matches_fast_backend():
+    from scripts.networks import ClinicalFMamba
+
+    torch.manual_seed(0)
+    net = ClinicalFMamba().eval()
+    x = torch.rand(1, 2, 48, 48)
+    with torch.inference_mode():
+        set_scan_backend("fast")
+        try:
+            y_fast = net(x)
+            set_scan_backend("compiled")
+            y_comp = net(x)
+        finally:
+            set_scan_backend(None)
+    assert (y_comp - y_fast).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def broken_build(monkeypatch):
+    """A fresh build state whose compiler call raises: the kernel is unavailable."""
+
+    def fail(source, output):
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(compiled, "_build", {})
+    monkeypatch.setattr(compiled, "_compile", fail)
+    return monkeypatch
+
+
+def test_failed_build_warns_once_and_falls_back_to_fast(broken_build, caplog):
+    inputs = detached(make_inputs(2, 8, 40, 4, groups=2))
+    y_fast = selective_scan_fast(**inputs, delta_softplus=True)
+    with caplog.at_level(logging.WARNING, logger="scripts.ssm.compiled"):
+        y1 = selective_scan(**inputs, delta_softplus=True, backend="compiled")
+        y2 = selective_scan(**inputs, delta_softplus=True, backend="compiled")
+    assert torch.equal(y1, y_fast) and torch.equal(y2, y_fast)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "simulated compiler failure" in warnings[0].getMessage()
+    info = compiled_scan_info()
+    assert not info["available"] and "simulated compiler failure" in info["error"]
+    assert not compiled.kernel_applicable(inputs["u"], n_state=4)
+
+
+def test_failed_build_auto_resolves_to_fast(broken_build):
+    broken_build.delenv(ENV_VAR, raising=False)
+    assert resolve_backend("auto", "cpu") == "fast"
+    # the time-major entry (the mixers') also falls back
+    length, batch, groups, per_group, n_state = 20, 1, 2, 3, 4
+    inputs = detached(make_inputs(batch, groups * per_group, length, n_state, groups=groups))
+
+    def tm(x):
+        return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
+
+    args = (tm(inputs["u"]), tm(inputs["delta"]), inputs["A"].reshape(groups, per_group, n_state))
+    args += (inputs["B"].permute(3, 0, 1, 2), inputs["C"].permute(3, 0, 1, 2))
+    y_c = selective_scan_time_major(*args, delta_softplus=True, backend="compiled")
+    y_f = selective_scan_time_major(*args, delta_softplus=True, backend="fast")
+    assert torch.equal(y_c, y_f)
+
+
+def test_missing_compiler_and_failed_self_check_fall_back(monkeypatch):
+    monkeypatch.setattr(compiled, "_build", {})
+    monkeypatch.setattr(compiled, "_find_compiler", lambda: None)
+    info = compiled_scan_info()
+    assert not info["available"] and "no C compiler" in info["error"]
+    # a kernel that builds but computes wrong numbers is rejected by the self-check
+    monkeypatch.undo()
+    if not compiled_scan_available():
+        pytest.skip("no working C compiler here")
+    monkeypatch.setattr(compiled, "_build", {})
+    real = compiled.scan_time_major_kernel
+
+    def wrong(*args, **kwargs):
+        y, h = real(*args, **kwargs)
+        return y * 1.01, h
+
+    monkeypatch.setattr(compiled, "scan_time_major_kernel", wrong)
+    info = compiled_scan_info()
+    assert not info["available"] and "self-check failed" in info["error"]
+
+
+@needs_kernel
+def test_backend_selection_env_and_setter(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "compiled")
+    assert resolve_backend(None, "cpu") == "compiled"
+    monkeypatch.setenv(ENV_VAR, "fast")
+    assert resolve_backend(None, "cpu") == "fast"
+    set_scan_backend("compiled")
+    try:
+        assert resolve_backend(None, "cpu") == "compiled"
+    finally:
+        set_scan_backend(None)
+    monkeypatch.delenv(ENV_VAR)
+    assert resolve_backend("auto", "cpu") == "compiled"
+    info = compiled_scan_info()
+    assert info["available"] and info["seconds"] < compiled.COMPILE_TIMEOUT
