@@ -26,3 +26,34 @@ def test_training_step_timing_runs_a_real_step():
     from scripts.benchmark import training_step_seconds
 
     assert training_step_seconds(batch=1, crop=32, repeats=1) > 0
+
+
+def test_training_epoch_timing_runs_the_train_config(tmp_path):
+    """The measured epoch is the bundle's own train.json for one epoch, read back from its epoch log."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from scripts.benchmark import training_epoch_seconds
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        for sub in ("MRI", "CT"):
+            (tmp_path / "data" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(tmp_path / "data" / sub / f"{i}.png")
+        rows.append({"task": "CT-MRI", "mri": f"MRI/{i}.png", "other": f"CT/{i}.png", "split": "train" if i < 3 else "val"})
+    with open(tmp_path / "data" / "pairs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tiny = {"_target_": "scripts.networks.ClinicalFMamba", "features": [4, 8, 8], "depth": 1, "decoder_depth": 1, "d_state": 4, "swap_d_state": 4}
+    seconds = training_epoch_seconds(
+        tmp_path / "run", datalist=str(tmp_path / "data"), network_def=tiny, patch_size=[32, 32], batch_size=2
+    )
+    assert seconds > 0
+    with open(tmp_path / "run" / "training_log.csv", newline="") as f:
+        log = list(csv.DictReader(f))
+    assert [r["epoch"] for r in log] == ["1"] and log[0]["iterations"] == "2"  # 3 pairs, batch 2
+    assert not log[0].get("val_qabf")  # no validation in the timed epoch
