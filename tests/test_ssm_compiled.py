@@ -18,28 +18,8 @@ from scripts.ssm import (
     selective_scan_time_major,
     set_scan_backend,
 )
+from test_ssm import make_inputs, rel_err  # float64 inputs and error measure shared with the fast-scan tests
 
-
-
-def make_inputs(batch, dim, length, n_state, groups=None, delta_max=8.0, dtype=torch.float64, seed=0):
-    """As in test_ssm.py: mamba_ssm-shaped inputs (B/C shared, or in G groups), all requiring grad."""
-    g = torch.Generator().manual_seed(seed)
-    shape_bc = (batch, n_state, length) if groups is None else (batch, groups, n_state, length)
-    inputs = dict(
-        u=torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        delta=torch.rand(batch, dim, length, generator=g, dtype=dtype) * delta_max,
-        A=-torch.rand(dim, n_state, generator=g, dtype=dtype) * 4 - 0.05,
-        B=torch.randn(*shape_bc, generator=g, dtype=dtype),
-        C=torch.randn(*shape_bc, generator=g, dtype=dtype),
-        D=torch.randn(dim, generator=g, dtype=dtype),
-        z=torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        delta_bias=torch.randn(dim, generator=g, dtype=dtype) * 0.5,
-    )
-    return {k: v.requires_grad_() for k, v in inputs.items()}
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 needs_kernel = pytest.mark.skipif(not compiled_scan_available(), reason=f"kernel not built: {compiled_scan_info()['error']}")
 
