@@ -254,6 +254,25 @@ def test_resume_switches(data: Path, reference_run: Path, tmp_path: Path) -> Non
     assert wf.parser.get_parsed_content("train#checkpoint_loader").load_path == path
 
 
+def test_init_weights_starts_from_given_weights(data: Path, reference_run: Path, tmp_path: Path) -> None:
+    """--init_weights FILE: the network starts from FILE (fine-tuning); a resume ignores it."""
+    trained = torch.load(reference_run / "model.pt", weights_only=True)
+    fresh = _workflow(data, tmp_path / "fresh").parser.get_parsed_content("network").state_dict()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in trained)  # the file differs from the init
+    wf = _workflow(data, tmp_path / "finetune", init_weights=str(reference_run / "model.pt"))
+    state = wf.parser.get_parsed_content("network").state_dict()
+    assert set(state) == set(trained) and all(torch.equal(state[k], trained[k]) for k in trained)
+    # resuming: the checkpoint's weights win, init_weights is not loaded
+    wf = _workflow(data, reference_run, resume=True, init_weights=str(tmp_path / "missing.pt"))
+    assert wf.parser.get_parsed_content("init_load") is None
+    # a file that does not fit the network is a readable error naming it
+    bad = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(3)}, bad)
+    with pytest.raises(Exception) as info:
+        _workflow(data, tmp_path / "bad", init_weights=str(bad))
+    assert any(isinstance(e, ValueError) and str(bad) in str(e) for e in _causes(info.value))
+
+
 def test_default_datalists_follow_the_harvard_split(shared_data: Path) -> None:
     parser = ConfigWorkflow(config_file=str(TRAIN), workflow_type="train", bundle_root=str(BUNDLE_ROOT)).parser
     train, val = parser.get_parsed_content("train#datalist"), parser.get_parsed_content("validate#datalist")
