@@ -99,6 +99,102 @@ def test_time_major_entry_with_split_views_matches_reference(dtype):
     assert rel_err(y.double(), tm(y_ref)) <= (1e-12 if dtype == torch.float64 else 2e-6)
 
 
+def _low_rank_inputs(length, batch, groups, per_group, n_state, rank, seed=0):
+    """Time-major inputs whose delta is a low-rank projection; dt, B and C are split views of one tensor."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(length, batch, groups, per_group, generator=g, dtype=torch.float64)
+    projection = torch.randn(length, batch, groups, rank + 2 * n_state, generator=g, dtype=torch.float64)
+    dt, b_sel, c_sel = projection.split([rank, n_state, n_state], dim=-1)
+    w_dt = torch.randn(groups, per_group, rank, generator=g, dtype=torch.float64) / rank**0.5
+    A = -torch.rand(groups, per_group, n_state, generator=g, dtype=torch.float64) * 2 - 0.1
+    D, bias = (torch.randn(groups, per_group, generator=g, dtype=torch.float64) for _ in range(2))
+    return u, dt, w_dt, A, b_sel, c_sel, D, bias
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("per_group,rank", [(20, 4), (16, 1), (37, 9)])  # full and partial SIMD blocks
+def test_low_rank_delta_matches_explicit_projection(dtype, per_group, rank):
+    # the kernel folds Mamba's dt projection into the scan; the reference materialises delta first
+    length, batch, groups, n_state = 90, 2, 3, 8
+    u, dt, w_dt, A, b_sel, c_sel, D, bias = _low_rank_inputs(length, batch, groups, per_group, n_state, rank)
+    delta = torch.einsum("lbgr,gpr->lbgp", dt, w_dt)
+
+    def channels_first(x):  # (L, batch, G, P) -> (batch, G*P, L)
+        return x.permute(1, 2, 3, 0).reshape(batch, groups * per_group, length)
+
+    y_ref = selective_scan_ref(
+        channels_first(u), channels_first(delta), A.reshape(-1, n_state), b_sel.permute(1, 2, 3, 0),
+        c_sel.permute(1, 2, 3, 0), D.reshape(-1), None, bias.reshape(-1), True,
+    )  # fmt: skip
+    y_ref = y_ref.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
+    cast = [t.to(dtype) for t in (u, dt, A, b_sel, c_sel, D, bias, w_dt)]
+    assert compiled._rows(cast[1])[0].data_ptr() == cast[1].data_ptr() or dtype != torch.float64  # no copy of dt
+    y = selective_scan_time_major(*cast[:6], delta_bias=cast[6], delta_softplus=True, backend="compiled", delta_proj_weight=cast[7])
+    assert y.dtype == dtype
+    assert rel_err(y.double(), y_ref) <= (1e-12 if dtype == torch.float64 else 2e-6)
+    # the other backends take the same arguments and materialise delta
+    y_fast = selective_scan_time_major(*cast[:6], delta_bias=cast[6], delta_softplus=True, backend="fast", delta_proj_weight=cast[7])
+    assert rel_err(y_fast.double(), y_ref) <= (1e-12 if dtype == torch.float64 else 2e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length,per_group,width", [(50, 20, 4), (2, 16, 4), (33, 7, 3), (10, 40, 1)])
+def test_causal_conv_silu_matches_reference(dtype, length, per_group, width):
+    # lengths shorter than the kernel, partial SIMD blocks, and a width-1 convolution
+    g = torch.Generator().manual_seed(length)
+    batch, groups = 2, 3
+    x = torch.randn(length, batch, groups, per_group, generator=g, dtype=torch.float64) * 3
+    weight = torch.randn(groups, per_group, width, generator=g, dtype=torch.float64)
+    bias = torch.randn(groups, per_group, generator=g, dtype=torch.float64)
+    # independent float64 reference: F.conv1d with left padding, per group
+    seq = x.permute(1, 2, 3, 0).reshape(batch, groups * per_group, length)
+    conv = torch.nn.functional.conv1d(seq, weight.reshape(-1, 1, width), bias.reshape(-1), padding=width - 1, groups=groups * per_group)
+    ref = torch.nn.functional.silu(conv[..., :length]).reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
+    assert rel_err(compiled.causal_conv_silu_reference(x, weight, bias), ref) <= 1e-14
+    out = compiled.causal_conv_silu_kernel(x.to(dtype), weight.to(dtype), bias.to(dtype))
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out.double(), ref) <= (1e-13 if dtype == torch.float64 else 1e-6)
+
+
+@needs_kernel
+def test_causal_conv_silu_saturates_without_overflow():
+    x = torch.tensor([-200.0, -90.0, -30.0, 0.0, 30.0, 90.0, 200.0]).view(-1, 1, 1, 1)
+    out = compiled.causal_conv_silu_kernel(x, torch.ones(1, 1, 1), torch.zeros(1, 1))
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.view(-1), torch.nn.functional.silu(x.view(-1)), rtol=1e-6, atol=1e-30)
+
+
+@needs_kernel
+def test_mixer_uses_the_fused_kernels_only_without_autograd(monkeypatch):
+    from scripts.networks.mamba import DirectionalMamba
+
+    torch.manual_seed(0)
+    mixer = DirectionalMamba(12, d_state=4, members=2, order_set="cross2d").double()
+    x = torch.randn(2, 1, 30, 12, dtype=torch.float64)
+    calls = []
+    original = compiled.causal_conv_silu_kernel
+    monkeypatch.setattr("scripts.networks.mamba.causal_conv_silu_kernel", lambda *a: calls.append(1) or original(*a))
+    set_scan_backend("compiled")
+    try:
+        with torch.no_grad():
+            y_kernel = mixer(x, (5, 6))
+        assert calls  # inference: the fused convolution ran
+        calls.clear()
+        y_grad = mixer(x.requires_grad_(), (5, 6))  # training: PyTorch ops with autograd
+        assert not calls
+        y_grad.sum().backward()
+        assert mixer.dt_proj_weight.grad is not None and mixer.conv_weight.grad.abs().max() > 0
+        set_scan_backend("reference")
+        with torch.no_grad():
+            y_ref = mixer(x.detach(), (5, 6))
+    finally:
+        set_scan_backend(None)
+    assert rel_err(y_kernel, y_ref) <= 1e-12
+    assert rel_err(y_grad.detach(), y_ref) <= 1e-12
+
+
 @needs_kernel
 def test_threads_split_the_work_without_changing_the_result():
     inputs = detached(make_inputs(2, 96, 200, 8, groups=3, dtype=torch.float32))

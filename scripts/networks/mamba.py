@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.ssm import selective_scan_time_major
+from scripts.ssm import resolve_backend, selective_scan_time_major
+from scripts.ssm.compiled import causal_conv_silu_kernel, kernel_applicable
 
 from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
 
@@ -173,6 +174,15 @@ class DirectionalMamba(nn.Module):
         aligned = y.reshape(-1, c).index_select(0, index).view(length, b, self.members, -1, c)
         return aligned.mean(3) if aligned.shape[3] > 1 else aligned[:, :, :, 0]
 
+    def _causal_conv_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(causal conv)`` of x (L, B, G, P): one pass of the compiled kernel for CPU inference."""
+        if resolve_backend(self.scan_backend, x.device) == "compiled" and kernel_applicable(
+            x, self.conv_weight, self.conv_bias, n_state=0
+        ):
+            groups = x.shape[2]
+            return causal_conv_silu_kernel(x, self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1))
+        return F.silu(self._causal_conv(x))
+
     def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv along time of x (L, B, G, P) with this mixer's per-channel kernels."""
         groups, width = x.shape[2], self.d_conv
@@ -193,13 +203,13 @@ class DirectionalMamba(nn.Module):
         forward_index, backward_index = self._gather_index(grid, b, x.device)
 
         xs, z = member_linear(x, self.in_proj_weight).split(self.d_inner, dim=-1)
-        xs = F.silu(self._causal_conv(self._to_directions(xs, forward_index)))  # (L, B, G, d_inner)
+        xs = self._causal_conv_silu(self._to_directions(xs, forward_index))  # (L, B, G, d_inner)
         source = self._to_directions(member_linear(extra, self.in_proj_b_weight), forward_index) if self.cross_modal else xs
         x_dbl = torch.einsum("lbgp,gcp->lbgc", source, self.x_proj_weight)
         dt, b_sel, c_sel = x_dbl.split([r, n, n], dim=-1)
         y = selective_scan_time_major(
             xs,
-            torch.einsum("lbgr,gpr->lbgp", dt, self.dt_proj_weight),
+            dt,
             -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
             b_sel,
             c_sel,
@@ -207,6 +217,7 @@ class DirectionalMamba(nn.Module):
             delta_bias=self.dt_proj_bias,
             delta_softplus=True,
             backend=self.scan_backend,
+            delta_proj_weight=self.dt_proj_weight,
         )
         y = self._from_directions(y, backward_index).permute(2, 1, 0, 3) * F.silu(z)  # (M, B, L, d_inner)
         if self.norm is not None:

@@ -119,7 +119,9 @@ def selective_scan(
     return BACKENDS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def selective_scan_time_major(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
+def selective_scan_time_major(
+    u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None, delta_proj_weight=None
+):
     """Selective scan on time-major, grouped tensors (the mixers' native layout; no gate).
 
     Args:
@@ -127,6 +129,9 @@ def selective_scan_time_major(u, delta, A, B, C, D=None, delta_bias=None, delta_
         A: (G, P, N).
         B, C: (L, batch, G, N), shared by the P channels of a group.
         D, delta_bias: (G, P).
+        delta_proj_weight: optional (G, P, R); then ``delta`` is (L, batch, G, R) and the scan's delta is
+            ``einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)`` (Mamba's dt projection), which the
+            ``compiled`` kernel computes on the fly instead of materialising it.
 
     Returns:
         y (L, batch, G, P). The ``fast`` and ``compiled`` backends work in this layout directly; the others get
@@ -134,11 +139,13 @@ def selective_scan_time_major(u, delta, A, B, C, D=None, delta_bias=None, delta_
     """
     name = resolve_backend(backend, u.device)
     _log_once(name, u.device)
+    if name == "compiled" and kernel_applicable(u, delta, A, B, C, D, delta_bias, delta_proj_weight, n_state=A.shape[-1]):
+        return scan_time_major_kernel(u, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj_weight=delta_proj_weight)[0]
+    if delta_proj_weight is not None:
+        delta = torch.einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)
     if name == "export":
         return selective_scan_export_time_major(u, delta, A, B, C, D, delta_bias, delta_softplus)
     length, batch, groups, per_group = u.shape
-    if name == "compiled" and kernel_applicable(u, delta, A, B, C, D, delta_bias, n_state=A.shape[-1]):
-        return scan_time_major_kernel(u, delta, A, B, C, D, delta_bias, delta_softplus)[0]
     if name in ("fast", "compiled"):
         compute = torch.promote_types(u.dtype, torch.float32)
         u, delta = u.to(compute), delta.to(compute)

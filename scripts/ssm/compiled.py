@@ -4,7 +4,11 @@ The ``fast`` backend runs the recurrence as one small PyTorch op per time step (
 below PyTorch's parallel grain size) plus separate ops for the softplus, ``exp(delta * A)``, the drive
 ``delta * B * u``, the ``C`` contraction and the ``D`` skip. Here all of it is one loop nest in C
 (``scan_kernel.c``): per (batch, group) lane and block of 16 channels the N states stay in registers for all
-L steps, and the softplus, exponentials, recurrence, contraction and skip are explicit SIMD code.
+L steps, and the softplus, exponentials, recurrence, contraction and skip are explicit SIMD code. Two more
+memory-bound steps of the Mamba mixer are folded in for inference: the low-rank dt projection
+(``delta_proj_weight``: delta is computed per step from its R-dimensional input instead of being written
+and read back as an (L, batch, G, P) tensor) and the causal depthwise convolution + SiLU
+(:func:`causal_conv_silu_kernel`, one pass instead of one PyTorch op per tap plus the activation).
 
 Build: on first use the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) compiles the kernel
 into a temporary shared library (about 0.2-1 s; no PyTorch headers), which is loaded with ctypes and
@@ -41,6 +45,8 @@ __all__ = [
     "compiled_scan_available",
     "compiled_scan_info",
     "kernel_applicable",
+    "causal_conv_silu_kernel",
+    "causal_conv_silu_reference",
     "scan_time_major_kernel",
     "selective_scan_compiled",
 ]
@@ -96,7 +102,10 @@ def _load() -> dict:
             lib = ctypes.CDLL(output)  # mapped into the process: the file can go
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             for fn in (lib.scan_f32, lib.scan_f64):
-                fn.argtypes = [i64] * 5 + [ptr] * 5 + [i64] + [ptr] * 2 + [ctypes.c_int] + [ptr] * 2 + [i64] * 2
+                fn.argtypes = [i64] * 5 + [ptr] * 5 + [i64] + [ptr] * 2 + [ctypes.c_int] + [ptr] * 3 + [i64, ptr] + [i64] * 3
+                fn.restype = None
+            for fn in (lib.conv_silu_f32, lib.conv_silu_f64):
+                fn.argtypes = [i64] * 5 + [ptr] * 4 + [i64] * 2
                 fn.restype = None
             _build.update(lib=lib, nmax=int(lib.scan_nmax()), block=int(lib.scan_width()), compiler=compiler, flags=flags)
             _self_check()
@@ -129,6 +138,23 @@ def _self_check() -> None:
             err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
             if not err <= tol:  # also catches NaN
                 raise RuntimeError(f"self-check failed for {dtype}: relative error {err:.2e} > {tol:.0e}")
+        # the folded dt projection and the fused causal convolution + SiLU, time-major
+        per_group, rank, width = dim // groups, 3, 4
+        x = torch.randn(length, batch, groups, per_group, generator=g, dtype=torch.float64)
+        dt = torch.randn(length, batch, groups, rank, generator=g, dtype=torch.float64)
+        w_dt = torch.randn(groups, per_group, rank, generator=g, dtype=torch.float64) / 2
+        taps, conv_bias = torch.randn(groups, per_group, width, generator=g, dtype=torch.float64), D.view(groups, -1)
+        a_g, b_t, c_t = A.view(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2)
+        ref_conv = causal_conv_silu_reference(x, taps, conv_bias)
+        ref_y = selective_scan_time_major_reference(x, torch.einsum("lbgr,gpr->lbgp", dt, w_dt), a_g, b_t, c_t, conv_bias, bias.view(groups, -1))
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            cast = [t.to(dtype) for t in (x, dt, w_dt, taps, conv_bias, a_g, b_t, c_t, bias.view(groups, -1))]
+            conv = causal_conv_silu_kernel(cast[0], cast[3], cast[4])
+            y = scan_time_major_kernel(cast[0], cast[1], cast[5], cast[6], cast[7], cast[4], cast[8], True, delta_proj_weight=cast[2])[0]
+            for name, out, ref in (("causal conv + SiLU", conv, ref_conv), ("low-rank delta scan", y, ref_y)):
+                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                if not err <= tol:
+                    raise RuntimeError(f"self-check of the {name} failed for {dtype}: relative error {err:.2e} > {tol:.0e}")
 
 
 def compiled_scan_available() -> bool:
@@ -204,9 +230,13 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, x.shape[3]
 
 
-def scan_time_major_kernel(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, h0=None):
+def scan_time_major_kernel(
+    u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, h0=None, delta_proj_weight=None
+):
     """The kernel on time-major inputs (shapes as :func:`scripts.ssm.selective_scan_time_major`).
 
+    With ``delta_proj_weight`` (G, P, R), ``delta`` is the low-rank input (L, batch, G, R) and the kernel
+    computes ``einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)`` on the fly (Mamba's dt projection).
     Returns y (L, batch, G, P) and the last state (batch, G, N, P), in float32 or float64 (the promoted
     compute dtype). The caller checks :func:`kernel_applicable` first.
     """
@@ -214,7 +244,14 @@ def scan_time_major_kernel(u, delta, A, B, C, D=None, delta_bias=None, delta_sof
     length, batch, groups, per_group = u.shape
     n_state = A.shape[-1]
     u = u.to(compute).contiguous()
-    delta = delta.to(compute).contiguous()
+    if delta_proj_weight is None:
+        delta, dtr, dt_stride, wdt, rank = delta.to(compute).contiguous(), None, 0, None, 0
+    else:
+        dtr, dt_stride = _rows(delta.to(compute))
+        wdt = delta_proj_weight.to(compute).reshape(groups, per_group, -1).transpose(-1, -2).contiguous()  # (G, R, P)
+        rank = wdt.shape[1]
+        if dtr.shape[3] != rank:
+            raise ValueError(f"low-rank delta has {dtr.shape[3]} values per row, the projection expects {rank}")
     a_t = A.to(compute).reshape(groups, per_group, n_state).transpose(-1, -2).contiguous()  # (G, N, P)
     B, C = B.to(compute), C.to(compute)
     (B, sb), (C, sc) = _rows(B), _rows(C)
@@ -230,12 +267,56 @@ def scan_time_major_kernel(u, delta, A, B, C, D=None, delta_bias=None, delta_sof
         fn = lib.scan_f32 if compute == torch.float32 else lib.scan_f64
         args = [
             length, lanes, groups, per_group, n_state,
-            delta.data_ptr(), u.data_ptr(), a_t.data_ptr(), B.data_ptr(), C.data_ptr(), sb,
+            None if dtr is not None else delta.data_ptr(), u.data_ptr(), a_t.data_ptr(), B.data_ptr(), C.data_ptr(), sb,
             None if D is None else D.data_ptr(), None if bias is None else bias.data_ptr(),
             int(bool(delta_softplus)), y.data_ptr(), h.data_ptr(),
+            None if dtr is None else dtr.data_ptr(), dt_stride, None if wdt is None else wdt.data_ptr(), rank,
         ]  # fmt: skip
         _run(fn, args, lanes * (-(-per_group // _build["block"])))
     return y, h.view(batch, groups, n_state, per_group)
+
+
+def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``silu`` of Mamba's causal depthwise convolution along time, in plain PyTorch (any dtype, autograd).
+
+    x (L, batch, G, P); weight (G, P, K) (tap ``K - 1`` multiplies the current step); bias (G, P).
+    """
+    width = weight.shape[-1]
+    taps = weight.permute(2, 0, 1)  # (K, G, P)
+    out = torch.addcmul(bias, x, taps[width - 1])
+    for shift in range(1, min(width, x.shape[0])):
+        out = torch.cat([out[:shift], torch.addcmul(out[shift:], x[:-shift], taps[width - 1 - shift])])
+    return F.silu(out)
+
+
+def causal_conv_silu_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`causal_conv_silu_reference` in one pass of the compiled kernel (the caller checks
+    :func:`kernel_applicable`); float32 or float64 (the promoted compute dtype)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    length, batch, groups, per_group = x.shape
+    width = weight.shape[-1]
+    x = x.to(compute).contiguous()
+    taps = weight.to(compute).reshape(groups, per_group, width).permute(2, 0, 1).contiguous()  # (K, G, P)
+    bias = bias.to(compute).reshape(groups, per_group).contiguous()
+    out = torch.empty_like(x)
+    if length:
+        lib = _load()["lib"]
+        fn = lib.conv_silu_f32 if compute == torch.float32 else lib.conv_silu_f64
+        args = [length, batch * groups, groups, per_group, width, x.data_ptr(), taps.data_ptr(), bias.data_ptr(), out.data_ptr()]
+        _run(fn, args, length)
+    return out
+
+
+def selective_scan_time_major_reference(u, delta, A, B, C, D=None, delta_bias=None):
+    """Sequential time-major scan in the input dtype (softplus on ``delta + delta_bias``; used by the self-check)."""
+    delta = F.softplus(delta + (0 if delta_bias is None else delta_bias))
+    h = u.new_zeros(*u.shape[1:], A.shape[-1])  # (batch, G, P, N)
+    ys = []
+    for t in range(u.shape[0]):
+        h = torch.exp(delta[t, ..., None] * A) * h + (delta[t] * u[t])[..., None] * B[t, :, :, None, :]
+        ys.append((h * C[t, :, :, None, :]).sum(-1))
+    y = torch.stack(ys)
+    return y if D is None else y + u * D
 
 
 def selective_scan_compiled(

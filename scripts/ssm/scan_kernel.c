@@ -11,6 +11,15 @@
  * A (G, N, P); element (t, lane, n) of B and C at (t * lanes + lane) * bc_stride + n; D, bias (G, P) or NULL;
  * h (lanes, N, P): initial state in, last state out. Work items lo..hi-1 of lanes * ceil(P / W) blocks, so
  * that the caller can split the items over threads.
+ *
+ * Low-rank delta (Mamba's dt projection folded in): when dtr is not NULL, delta is not read and
+ *     delta_t[p] = sum_r dtr[t, lane, r] * wdt[g, r, p]
+ * with element (t, lane, r) of dtr at (t * lanes + lane) * dt_stride + r and wdt (G, R, P), so the (L, lanes, P)
+ * delta tensor is never materialised.
+ *
+ * conv_silu_*: Mamba's causal depthwise convolution along time followed by SiLU, in one pass:
+ *     out_t = silu(bias + sum_{k < K, k <= t} taps[K - 1 - k] * x_{t - k})
+ * x, out (L, lanes, P) contiguous, taps (K, G, P), bias (G, P); work items are time steps lo..hi-1.
  */
 #include <math.h>
 #include <stdint.h>
@@ -99,7 +108,7 @@ static inline vf vsoftplus(vf x) {
 static inline __attribute__((always_inline)) void block_f32(
     int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta, const float *u,
     const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus, float *y,
-    float *h, int64_t w) {
+    float *h, const float *dtr, int64_t dt_row, const float *wdt, int64_t R, int64_t w) {
     vf hs[NMAX], a[NMAX];
     for (int64_t n = 0; n < N; ++n) {
         a[n] = load(A + n * P, w);
@@ -108,7 +117,13 @@ static inline __attribute__((always_inline)) void block_f32(
     const vf bi = bias ? load(bias, w) : splat(0.0f), dk = D ? load(D, w) : splat(0.0f);
     for (int64_t t = 0; t < L; ++t) {
         const float *bt = Bm + t * bc_row, *ct = Cm + t * bc_row;
-        vf d = load(delta + t * row, w) + bi;
+        vf d = bi;
+        if (dtr) {
+            const float *dr = dtr + t * dt_row;
+            for (int64_t r = 0; r < R; ++r) d += dr[r] * load(wdt + r * P, w);
+        } else {
+            d += load(delta + t * row, w);
+        }
         if (softplus) d = vsoftplus(d);
         const vf ut = load(u + t * row, w), du = d * ut;
         vf yv = dk * ut;
@@ -124,39 +139,45 @@ static inline __attribute__((always_inline)) void block_f32(
 
 static void block_f32_full(int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,
                            const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
-                           const float *bias, int softplus, float *y, float *h) {
-    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, W);
+                           const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
+                           const float *wdt, int64_t R) {
+    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, W);
 }
 
 static void block_f32_part(int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,
                            const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
-                           const float *bias, int softplus, float *y, float *h, int64_t w) {
-    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, w);
+                           const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
+                           const float *wdt, int64_t R, int64_t w) {
+    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, w);
 }
 
 void scan_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta, const float *u,
               const float *A, const float *B, const float *C, int64_t bc_stride, const float *D, const float *bias,
-              int softplus, float *y, float *h, int64_t lo, int64_t hi) {
+              int softplus, float *y, float *h, const float *dtr, int64_t dt_stride, const float *wdt, int64_t R,
+              int64_t lo, int64_t hi) {
     const int64_t blocks = (P + W - 1) / W, row = lanes * P;
     for (int64_t item = lo; item < hi; ++item) {
         const int64_t lane = item / blocks, p0 = (item % blocks) * W, g = lane % G;
         const int64_t w = P - p0 < W ? P - p0 : W, off = lane * P + p0;
         const float *Dg = D ? D + g * P + p0 : 0, *bg = bias ? bias + g * P + p0 : 0;
+        const float *dl = dtr ? dtr + lane * dt_stride : 0, *wg = dtr ? wdt + g * R * P + p0 : 0;
+        const float *dp = dtr ? 0 : delta + off;
         if (w == W)
-            block_f32_full(L, P, N, row, lanes * bc_stride, delta + off, u + off, A + g * N * P + p0,
+            block_f32_full(L, P, N, row, lanes * bc_stride, dp, u + off, A + g * N * P + p0,
                            B + lane * bc_stride, C + lane * bc_stride, Dg, bg, softplus, y + off,
-                           h + lane * N * P + p0);
+                           h + lane * N * P + p0, dl, lanes * dt_stride, wg, R);
         else
-            block_f32_part(L, P, N, row, lanes * bc_stride, delta + off, u + off, A + g * N * P + p0,
+            block_f32_part(L, P, N, row, lanes * bc_stride, dp, u + off, A + g * N * P + p0,
                            B + lane * bc_stride, C + lane * bc_stride, Dg, bg, softplus, y + off,
-                           h + lane * N * P + p0, w);
+                           h + lane * N * P + p0, dl, lanes * dt_stride, wg, R, w);
     }
 }
 
 /* float64: the same recurrence, scalar, with the C library's exp and log1p (accuracy over speed). */
 void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const double *delta, const double *u,
               const double *A, const double *B, const double *C, int64_t bc_stride, const double *D,
-              const double *bias, int softplus, double *y, double *h, int64_t lo, int64_t hi) {
+              const double *bias, int softplus, double *y, double *h, const double *dtr, int64_t dt_stride,
+              const double *wdt, int64_t R, int64_t lo, int64_t hi) {
     const int64_t blocks = (P + W - 1) / W, row = lanes * P;
     for (int64_t item = lo; item < hi; ++item) {
         const int64_t lane = item / blocks, p0 = (item % blocks) * W, g = lane % G;
@@ -167,7 +188,14 @@ void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const d
             const double bi = bias ? bias[g * P + p] : 0.0, dk = D ? D[g * P + p] : 0.0;
             for (int64_t t = 0; t < L; ++t) {
                 const double *bt = B + (t * lanes + lane) * bc_stride, *ct = C + (t * lanes + lane) * bc_stride;
-                const double x = delta[t * row + lane * P + p] + bi, ut = u[t * row + lane * P + p];
+                double x = bi;
+                if (dtr) {
+                    const double *dr = dtr + (t * lanes + lane) * dt_stride, *wp = wdt + g * R * P + p;
+                    for (int64_t r = 0; r < R; ++r) x += dr[r] * wp[r * P];
+                } else {
+                    x += delta[t * row + lane * P + p];
+                }
+                const double ut = u[t * row + lane * P + p];
                 const double d = softplus ? (x > 0.0 ? x : 0.0) + log1p(exp(-fabs(x))) : x;
                 double yv = dk * ut;
                 for (int64_t n = 0; n < N; ++n) {
@@ -175,6 +203,40 @@ void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const d
                     yv += ct[n] * hp[n * P];
                 }
                 y[t * row + lane * P + p] = yv;
+            }
+        }
+    }
+}
+
+void conv_silu_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, const float *taps,
+                   const float *bias, float *out, int64_t lo, int64_t hi) {
+    const int64_t row = lanes * P;
+    for (int64_t t = lo; t < hi; ++t) {
+        const int64_t kmax = t + 1 < K ? t + 1 : K;
+        for (int64_t lane = 0; lane < lanes; ++lane) {
+            const int64_t g = lane % G;
+            for (int64_t p0 = 0; p0 < P; p0 += W) {
+                const int64_t w = P - p0 < W ? P - p0 : W, off = lane * P + p0;
+                vf acc = load(bias + g * P + p0, w);
+                for (int64_t k = 0; k < kmax; ++k)
+                    acc += load(taps + ((K - 1 - k) * G + g) * P + p0, w) * load(x + (t - k) * row + off, w);
+                store(out + t * row + off, acc / (vexp(-acc) + 1.0f), w);
+            }
+        }
+    }
+}
+
+void conv_silu_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x, const double *taps,
+                   const double *bias, double *out, int64_t lo, int64_t hi) {
+    const int64_t row = lanes * P;
+    for (int64_t t = lo; t < hi; ++t) {
+        const int64_t kmax = t + 1 < K ? t + 1 : K;
+        for (int64_t lane = 0; lane < lanes; ++lane) {
+            const int64_t g = lane % G;
+            for (int64_t p = 0; p < P; ++p) {
+                double acc = bias[g * P + p];
+                for (int64_t k = 0; k < kmax; ++k) acc += taps[((K - 1 - k) * G + g) * P + p] * x[(t - k) * row + lane * P + p];
+                out[t * row + lane * P + p] = acc / (1.0 + exp(-acc));
             }
         }
     }

@@ -112,9 +112,9 @@ def test_cross_modal_selection_depends_only_on_the_second_input(monkeypatch):
 
     original = mamba_module.selective_scan_time_major
 
-    def spy(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
-        captured.update(delta=delta, B=B, C=C)
-        return original(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
+    def spy(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None, delta_proj_weight=None):
+        captured.update(delta=delta, B=B, C=C)  # delta: the low-rank dt input, before the dt projection
+        return original(u, delta, A, B, C, D, delta_bias, delta_softplus, backend, delta_proj_weight)
 
     monkeypatch.setattr(mamba_module, "selective_scan_time_major", spy)
     mixer = DirectionalMamba(8, d_state=4, order_set="cross2d", cross_modal=True).double()
