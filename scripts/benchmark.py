@@ -73,12 +73,20 @@ def matmul_rate(size: int = 2048) -> float:
 
 
 def network_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
-    """Conv + matmul FLOPs of one forward pass (2 per multiply-add)."""
+    """Conv + matmul FLOPs of one forward pass (2 per multiply-add).
+
+    Counted with the plain PyTorch (``fast``) scan backend, so that work the compiled kernel folds into
+    the scan (the dt projection) still counts: the floor is the network's, not one implementation's.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(x)
+    set_scan_backend("fast")
+    try:
+        with counter, torch.no_grad():
+            net(x)
+    finally:
+        set_scan_backend(None)
     return counter.get_total_flops()
 
 
