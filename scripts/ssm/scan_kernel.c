@@ -208,19 +208,37 @@ void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const d
     }
 }
 
+static inline __attribute__((always_inline)) void conv_block_f32(int64_t K, int64_t kmax, int64_t row, int64_t GP,
+                                                                  const float *x, const float *taps, const float *bias,
+                                                                  float *out, int64_t w) {
+    vf acc = load(bias, w);
+    for (int64_t k = 0; k < kmax; ++k) acc += load(taps + (K - 1 - k) * GP, w) * load(x - k * row, w);
+    store(out, acc / (vexp(-acc) + 1.0f), w);
+}
+
+static void conv_block_f32_full(int64_t K, int64_t kmax, int64_t row, int64_t GP, const float *x, const float *taps,
+                                const float *bias, float *out) {
+    conv_block_f32(K, kmax, row, GP, x, taps, bias, out, W);
+}
+
+static void conv_block_f32_part(int64_t K, int64_t kmax, int64_t row, int64_t GP, const float *x, const float *taps,
+                                const float *bias, float *out, int64_t w) {
+    conv_block_f32(K, kmax, row, GP, x, taps, bias, out, w);
+}
+
 void conv_silu_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, const float *taps,
                    const float *bias, float *out, int64_t lo, int64_t hi) {
-    const int64_t row = lanes * P;
+    const int64_t row = lanes * P, GP = G * P;
     for (int64_t t = lo; t < hi; ++t) {
         const int64_t kmax = t + 1 < K ? t + 1 : K;
         for (int64_t lane = 0; lane < lanes; ++lane) {
-            const int64_t g = lane % G;
+            const int64_t g = lane % G, off = t * row + lane * P;
             for (int64_t p0 = 0; p0 < P; p0 += W) {
-                const int64_t w = P - p0 < W ? P - p0 : W, off = lane * P + p0;
-                vf acc = load(bias + g * P + p0, w);
-                for (int64_t k = 0; k < kmax; ++k)
-                    acc += load(taps + ((K - 1 - k) * G + g) * P + p0, w) * load(x + (t - k) * row + off, w);
-                store(out + t * row + off, acc / (vexp(-acc) + 1.0f), w);
+                if (P - p0 >= W)
+                    conv_block_f32_full(K, kmax, row, GP, x + off + p0, taps + g * P + p0, bias + g * P + p0, out + off + p0);
+                else
+                    conv_block_f32_part(K, kmax, row, GP, x + off + p0, taps + g * P + p0, bias + g * P + p0, out + off + p0,
+                                        P - p0);
             }
         }
     }
