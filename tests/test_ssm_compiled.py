@@ -167,6 +167,31 @@ def test_causal_conv_silu_saturates_without_overflow():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length,batch,members,directions,width", [(30, 2, 2, 4, 20), (7, 1, 1, 1, 16), (12, 3, 2, 2, 5)])
+def test_gate_merge_matches_reference(dtype, length, batch, members, directions, width):
+    # scan outputs back to token order, averaged over directions, gated by silu(z) (z a column slice, no copy)
+    g = torch.Generator().manual_seed(width)
+    y = torch.randn(length, batch, members * directions, width, generator=g, dtype=torch.float64)
+    z = torch.randn(members, batch, length, 2 * width, generator=g, dtype=torch.float64)[..., width:]
+    index = torch.randperm(y.numel() // width, generator=g)
+    # independent float64 reference: explicit loops over tokens and directions
+    rows = y.reshape(-1, width)
+    idx = index.view(length, batch, members, directions)
+    ref = torch.empty(members, batch, length, width, dtype=torch.float64)
+    for l in range(length):
+        for b in range(batch):
+            for m in range(members):
+                ref[m, b, l] = rows[idx[l, b, m]].mean(0) * torch.nn.functional.silu(z[m, b, l])
+    assert rel_err(compiled.gate_merge_reference(y, index, z), ref) <= 1e-14
+    out = compiled.gate_merge_kernel(y.to(dtype), index, z.to(dtype))
+    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+    assert rel_err(out.double(), ref) <= (1e-14 if dtype == torch.float64 else 1e-6)
+    with pytest.raises(ValueError, match="rows outside"):
+        compiled.gate_merge_kernel(y, index + 1, z)
+
+
+@needs_kernel
 def test_mixer_uses_the_fused_kernels_only_without_autograd(monkeypatch):
     from scripts.networks.mamba import DirectionalMamba
 
@@ -174,13 +199,14 @@ def test_mixer_uses_the_fused_kernels_only_without_autograd(monkeypatch):
     mixer = DirectionalMamba(12, d_state=4, members=2, order_set="cross2d").double()
     x = torch.randn(2, 1, 30, 12, dtype=torch.float64)
     calls = []
-    original = compiled.causal_conv_silu_kernel
-    monkeypatch.setattr("scripts.networks.mamba.causal_conv_silu_kernel", lambda *a: calls.append(1) or original(*a))
+    for name in ("causal_conv_silu_kernel", "gate_merge_kernel"):
+        original = getattr(compiled, name)
+        monkeypatch.setattr(f"scripts.networks.mamba.{name}", lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     set_scan_backend("compiled")
     try:
         with torch.no_grad():
             y_kernel = mixer(x, (5, 6))
-        assert calls  # inference: the fused convolution ran
+        assert sorted(set(calls)) == ["causal_conv_silu_kernel", "gate_merge_kernel"]  # inference: fused kernels ran
         calls.clear()
         y_grad = mixer(x.requires_grad_(), (5, 6))  # training: PyTorch ops with autograd
         assert not calls

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scripts.ssm import resolve_backend, selective_scan_time_major
-from scripts.ssm.compiled import causal_conv_silu_kernel, kernel_applicable
+from scripts.ssm.compiled import causal_conv_silu_kernel, gate_merge_kernel, kernel_applicable
 
 from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
 
@@ -174,6 +174,12 @@ class DirectionalMamba(nn.Module):
         aligned = y.reshape(-1, c).index_select(0, index).view(length, b, self.members, -1, c)
         return aligned.mean(3) if aligned.shape[3] > 1 else aligned[:, :, :, 0]
 
+    def _merge_and_gate(self, y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Scan outputs (L, B, M*K, C) back to tokens, averaged over directions, times ``silu(z)``: (M, B, L, C)."""
+        if resolve_backend(self.scan_backend, y.device) == "compiled" and kernel_applicable(y, z, n_state=0):
+            return gate_merge_kernel(y, index, z)
+        return self._from_directions(y, index).permute(2, 1, 0, 3) * F.silu(z)
+
     def _causal_conv_silu(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(causal conv)`` of x (L, B, G, P): one pass of the compiled kernel for CPU inference."""
         if resolve_backend(self.scan_backend, x.device) == "compiled" and kernel_applicable(
@@ -219,7 +225,7 @@ class DirectionalMamba(nn.Module):
             backend=self.scan_backend,
             delta_proj_weight=self.dt_proj_weight,
         )
-        y = self._from_directions(y, backward_index).permute(2, 1, 0, 3) * F.silu(z)  # (M, B, L, d_inner)
+        y = self._merge_and_gate(y, backward_index, z)  # (M, B, L, d_inner)
         if self.norm is not None:
             y = self.norm(y)
         return member_linear(y, self.out_proj_weight)

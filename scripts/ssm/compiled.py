@@ -47,6 +47,8 @@ __all__ = [
     "kernel_applicable",
     "causal_conv_silu_kernel",
     "causal_conv_silu_reference",
+    "gate_merge_kernel",
+    "gate_merge_reference",
     "scan_time_major_kernel",
     "selective_scan_compiled",
 ]
@@ -107,6 +109,9 @@ def _load() -> dict:
             for fn in (lib.conv_silu_f32, lib.conv_silu_f64):
                 fn.argtypes = [i64] * 5 + [ptr] * 4 + [i64] * 2
                 fn.restype = None
+            for fn in (lib.gate_merge_f32, lib.gate_merge_f64):
+                fn.argtypes = [i64] * 5 + [ptr] * 3 + [i64, ptr] + [i64] * 2
+                fn.restype = None
             _build.update(lib=lib, nmax=int(lib.scan_nmax()), block=int(lib.scan_width()), compiler=compiler, flags=flags)
             _self_check()
             _build["seconds"] = time.perf_counter() - start
@@ -146,12 +151,17 @@ def _self_check() -> None:
         taps, conv_bias = torch.randn(groups, per_group, width, generator=g, dtype=torch.float64), D.view(groups, -1)
         a_g, b_t, c_t = A.view(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2)
         ref_conv = causal_conv_silu_reference(x, taps, conv_bias)
+        y_merge = torch.randn(length, batch, 2 * groups, per_group, generator=g, dtype=torch.float64)  # M = 2, K = groups
+        merge_index = torch.randperm(y_merge.numel() // per_group, generator=g)
+        z_merge = torch.randn(2, batch, length, 2 * per_group, generator=g, dtype=torch.float64)[..., :per_group]
+        ref_merge = gate_merge_reference(y_merge, merge_index, z_merge)
         ref_y = selective_scan_time_major_reference(x, torch.einsum("lbgr,gpr->lbgp", dt, w_dt), a_g, b_t, c_t, conv_bias, bias.view(groups, -1))
         for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
             cast = [t.to(dtype) for t in (x, dt, w_dt, taps, conv_bias, a_g, b_t, c_t, bias.view(groups, -1))]
             conv = causal_conv_silu_kernel(cast[0], cast[3], cast[4])
             y = scan_time_major_kernel(cast[0], cast[1], cast[5], cast[6], cast[7], cast[4], cast[8], True, delta_proj_weight=cast[2])[0]
-            for name, out, ref in (("causal conv + SiLU", conv, ref_conv), ("low-rank delta scan", y, ref_y)):
+            merge = gate_merge_kernel(y_merge.to(dtype), merge_index, z_merge.to(dtype))
+            for name, out, ref in (("causal conv + SiLU", conv, ref_conv), ("low-rank delta scan", y, ref_y), ("direction merge", merge, ref_merge)):
                 err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
                 if not err <= tol:
                     raise RuntimeError(f"self-check of the {name} failed for {dtype}: relative error {err:.2e} > {tol:.0e}")
@@ -303,6 +313,41 @@ def causal_conv_silu_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         lib = _load()["lib"]
         fn = lib.conv_silu_f32 if compute == torch.float32 else lib.conv_silu_f64
         args = [length, batch * groups, groups, per_group, width, x.data_ptr(), taps.data_ptr(), bias.data_ptr(), out.data_ptr()]
+        _run(fn, args, length)
+    return out
+
+
+def gate_merge_reference(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Directions back to tokens, averaged, times ``silu(z)``, in plain PyTorch (any dtype, autograd).
+
+    y (L, B, M*K, P) scan outputs; index (L*B*M*K,) rows of ``y.reshape(-1, P)`` in (L, B, M, K) order;
+    z (M, B, L, P) -> (M, B, L, P).
+    """
+    members, batch, length, width = z.shape
+    aligned = y.reshape(-1, width).index_select(0, index).view(length, batch, members, -1, width)
+    return aligned.mean(3).permute(2, 1, 0, 3) * F.silu(z)
+
+
+def gate_merge_kernel(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """:func:`gate_merge_reference` in one pass of the compiled kernel, output contiguous (M, B, L, P); the
+    caller checks :func:`kernel_applicable`. ``z`` may be a column slice of a wider tensor (no copy)."""
+    compute = torch.promote_types(y.dtype, torch.float32)
+    members, batch, length, width = z.shape
+    y = y.to(compute).contiguous()
+    directions = y.shape[2] // members
+    if index.dtype != torch.int64 or index.numel() != length * batch * members * directions:
+        raise ValueError(f"index must hold {length * batch * members * directions} int64 row numbers, got {index.numel()} {index.dtype}")
+    if int(index.min()) < 0 or int(index.max()) >= y.numel() // width:
+        raise ValueError("index refers to rows outside y")
+    index = index.contiguous()
+    z = z.to(compute)
+    if not (z.stride(3) == 1 and z.stride(2) >= width and z.stride(1) == length * z.stride(2) and z.stride(0) == batch * z.stride(1)):
+        z = z.contiguous()
+    out = torch.empty(members, batch, length, width, dtype=compute)
+    if length:
+        lib = _load()["lib"]
+        fn = lib.gate_merge_f32 if compute == torch.float32 else lib.gate_merge_f64
+        args = [length, batch, members, directions, width, y.data_ptr(), index.data_ptr(), z.data_ptr(), z.stride(2), out.data_ptr()]
         _run(fn, args, length)
     return out
 

@@ -20,6 +20,11 @@
  * conv_silu_*: Mamba's causal depthwise convolution along time followed by SiLU, in one pass:
  *     out_t = silu(bias + sum_{k < K, k <= t} taps[K - 1 - k] * x_{t - k})
  * x, out (L, lanes, P) contiguous, taps (K, G, P), bias (G, P); work items are time steps lo..hi-1.
+ *
+ * gate_merge_*: the mixer's way back from scan directions to tokens, with the output gate:
+ *     out[m, b, l, :] = (1 / K) sum_k y[index[l, b, m, k], :] * silu(z[m, b, l, :])
+ * y rows of P (any number), index (L, B, M, K) int64 row numbers of y, z rows of P at z_stride apart in
+ * (M, B, L) order, out (M, B, L, P) contiguous; work items are token positions l in lo..hi-1.
  */
 #include <math.h>
 #include <stdint.h>
@@ -258,6 +263,55 @@ void conv_silu_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, co
             }
         }
     }
+}
+
+static inline __attribute__((always_inline)) void merge_block_f32(int64_t K, const float *y, const int64_t *idx,
+                                                                   int64_t P, const float *z, float *out, int64_t w) {
+    vf acc = splat(0.0f);
+    for (int64_t k = 0; k < K; ++k) acc += load(y + idx[k] * P, w);
+    const vf zv = load(z, w);
+    store(out, acc * (1.0f / (float)K) * (zv / (vexp(-zv) + 1.0f)), w);
+}
+
+static void merge_block_f32_full(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z, float *out) {
+    merge_block_f32(K, y, idx, P, z, out, W);
+}
+
+static void merge_block_f32_part(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z, float *out,
+                                 int64_t w) {
+    merge_block_f32(K, y, idx, P, z, out, w);
+}
+
+void gate_merge_f32(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y, const int64_t *index,
+                    const float *z, int64_t z_stride, float *out, int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; ++l)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t m = 0; m < M; ++m) {
+                const int64_t token = (m * B + b) * L + l;
+                const int64_t *idx = index + ((l * B + b) * M + m) * K;
+                for (int64_t p0 = 0; p0 < P; p0 += W) {
+                    if (P - p0 >= W)
+                        merge_block_f32_full(K, y + p0, idx, P, z + token * z_stride + p0, out + token * P + p0);
+                    else
+                        merge_block_f32_part(K, y + p0, idx, P, z + token * z_stride + p0, out + token * P + p0, P - p0);
+                }
+            }
+}
+
+void gate_merge_f64(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y, const int64_t *index,
+                    const double *z, int64_t z_stride, double *out, int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; ++l)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t m = 0; m < M; ++m) {
+                const int64_t token = (m * B + b) * L + l;
+                const int64_t *idx = index + ((l * B + b) * M + m) * K;
+                for (int64_t p = 0; p < P; ++p) {
+                    double acc = 0.0;
+                    for (int64_t k = 0; k < K; ++k) acc += y[idx[k] * P + p];
+                    const double zv = z[token * z_stride + p];
+                    out[token * P + p] = acc / (double)K * (zv / (1.0 + exp(-zv)));
+                }
+            }
 }
 
 int scan_nmax(void) { return NMAX; }
