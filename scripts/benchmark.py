@@ -10,7 +10,8 @@ Ratios printed:
 - inference scan forward (L=1024): the compiled C kernel (``compiled`` backend) vs the fast PyTorch scan, and
   the kernel's first-call build time;
 - 256x256 network inference time vs its FLOP floor (default scan backend; also with the ``fast`` scan) = network FLOPs (conv + matmul, counted by
-  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate;
+  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate; and the share of that time
+  spent inside the compiled selective scans, whose exponentials the FLOP count leaves out;
 - training: one step (forward, backward, Adam) on a batch of 4 random 128x128 crops with the paper's loss, as
   pairs per second, and the Harvard train-split epoch (446 pairs, 112 steps) it implies; then one real epoch of
   ``configs/train.json`` on the Harvard train split, timed (``--no-epoch`` skips it; needs ``../shared/data``);
@@ -88,6 +89,38 @@ def network_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     finally:
         set_scan_backend(None)
     return counter.get_total_flops()
+
+
+def scan_seconds_in(fn, repeats: int = 3) -> float | None:
+    """Median wall time spent inside the compiled scan kernel during ``fn()`` (None if the kernel is not used).
+
+    The scan's exponentials and recurrence are not matrix multiplies, so the FLOP floor does not count them;
+    this shows how much of the inference time they take.
+    """
+    import scripts.ssm as ssm
+
+    original = ssm.scan_time_major_kernel
+    spent = [0.0]
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    ssm.scan_time_major_kernel = timed
+    try:
+        fn()  # warm-up
+        totals = []
+        for _ in range(repeats):
+            spent[0] = 0.0
+            fn()
+            totals.append(spent[0])
+    finally:
+        ssm.scan_time_major_kernel = original
+    median = statistics.median(totals)
+    return median if median > 0 else None
 
 
 def _unbind_loop_scan(u, delta, A, B, C):
@@ -250,9 +283,15 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
             t_net_fast = time_call(lambda: net(x), repeats=5)
         finally:
             set_scan_backend(None)
+        t_scan = scan_seconds_in(lambda: net(x))
     floor = flops / rate
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
     report(f"{size}x{size} inference (default network, batch 1, {resolve_backend(None, 'cpu')} scan)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
+    if t_scan is not None:
+        report(
+            f"{size}x{size} inference: time inside the selective scans (not in the FLOP count)",
+            f"{t_scan:.3f} s = {t_scan / t_net:.0%} of the pass; the rest {t_net - t_scan:.3f} s = {(t_net - t_scan) / floor:.2f}x the floor",
+        )
     report(f"{size}x{size} inference with the fast (PyTorch) scan", f"{t_net_fast:.3f} s = {t_net_fast / floor:.2f}x the FLOP floor")
 
     t_step = training_step_seconds()

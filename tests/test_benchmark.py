@@ -57,3 +57,21 @@ def test_training_epoch_timing_runs_the_train_config(tmp_path):
         log = list(csv.DictReader(f))
     assert [r["epoch"] for r in log] == ["1"] and log[0]["iterations"] == "2"  # 3 pairs, batch 2
     assert not log[0].get("val_qabf")  # no validation in the timed epoch
+
+
+def test_scan_seconds_are_measured_inside_a_forward_pass():
+    from scripts.benchmark import scan_seconds_in
+    from scripts.networks import ClinicalFMamba
+    from scripts.ssm import compiled_scan_available, set_scan_backend
+
+    net = ClinicalFMamba(features=(8, 8, 16), depth=1, decoder_depth=1).eval()
+    x = torch.rand(1, 2, 32, 32)
+    with torch.inference_mode():
+        spent = scan_seconds_in(lambda: net(x), repeats=1)
+        if compiled_scan_available():
+            assert spent is not None and 0 < spent < 10
+        set_scan_backend("fast")
+        try:
+            assert scan_seconds_in(lambda: net(x), repeats=1) is None  # the kernel is not used
+        finally:
+            set_scan_backend(None)
