@@ -45,17 +45,25 @@ def read_state_dict(path: str | os.PathLike, key: str | None = "model", map_loca
 
 
 def load_network_weights(
-    network: nn.Module, path: str | os.PathLike, key: str | None = "model", map_location: str | torch.device = "cpu"
+    network: nn.Module,
+    path: str | os.PathLike,
+    key: str | None = "model",
+    map_location: str | torch.device = "cpu",
+    allow_missing: bool = False,
 ) -> nn.Module:
     """Load weights from ``path`` into ``network``; a mismatch is reported as counts and examples.
+
+    ``allow_missing=True`` (fine-tuning a network that adds modules to the one in the file) keeps the
+    network's own initialisation for tensors the file lacks; unexpected or differently shaped tensors are
+    still errors.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file is unreadable, or its tensors do not fit the configured network.
     """
     state = read_state_dict(path, key, map_location)
-    _check_match(network, state, path)
-    network.load_state_dict(state)
+    _check_match(network, state, path, allow_missing=allow_missing)
+    network.load_state_dict(state, strict=not allow_missing)
     return network
 
 
@@ -71,10 +79,12 @@ def check_weights(network: nn.Module | None, path: str | os.PathLike | None, key
     _check_match(network, read_state_dict(path, key), path)
 
 
-def _check_match(network: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+def _check_match(
+    network: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, allow_missing: bool = False
+) -> None:
     """Raise ``ValueError`` (counts and examples) when ``state`` does not fit ``network``."""
     expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [] if allow_missing else [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:

@@ -45,3 +45,20 @@ def test_missing_empty_truncated_and_pickled_files_are_refused(tmp_path):
     torch.save({"model": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="evil.pt is not a readable PyTorch weights file"):
         read_state_dict(tmp_path / "evil.pt")
+
+
+def test_allow_missing_keeps_new_modules_and_still_refuses_real_mismatches(tmp_path):
+    base, path = ClinicalFMamba(**TINY), tmp_path / "base.pt"
+    torch.save(base.state_dict(), path)
+    with pytest.raises(ValueError, match=r"tensors missing \(e\.g\. refine\."):
+        load_network_weights(ClinicalFMamba(refine=True, **TINY), path)  # strict by default
+    net = ClinicalFMamba(refine=True, **TINY)
+    init = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("refine.")}
+    load_network_weights(net, path, allow_missing=True)
+    state = net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in init.items())  # the new module keeps its initialisation
+    other = tmp_path / "other.pt"
+    torch.save(ClinicalFMamba(**{**TINY, "features": (8, 8, 32)}).state_dict(), other)
+    with pytest.raises(ValueError, match="other shapes"):
+        load_network_weights(ClinicalFMamba(refine=True, **TINY), other, allow_missing=True)

@@ -6,7 +6,7 @@ import torch
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-__all__ = ["CrossModalChannelAttention", "DilatedGatedConvBlock", "UpStage"]
+__all__ = ["CrossModalChannelAttention", "DilatedGatedConvBlock", "FullResolutionRefinement", "UpStage"]
 
 
 class DilatedGatedConvBlock(nn.Module):
@@ -64,6 +64,29 @@ class CrossModalChannelAttention(nn.Module):
         a = self.query(query).flatten(2)
         weights = torch.sigmoid(a.amax(dim=2) + a.mean(dim=2))
         return self.value(ref) * weights.view(*weights.shape, *([1] * (ref.dim() - 2)))
+
+
+class FullResolutionRefinement(nn.Module):
+    """Residual refinement at full resolution with the source images (an option, not in the paper).
+
+    ``h + out(act(mix(cat(h, image))))``: the decoder's only full-resolution path in the paper is linear in
+    the stem features (channel attention, then the head), so it cannot switch per pixel between the
+    sources as the max rule does; this block gives it one nonlinearity with the sources themselves as input.
+    ``out`` starts at zero, so a network with the block computes exactly what it computed without it
+    (fine-tuning starts from the trained fusion). h: (B, C, *spatial), image: (B, 2, *spatial).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, image_channels: int = 2, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.mix = conv(channels + image_channels, channels, 3, padding=1)
+        self.act = nn.LeakyReLU(negative_slope)
+        self.out = conv(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return h + self.out(self.act(self.mix(torch.cat([h, image.to(h.dtype)], dim=1))))
 
 
 class UpStage(nn.Module):

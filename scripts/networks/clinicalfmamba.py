@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from .blocks import CrossModalChannelAttention, DilatedGatedConvBlock, UpStage
+from .blocks import CrossModalChannelAttention, DilatedGatedConvBlock, FullResolutionRefinement, UpStage
 from .mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
 
 __all__ = ["ClinicalFMamba"]
@@ -84,6 +84,8 @@ class ClinicalFMamba(nn.Module):
         reference_compat: reproduce the released code's quirks (delta-bias init of the first direction
             only, token-swap residual wiring, decoder activation layout, dead parameters).
         scan_backend: selective-scan backend for every mixer (None = process default).
+        refine: add a :class:`FullResolutionRefinement` before the head (not in the paper; off by default,
+            see docs/architecture.md).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class ClinicalFMamba(nn.Module):
         negative_slope: float = 0.2,
         reference_compat: bool = False,
         scan_backend: str | None = None,
+        refine: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -170,6 +173,7 @@ class ClinicalFMamba(nn.Module):
             layouts, acts = [("up", "conv", "norm", "act")] * len(ups), [act] * len(ups)
         self.up_stages = nn.ModuleList(UpStage(spatial_dims, i, o, a, lay) for i, o, a, lay in zip(ins, ups, acts, layouts))
         self.attention = CrossModalChannelAttention(spatial_dims, features[0])
+        self.refine = FullResolutionRefinement(spatial_dims, features[0], 2, negative_slope) if refine else None
         self.head = conv(features[0], out_channels, 3, padding=1)
 
     def _check_input(self, image: torch.Tensor) -> None:
@@ -213,4 +217,6 @@ class ClinicalFMamba(nn.Module):
             h = up(h)
         skip_a, skip_b = skips[:batch], skips[batch:]
         h = h + self.attention(skip_a, skip_b) + self.attention(skip_b, skip_a)
+        if self.refine is not None:
+            h = self.refine(h, image)
         return torch.sigmoid(self.head(h))

@@ -132,3 +132,21 @@ def test_training_after_inference_mode_forward():
         net(x)
     net(x).mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
+def test_refinement_starts_as_identity_and_learns(spatial_dims, size):
+    # the optional full-resolution refinement (not in the paper) adds nothing until trained
+    torch.manual_seed(0)
+    tiny = {**TINY, "features": (8, 16), "dilations": (1, 3)} if spatial_dims == 3 else TINY
+    base = ClinicalFMamba(spatial_dims=spatial_dims, **tiny).eval()
+    refined = ClinicalFMamba(spatial_dims=spatial_dims, refine=True, **tiny).eval()
+    missing, unexpected = refined.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("refine.") for k in missing)
+    x = torch.rand(2, 2, *size)
+    with torch.no_grad():
+        assert torch.equal(base(x), refined(x))
+    refined.train()
+    refined(x).mean().backward()
+    assert refined.refine.out.weight.grad.abs().max() > 0  # the zero-initialised output conv learns first
+    assert base.refine is None and n_params(refined) - n_params(base) == n_params(refined.refine)
