@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from scripts.ssm import resolve_backend, selective_scan_time_major
-from scripts.ssm.compiled import causal_conv_silu_kernel, gate_merge_kernel, kernel_applicable
+from scripts.ssm.compiled import (
+    causal_conv_silu_kernel,
+    causal_conv_silu_reference,
+    gate_merge_kernel,
+    gate_merge_reference,
+    kernel_applicable,
+)
 
 from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
 
@@ -168,35 +174,20 @@ class DirectionalMamba(nn.Module):
         m, b, length, c = x.shape
         return x.reshape(-1, c).index_select(0, index).view(length, b, -1, c)
 
-    def _from_directions(self, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(L, B, M*K, C) direction outputs -> (L, B, M, C): back to row-major token order, averaged."""
-        length, b, _, c = y.shape
-        aligned = y.reshape(-1, c).index_select(0, index).view(length, b, self.members, -1, c)
-        return aligned.mean(3) if aligned.shape[3] > 1 else aligned[:, :, :, 0]
+    def _use_kernels(self, *tensors: torch.Tensor) -> bool:
+        """Whether the fused compiled kernels run these tensors (compiled backend, CPU inference)."""
+        return resolve_backend(self.scan_backend, tensors[0].device) == "compiled" and kernel_applicable(*tensors, n_state=0)
 
     def _merge_and_gate(self, y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Scan outputs (L, B, M*K, C) back to tokens, averaged over directions, times ``silu(z)``: (M, B, L, C)."""
-        if resolve_backend(self.scan_backend, y.device) == "compiled" and kernel_applicable(y, z, n_state=0):
-            return gate_merge_kernel(y, index, z)
-        return self._from_directions(y, index).permute(2, 1, 0, 3) * F.silu(z)
+        merge = gate_merge_kernel if self._use_kernels(y, z) else gate_merge_reference
+        return merge(y, index, z)
 
     def _causal_conv_silu(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(causal conv)`` of x (L, B, G, P): one pass of the compiled kernel for CPU inference."""
-        if resolve_backend(self.scan_backend, x.device) == "compiled" and kernel_applicable(
-            x, self.conv_weight, self.conv_bias, n_state=0
-        ):
-            groups = x.shape[2]
-            return causal_conv_silu_kernel(x, self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1))
-        return F.silu(self._causal_conv(x))
-
-    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """Causal depthwise conv along time of x (L, B, G, P) with this mixer's per-channel kernels."""
-        groups, width = x.shape[2], self.d_conv
-        taps = self.conv_weight.view(groups, -1, width).permute(2, 0, 1).contiguous()  # (width, G, P)
-        out = torch.addcmul(self.conv_bias.view(groups, -1), x, taps[width - 1])
-        for shift in range(1, min(width, x.shape[0])):
-            out[shift:].addcmul_(x[:-shift], taps[width - 1 - shift])
-        return out
+        """``silu(causal conv)`` of x (L, B, G, P) with this mixer's per-channel kernels along time."""
+        groups = x.shape[2]
+        conv = causal_conv_silu_kernel if self._use_kernels(x, self.conv_weight, self.conv_bias) else causal_conv_silu_reference
+        return conv(x, self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1))
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], extra: torch.Tensor | None = None) -> torch.Tensor:
         """x, extra: (M, B, L, d_model) with L = prod(grid), tokens row-major -> (M, B, L, d_model)."""

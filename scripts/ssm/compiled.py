@@ -155,7 +155,9 @@ def _self_check() -> None:
         merge_index = torch.randperm(y_merge.numel() // per_group, generator=g)
         z_merge = torch.randn(2, batch, length, 2 * per_group, generator=g, dtype=torch.float64)[..., :per_group]
         ref_merge = gate_merge_reference(y_merge, merge_index, z_merge)
-        ref_y = selective_scan_time_major_reference(x, torch.einsum("lbgr,gpr->lbgp", dt, w_dt), a_g, b_t, c_t, conv_bias, bias.view(groups, -1))
+        delta_lr = torch.einsum("lbgr,gpr->lbgp", dt, w_dt).permute(1, 2, 3, 0).reshape(batch, dim, length)
+        ref_y = selective_scan_ref(x.permute(1, 2, 3, 0).reshape(batch, dim, length), delta_lr, A, B, C, D, None, bias, True)
+        ref_y = ref_y.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
         for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
             cast = [t.to(dtype) for t in (x, dt, w_dt, taps, conv_bias, a_g, b_t, c_t, bias.view(groups, -1))]
             conv = causal_conv_silu_kernel(cast[0], cast[3], cast[4])
@@ -289,13 +291,14 @@ def scan_time_major_kernel(
 def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``silu`` of Mamba's causal depthwise convolution along time, in plain PyTorch (any dtype, autograd).
 
-    x (L, batch, G, P); weight (G, P, K) (tap ``K - 1`` multiplies the current step); bias (G, P).
+    x (L, batch, G, P); weight (G, P, K) (tap ``K - 1`` multiplies the current step); bias (G, P). The mixers'
+    path whenever the kernel does not apply (training, other devices, export).
     """
     width = weight.shape[-1]
-    taps = weight.permute(2, 0, 1)  # (K, G, P)
+    taps = weight.permute(2, 0, 1).contiguous()  # (K, G, P)
     out = torch.addcmul(bias, x, taps[width - 1])
     for shift in range(1, min(width, x.shape[0])):
-        out = torch.cat([out[:shift], torch.addcmul(out[shift:], x[:-shift], taps[width - 1 - shift])])
+        out[shift:].addcmul_(x[:-shift], taps[width - 1 - shift])
     return F.silu(out)
 
 
@@ -321,7 +324,7 @@ def gate_merge_reference(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) 
     """Directions back to tokens, averaged, times ``silu(z)``, in plain PyTorch (any dtype, autograd).
 
     y (L, B, M*K, P) scan outputs; index (L*B*M*K,) rows of ``y.reshape(-1, P)`` in (L, B, M, K) order;
-    z (M, B, L, P) -> (M, B, L, P).
+    z (M, B, L, P) -> (M, B, L, P). The mixers' path whenever the kernel does not apply.
     """
     members, batch, length, width = z.shape
     aligned = y.reshape(-1, width).index_select(0, index).view(length, batch, members, -1, width)
@@ -350,18 +353,6 @@ def gate_merge_kernel(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> 
         args = [length, batch, members, directions, width, y.data_ptr(), index.data_ptr(), z.data_ptr(), z.stride(2), out.data_ptr()]
         _run(fn, args, length)
     return out
-
-
-def selective_scan_time_major_reference(u, delta, A, B, C, D=None, delta_bias=None):
-    """Sequential time-major scan in the input dtype (softplus on ``delta + delta_bias``; used by the self-check)."""
-    delta = F.softplus(delta + (0 if delta_bias is None else delta_bias))
-    h = u.new_zeros(*u.shape[1:], A.shape[-1])  # (batch, G, P, N)
-    ys = []
-    for t in range(u.shape[0]):
-        h = torch.exp(delta[t, ..., None] * A) * h + (delta[t] * u[t])[..., None] * B[t, :, :, None, :]
-        ys.append((h * C[t, :, :, None, :]).sum(-1))
-    y = torch.stack(ys)
-    return y if D is None else y + u * D
 
 
 def selective_scan_compiled(
