@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +27,12 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = BUNDLE_ROOT / "docs" / "samples"
 TINY = dict(features=(8, 8, 16), depth=1, decoder_depth=1, d_state=4, swap_d_state=4)
 TOL = 1e-4
+# the shipped architecture's options (refinement, source selection) as configs/inference.json sets them
+SHIPPED = {
+    k: v
+    for k, v in json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["network_def"].items()
+    if k in ("refine", "source_selection")
+}
 
 
 def _unit(x: np.ndarray) -> torch.Tensor:
@@ -59,8 +66,11 @@ def _eager_reference(net: ClinicalFMamba, image: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_nets() -> tuple[ClinicalFMamba, ExportableClinicalFMamba]:
     torch.manual_seed(0)
-    net = ClinicalFMamba(**TINY).eval()
-    exportable = ExportableClinicalFMamba(**TINY).eval()
+    net = ClinicalFMamba(**TINY, **SHIPPED).eval()
+    with torch.no_grad():  # the zero-initialised output layers get weights, so their paths are exercised
+        for module in (net.refine.out, net.selection.logits):
+            module.weight.normal_(0, 0.1)
+    exportable = ExportableClinicalFMamba(**TINY, **SHIPPED).eval()
     exportable.load_state_dict(net.state_dict())
     return net, exportable
 

@@ -6,7 +6,13 @@ import torch
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-__all__ = ["CrossModalChannelAttention", "DilatedGatedConvBlock", "FullResolutionRefinement", "UpStage"]
+__all__ = [
+    "CrossModalChannelAttention",
+    "DilatedGatedConvBlock",
+    "FullResolutionRefinement",
+    "SourceSelectionOutput",
+    "UpStage",
+]
 
 
 class DilatedGatedConvBlock(nn.Module):
@@ -87,6 +93,33 @@ class FullResolutionRefinement(nn.Module):
 
     def forward(self, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return h + self.out(self.act(self.mix(torch.cat([h, image.to(h.dtype)], dim=1))))
+
+
+class SourceSelectionOutput(nn.Module):
+    """Per-pixel convex mix of the decoder's image and the two sources (an option, not in the paper).
+
+    ``F = g * (w * A + (1 - w) * B) + (1 - g) * D`` with ``w = sigmoid(conv(h))_0`` (which source),
+    ``g = sigmoid(conv(h))_1`` (how much of the selected sources against the decoded image ``D``). Where
+    ``w`` and ``g`` saturate, ``F`` copies a source's pixels exactly, texture included, as the max rule does;
+    elsewhere it blends. Output stays in [0, 1] when ``D`` and the sources are. The conv starts at zero with
+    gate bias ``gate_bias`` (``g = sigmoid(gate_bias)``, 0.12 for -2), so fine-tuning starts near ``D``.
+
+    h: (B, C, *spatial), direct: (B, 1, *spatial), image: (B, 2, *spatial) -> (B, 1, *spatial).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, gate_bias: float = -2.0) -> None:
+        super().__init__()
+        self.logits = Conv[Conv.CONV, spatial_dims](channels, 2, 3, padding=1)
+        nn.init.zeros_(self.logits.weight)
+        with torch.no_grad():
+            self.logits.bias.copy_(torch.tensor([0.0, float(gate_bias)]))
+
+    def forward(self, h: torch.Tensor, direct: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        weights = torch.sigmoid(self.logits(h))
+        w, g = weights[:, :1], weights[:, 1:]
+        image = image.to(direct.dtype)
+        selected = w * image[:, :1] + (1 - w) * image[:, 1:]
+        return g * selected + (1 - g) * direct
 
 
 class UpStage(nn.Module):

@@ -13,7 +13,13 @@ from monai.data import MetaTensor
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from .blocks import CrossModalChannelAttention, DilatedGatedConvBlock, FullResolutionRefinement, UpStage
+from .blocks import (
+    CrossModalChannelAttention,
+    DilatedGatedConvBlock,
+    FullResolutionRefinement,
+    SourceSelectionOutput,
+    UpStage,
+)
 from .mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
 
 __all__ = ["ClinicalFMamba"]
@@ -86,6 +92,9 @@ class ClinicalFMamba(nn.Module):
         scan_backend: selective-scan backend for every mixer (None = process default).
         refine: add a :class:`FullResolutionRefinement` before the head (not in the paper; off by default,
             see docs/architecture.md).
+        source_selection: mix the head's image per pixel with the sources through a
+            :class:`SourceSelectionOutput` (not in the paper; off by default, see docs/architecture.md);
+            needs ``out_channels`` 1.
     """
 
     def __init__(
@@ -110,12 +119,15 @@ class ClinicalFMamba(nn.Module):
         reference_compat: bool = False,
         scan_backend: str | None = None,
         refine: bool = False,
+        source_selection: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if in_channels != 2:
             raise ValueError(f"ClinicalFMamba fuses two images: in_channels must be 2, got {in_channels}")
+        if source_selection and out_channels != 1:
+            raise ValueError(f"source_selection mixes one fused channel with the sources: out_channels must be 1, got {out_channels}")
         if len(dilations) != len(features):
             raise ValueError(f"one dilation per encoder stage: got {len(dilations)} for {len(features)} stages")
         self.spatial_dims = spatial_dims
@@ -175,6 +187,7 @@ class ClinicalFMamba(nn.Module):
         self.attention = CrossModalChannelAttention(spatial_dims, features[0])
         self.refine = FullResolutionRefinement(spatial_dims, features[0], 2, negative_slope) if refine else None
         self.head = conv(features[0], out_channels, 3, padding=1)
+        self.selection = SourceSelectionOutput(spatial_dims, features[0]) if source_selection else None
 
     def _check_input(self, image: torch.Tensor) -> None:
         if image.dim() != self.spatial_dims + 2 or image.shape[1] != 2:
@@ -219,4 +232,7 @@ class ClinicalFMamba(nn.Module):
         h = h + self.attention(skip_a, skip_b) + self.attention(skip_b, skip_a)
         if self.refine is not None:
             h = self.refine(h, image)
-        return torch.sigmoid(self.head(h))
+        fused = torch.sigmoid(self.head(h))
+        if self.selection is not None:
+            fused = self.selection(h, fused, image)
+        return fused

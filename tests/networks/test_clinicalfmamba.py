@@ -150,3 +150,37 @@ def test_refinement_starts_as_identity_and_learns(spatial_dims, size):
     refined(x).mean().backward()
     assert refined.refine.out.weight.grad.abs().max() > 0  # the zero-initialised output conv learns first
     assert base.refine is None and n_params(refined) - n_params(base) == n_params(refined.refine)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
+def test_source_selection_mixes_decoded_image_and_sources(spatial_dims, size):
+    # the optional source-selection output (not in the paper): F = g (w A + (1 - w) B) + (1 - g) D
+    torch.manual_seed(0)
+    tiny = {**TINY, "features": (8, 16), "dilations": (1, 3)} if spatial_dims == 3 else TINY
+    base = ClinicalFMamba(spatial_dims=spatial_dims, **tiny).eval()
+    mixed = ClinicalFMamba(spatial_dims=spatial_dims, source_selection=True, **tiny).eval()
+    missing, unexpected = mixed.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == ["selection.logits.bias", "selection.logits.weight"]
+    x = torch.rand(2, 2, *size)
+    with torch.no_grad():
+        direct = base(x)
+        # at initialisation w = 1/2 everywhere and g = sigmoid(-2)
+        g = torch.sigmoid(torch.tensor(-2.0))
+        expected = g * x.mean(1, keepdim=True) + (1 - g) * direct
+        torch.testing.assert_close(mixed(x), expected, rtol=1e-5, atol=1e-6)
+        # saturated logits copy a source's pixels exactly: w -> 1 selects A, w -> 0 selects B
+        mixed.selection.logits.bias.copy_(torch.tensor([60.0, 60.0]))
+        torch.testing.assert_close(mixed(x), x[:, :1], rtol=0, atol=1e-6)
+        mixed.selection.logits.bias.copy_(torch.tensor([-60.0, 60.0]))
+        torch.testing.assert_close(mixed(x), x[:, 1:], rtol=0, atol=1e-6)
+        out = mixed(torch.rand(2, 2, *size))
+        assert out.min() >= 0 and out.max() <= 1  # a convex mix of [0, 1] images
+    mixed.selection.logits.bias.data.copy_(torch.tensor([0.0, -2.0]))
+    mixed.train()
+    mixed(x).mean().backward()
+    assert mixed.selection.logits.weight.grad.abs().max() > 0
+
+
+def test_source_selection_needs_one_output_channel():
+    with pytest.raises(ValueError, match="out_channels must be 1"):
+        ClinicalFMamba(source_selection=True, out_channels=2, **TINY)

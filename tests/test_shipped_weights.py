@@ -1,0 +1,71 @@
+"""The shipped 2D weights: they load strictly into the inference config's network and fuse the embedded
+Harvard test samples better than the max rule on Q^AB/F and SF (``cddfuse`` profile), as the model card
+reports for the whole test split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scripts.metrics.profiles import compute_metrics
+from scripts.networks import ClinicalFMamba
+from scripts.weights import load_network_weights
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = BUNDLE_ROOT / "models" / "model.pt"
+SAMPLES = BUNDLE_ROOT / "docs" / "samples"
+TASKS = {"CT-MRI": "CT", "PET-MRI": "PET", "SPECT-MRI": "SPECT"}
+
+
+def _luma(path: Path) -> np.ndarray:
+    """Grey image, or the BT.601 Y of a colour one, min-max normalised to [0, 1] (the network's input)."""
+    image = Image.open(path)
+    x = np.asarray(image.convert("RGB") if image.mode != "L" else image, dtype=np.float64)
+    if x.ndim == 3:
+        x = x @ np.array([0.299, 0.587, 0.114])
+    x = x - x.min()
+    return x / max(x.max(), 1e-8)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> ClinicalFMamba:
+    definition = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["network_def"]
+    options = {k: v for k, v in definition.items() if not k.startswith("_") and k != "spatial_dims"}
+    return load_network_weights(ClinicalFMamba(spatial_dims=2, **options), WEIGHTS).eval()
+
+
+def test_weights_file_is_float32_and_small():
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    floats = [v for v in state.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    assert WEIGHTS.stat().st_size < 25 * 2**20
+
+
+def test_shipped_weights_are_trained_not_the_initialisation(shipped):
+    torch.manual_seed(0)
+    fresh = type(shipped)(spatial_dims=2, refine=True, source_selection=True)
+    differ = [k for k, v in fresh.state_dict().items() if v.is_floating_point() and not torch.equal(v, shipped.state_dict()[k])]
+    assert len(differ) > 0.9 * sum(v.is_floating_point() for v in fresh.state_dict().values())
+    assert shipped.selection.logits.weight.abs().max() > 0.01  # the zero-initialised selection has learned
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_shipped_weights_beat_the_max_rule_on_the_samples(shipped, task):
+    folder = SAMPLES / task
+    names = sorted(p.name for p in (folder / "MRI").glob("*.png"))
+    assert names, f"no sample pairs in {folder}"
+    scores = {"network": [], "max": []}
+    for name in names:
+        mri, other = _luma(folder / "MRI" / name), _luma(folder / TASKS[task] / name)
+        with torch.inference_mode():
+            fused = shipped(torch.from_numpy(np.stack([mri, other])[None]).float())[0, 0].double().numpy()
+        scores["network"].append(compute_metrics(fused, mri, other, "cddfuse", ["Qabf", "SF"]))
+        scores["max"].append(compute_metrics(np.maximum(mri, other), mri, other, "cddfuse", ["Qabf", "SF"]))
+    mean = {k: {m: np.mean([s[m] for s in v]) for m in ("Qabf", "SF")} for k, v in scores.items()}
+    assert mean["network"]["Qabf"] > mean["max"]["Qabf"], mean
+    assert mean["network"]["SF"] > mean["max"]["SF"], mean
