@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from scripts.cpu_tuning import tune_allocator
-from scripts.networks import ClinicalFMamba
 from scripts.ssm import compiled_scan_info, resolve_backend, selective_scan, selective_scan_fast, selective_scan_ref, set_scan_backend
 
 __all__ = ["matmul_rate", "network_flops", "time_call", "volume_probe", "network_3d_from_config"]
@@ -159,10 +158,10 @@ HARVARD_TRAIN_PAIRS = 446
 
 
 def training_step_seconds(batch: int = 4, crop: int = 128, repeats: int = 3) -> float:
-    """Median seconds of one training step of the default 2D network (``train.json`` loss and optimiser)."""
+    """Median seconds of one training step of the bundle's 2D network (``train.json`` loss and optimiser)."""
     from scripts.losses import FusionLoss
 
-    net = ClinicalFMamba().train()
+    net = network_2d_from_config().train()
     loss_fn = FusionLoss()
     optimizer = torch.optim.Adam(net.parameters(), lr=5e-4)
     image = torch.rand(batch, 2, crop, crop)
@@ -206,6 +205,15 @@ def training_epoch_seconds(output_dir: str | Path, **override) -> float:
     wf.finalize()
     with open(Path(output_dir) / "training_log.csv", newline="") as f:
         return float(list(csv.DictReader(f))[-1]["epoch_seconds"])
+
+
+def network_2d_from_config() -> torch.nn.Module:
+    """The 2D network as ``configs/inference.json`` defines it (the architecture of the shipped weights)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    return parser.get_parsed_content("network_def")
 
 
 def network_3d_from_config() -> torch.nn.Module:
@@ -273,7 +281,7 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
             t_f, t_c = (time_call(lambda b=b: selective_scan(*inputs, backend=b), repeats=5) for b in ("fast", "compiled"))
         report("scan forward (inference) L=1024: compiled vs fast", f"{t_c * 1e3:.1f} ms vs {t_f * 1e3:.1f} ms ({t_f / t_c:.1f}x)")
 
-    net = ClinicalFMamba().eval()
+    net = network_2d_from_config().eval()
     x = torch.rand(1, 2, size, size)
     flops = network_flops(net, x)
     with torch.inference_mode():
@@ -286,7 +294,7 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
         t_scan = scan_seconds_in(lambda: net(x))
     floor = flops / rate
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
-    report(f"{size}x{size} inference (default network, batch 1, {resolve_backend(None, 'cpu')} scan)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
+    report(f"{size}x{size} inference (bundle network, batch 1, {resolve_backend(None, 'cpu')} scan)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
     if t_scan is not None:
         report(
             f"{size}x{size} inference: time inside the selective scans (not in the FLOP count)",

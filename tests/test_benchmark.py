@@ -1,5 +1,8 @@
 """The benchmark's 3D probe and FLOP counting on tiny inputs (timings themselves are never asserted)."""
 
+import json
+from pathlib import Path
+
 import torch
 
 from scripts.benchmark import network_3d_from_config, network_flops, volume_probe
@@ -75,3 +78,12 @@ def test_scan_seconds_are_measured_inside_a_forward_pass():
             assert scan_seconds_in(lambda: net(x), repeats=1) is None  # the kernel is not used
         finally:
             set_scan_backend(None)
+
+
+def test_2d_network_comes_from_the_inference_config():
+    from scripts.benchmark import network_2d_from_config
+
+    net = network_2d_from_config()
+    definition = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())["network_def"]
+    assert (net.refine is not None) == bool(definition.get("refine")) and (net.selection is not None) == bool(definition.get("source_selection"))
+    assert net.spatial_dims == 2
