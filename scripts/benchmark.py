@@ -207,22 +207,23 @@ def training_epoch_seconds(output_dir: str | Path, **override) -> float:
         return float(list(csv.DictReader(f))[-1]["epoch_seconds"])
 
 
-def network_2d_from_config() -> torch.nn.Module:
-    """The 2D network as ``configs/inference.json`` defines it (the architecture of the shipped weights)."""
+def _network_from_configs(*names: str) -> torch.nn.Module:
+    """``network_def`` of the bundle configs ``names`` (later files override earlier ones)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in names])
     return parser.get_parsed_content("network_def")
+
+
+def network_2d_from_config() -> torch.nn.Module:
+    """The 2D network as ``configs/inference.json`` defines it (the architecture of the shipped weights)."""
+    return _network_from_configs("inference.json")
 
 
 def network_3d_from_config() -> torch.nn.Module:
     """The 3D network as ``configs/inference_3d.json`` defines it (layered on ``inference.json``)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / "inference.json"), str(BUNDLE_ROOT / "configs" / "inference_3d.json")])
-    return parser.get_parsed_content("network_def")
+    return _network_from_configs("inference.json", "inference_3d.json")
 
 
 def volume_probe(size: int = 128, repeats: int = 2) -> dict[str, float]:

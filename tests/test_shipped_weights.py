@@ -14,6 +14,7 @@ from PIL import Image
 
 from scripts.metrics.profiles import compute_metrics
 from scripts.networks import ClinicalFMamba
+from scripts.transforms import rgb_to_ycbcr
 from scripts.weights import load_network_weights
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -25,18 +26,24 @@ TASKS = {"CT-MRI": "CT", "PET-MRI": "PET", "SPECT-MRI": "SPECT"}
 def _luma(path: Path) -> np.ndarray:
     """Grey image, or the BT.601 Y of a colour one, min-max normalised to [0, 1] (the network's input)."""
     image = Image.open(path)
-    x = np.asarray(image.convert("RGB") if image.mode != "L" else image, dtype=np.float64)
-    if x.ndim == 3:
-        x = x @ np.array([0.299, 0.587, 0.114])
+    if image.mode == "L":
+        x = np.asarray(image, dtype=np.float64)
+    else:
+        x = rgb_to_ycbcr(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float64)).permute(2, 0, 1))[0].numpy()
     x = x - x.min()
     return x / max(x.max(), 1e-8)
 
 
-@pytest.fixture(scope="module")
-def shipped() -> ClinicalFMamba:
+def _bundle_network() -> ClinicalFMamba:
+    """A freshly initialised 2D network with the options of ``configs/inference.json``'s ``network_def``."""
     definition = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["network_def"]
     options = {k: v for k, v in definition.items() if not k.startswith("_") and k != "spatial_dims"}
-    return load_network_weights(ClinicalFMamba(spatial_dims=2, **options), WEIGHTS).eval()
+    return ClinicalFMamba(spatial_dims=2, **options)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> ClinicalFMamba:
+    return load_network_weights(_bundle_network(), WEIGHTS).eval()
 
 
 def test_weights_file_is_float32_and_small():
@@ -48,7 +55,7 @@ def test_weights_file_is_float32_and_small():
 
 def test_shipped_weights_are_trained_not_the_initialisation(shipped):
     torch.manual_seed(0)
-    fresh = type(shipped)(spatial_dims=2, refine=True, source_selection=True)
+    fresh = _bundle_network()
     differ = [k for k, v in fresh.state_dict().items() if v.is_floating_point() and not torch.equal(v, shipped.state_dict()[k])]
     assert len(differ) > 0.9 * sum(v.is_floating_point() for v in fresh.state_dict().values())
     assert shipped.selection.logits.weight.abs().max() > 0.01  # the zero-initialised selection has learned

@@ -134,14 +134,22 @@ def test_training_after_inference_mode_forward():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
-@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
-def test_refinement_starts_as_identity_and_learns(spatial_dims, size):
-    # the optional full-resolution refinement (not in the paper) adds nothing until trained
+def _base_and_extended(spatial_dims: int, **option):
+    """A tiny network and the same network with an optional addition, sharing every weight the base has.
+
+    Returns (base, extended, missing, unexpected) with the keys ``load_state_dict`` reported."""
     torch.manual_seed(0)
     tiny = {**TINY, "features": (8, 16), "dilations": (1, 3)} if spatial_dims == 3 else TINY
     base = ClinicalFMamba(spatial_dims=spatial_dims, **tiny).eval()
-    refined = ClinicalFMamba(spatial_dims=spatial_dims, refine=True, **tiny).eval()
-    missing, unexpected = refined.load_state_dict(base.state_dict(), strict=False)
+    extended = ClinicalFMamba(spatial_dims=spatial_dims, **option, **tiny).eval()
+    missing, unexpected = extended.load_state_dict(base.state_dict(), strict=False)
+    return base, extended, missing, unexpected
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
+def test_refinement_starts_as_identity_and_learns(spatial_dims, size):
+    # the optional full-resolution refinement (not in the paper) adds nothing until trained
+    base, refined, missing, unexpected = _base_and_extended(spatial_dims, refine=True)
     assert unexpected == [] and missing and all(k.startswith("refine.") for k in missing)
     x = torch.rand(2, 2, *size)
     with torch.no_grad():
@@ -155,11 +163,7 @@ def test_refinement_starts_as_identity_and_learns(spatial_dims, size):
 @pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
 def test_source_selection_mixes_decoded_image_and_sources(spatial_dims, size):
     # the optional source-selection output (not in the paper): F = g (w A + (1 - w) B) + (1 - g) D
-    torch.manual_seed(0)
-    tiny = {**TINY, "features": (8, 16), "dilations": (1, 3)} if spatial_dims == 3 else TINY
-    base = ClinicalFMamba(spatial_dims=spatial_dims, **tiny).eval()
-    mixed = ClinicalFMamba(spatial_dims=spatial_dims, source_selection=True, **tiny).eval()
-    missing, unexpected = mixed.load_state_dict(base.state_dict(), strict=False)
+    base, mixed, missing, unexpected = _base_and_extended(spatial_dims, source_selection=True)
     assert unexpected == [] and sorted(missing) == ["selection.logits.bias", "selection.logits.weight"]
     x = torch.rand(2, 2, *size)
     with torch.no_grad():
