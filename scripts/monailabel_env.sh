@@ -13,6 +13,7 @@
 # Environment: MONAILABEL_VENV (venv folder), PYTHON (interpreter for `-m venv`, default python3 >= 3.9),
 # NICE (prefix for the pip commands, default "nice -n 19"; set NICE= to run at normal priority),
 # MONAILABEL_NO_CONSTRAINTS=1 (ignore constraints.txt, e.g. to try newer releases).
+# MONAILABEL_NEED_GB (free disk space, in GB, required before a cold install; default 10).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +25,18 @@ CONSTRAINTS="$ROOT/scripts/monailabel/constraints.txt"
 
 log() { printf '[monailabel_env] %s\n' "$*"; }
 
+# A cold install writes about 8.2 GB (torch 2.14.1 with its CUDA libraries, MONAI Label, ITK, MLflow); stop with a
+# clear message before pip runs out of space half-way.
+NEED_GB="${MONAILABEL_NEED_GB:-10}"
+if [ ! -x "$VENV/bin/python" ]; then
+    probe="$(dirname "$VENV")"
+    free_kb="$(df -Pk "$probe" | awk 'NR==2 {print $4}')"
+    if [ -n "$free_kb" ] && [ "$free_kb" -lt $(( NEED_GB * 1024 * 1024 )) ]; then
+        log "not enough disk space for $VENV: $(( free_kb / 1024 / 1024 )) GB free on $(df -P "$probe" | awk 'NR==2 {print $6}'), a cold install needs about ${NEED_GB} GB (MONAILABEL_NEED_GB overrides)" >&2
+        exit 3
+    fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV with $("$PYTHON" --version 2>&1)"
     "$PYTHON" -m venv "$VENV"
@@ -31,7 +44,7 @@ else
     log "reusing $VENV ($("$VENV/bin/python" --version 2>&1))"
 fi
 
-pip_args=(install --disable-pip-version-check -r "$REQS")
+pip_args=(install --disable-pip-version-check --no-cache-dir -r "$REQS")  # no cache: the CUDA wheels would be stored twice
 if [ -f "$CONSTRAINTS" ] && [ "${MONAILABEL_NO_CONSTRAINTS:-0}" != "1" ]; then
     pip_args+=(-c "$CONSTRAINTS")
     log "using the lock file $CONSTRAINTS"
