@@ -1,6 +1,8 @@
 """The ``compiled`` selective-scan backend (run-time built C kernel) against the float64 reference, and its fallback."""
 
 import logging
+import os
+import sys
 
 import pytest
 import torch
@@ -235,6 +237,59 @@ def test_threads_split_the_work_without_changing_the_result():
     assert torch.equal(y1, y3)
 
 
+@needs_kernel
+def test_openmp_build_runs_on_torch_runtime():
+    # on Linux with PyTorch's OpenMP backend (the PyPI CPU wheels) the kernel is built with -fopenmp and binds
+    # to the libgomp.so.1 that PyTorch loaded: no second runtime appears
+    info = compiled_scan_info()
+    assert info["openmp"] == ("-fopenmp" in info["flags"])
+    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert info["openmp"], "the kernel was built without OpenMP next to PyTorch's OpenMP runtime"
+    if info["openmp"]:
+        assert compiled._build["lib"].scan_openmp() == 1
+        named = [p for p in compiled._loaded_openmp_runtimes() if os.path.basename(p).startswith("libgomp.so")]
+        assert len(named) == 1
+
+
+def fresh_build(monkeypatch, **env):
+    monkeypatch.setattr(compiled, "_build", {})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return compiled_scan_info()
+
+
+@needs_kernel
+def test_build_without_openmp_gives_the_same_numbers(monkeypatch):
+    inputs = detached(make_inputs(2, 96, 200, 8, groups=3, dtype=torch.float32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        y_default = selective_scan_compiled(**inputs, delta_softplus=True)
+        info = fresh_build(monkeypatch, CLINICALFMAMBA_SCAN_OPENMP="0")  # Python thread pool instead
+        assert info["available"] and not info["openmp"] and "-fopenmp" not in info["flags"]
+        y_pool = selective_scan_compiled(**inputs, delta_softplus=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y_default, y_pool)
+
+
+@needs_kernel
+def test_openmp_build_that_loads_a_second_runtime_is_not_used(monkeypatch, caplog):
+    if not compiled._share_torch_openmp():
+        pytest.skip("no OpenMP runtime of PyTorch's to share on this platform")
+    calls = []
+
+    def runtimes():  # a different runtime appears after the OpenMP build is loaded
+        calls.append(1)
+        return {"/torch/lib/libgomp.so.1"} if len(calls) <= 2 else {"/torch/lib/libgomp.so.1", "/usr/lib/libgomp.so.1"}
+
+    monkeypatch.setattr(compiled, "_loaded_openmp_runtimes", runtimes)
+    with caplog.at_level(logging.INFO, logger="scripts.ssm.compiled"):
+        info = fresh_build(monkeypatch)
+    assert info["available"] and not info["openmp"]
+    assert any("second OpenMP runtime" in r.getMessage() for r in caplog.records)
+
+
 def test_autograd_runs_the_fast_backward():
     # with grad, the compiled backend is the fast backend: same values and gradients as the reference
     inputs = make_inputs(1, 6, 100, 8, groups=2)
@@ -270,7 +325,7 @@ def test_network_inference_matches_fast_backend():
 def broken_build(monkeypatch):
     """A fresh build state whose compiler call raises: the kernel is unavailable."""
 
-    def fail(source, output):
+    def fail(source, output, openmp=False):
         raise RuntimeError("simulated compiler failure")
 
     monkeypatch.setattr(compiled, "_build", {})

@@ -156,10 +156,10 @@ static void block_f32_part(int64_t L, int64_t P, int64_t N, int64_t row, int64_t
     block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, w);
 }
 
-void scan_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta, const float *u,
-              const float *A, const float *B, const float *C, int64_t bc_stride, const float *D, const float *bias,
-              int softplus, float *y, float *h, const float *dtr, int64_t dt_stride, const float *wdt, int64_t R,
-              int64_t lo, int64_t hi) {
+static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta,
+                           const float *u, const float *A, const float *B, const float *C, int64_t bc_stride,
+                           const float *D, const float *bias, int softplus, float *y, float *h, const float *dtr,
+                           int64_t dt_stride, const float *wdt, int64_t R, int64_t lo, int64_t hi) {
     const int64_t blocks = (P + W - 1) / W, row = lanes * P;
     for (int64_t item = lo; item < hi; ++item) {
         const int64_t lane = item / blocks, p0 = (item % blocks) * W, g = lane % G;
@@ -179,10 +179,10 @@ void scan_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const f
 }
 
 /* float64: the same recurrence, scalar, with the C library's exp and log1p (accuracy over speed). */
-void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const double *delta, const double *u,
-              const double *A, const double *B, const double *C, int64_t bc_stride, const double *D,
-              const double *bias, int softplus, double *y, double *h, const double *dtr, int64_t dt_stride,
-              const double *wdt, int64_t R, int64_t lo, int64_t hi) {
+static void scan_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const double *delta,
+                           const double *u, const double *A, const double *B, const double *C, int64_t bc_stride,
+                           const double *D, const double *bias, int softplus, double *y, double *h, const double *dtr,
+                           int64_t dt_stride, const double *wdt, int64_t R, int64_t lo, int64_t hi) {
     const int64_t blocks = (P + W - 1) / W, row = lanes * P;
     for (int64_t item = lo; item < hi; ++item) {
         const int64_t lane = item / blocks, p0 = (item % blocks) * W, g = lane % G;
@@ -231,8 +231,8 @@ static void conv_block_f32_part(int64_t K, int64_t kmax, int64_t row, int64_t GP
     conv_block_f32(K, kmax, row, GP, x, taps, bias, out, w);
 }
 
-void conv_silu_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, const float *taps,
-                   const float *bias, float *out, int64_t lo, int64_t hi) {
+static void conv_silu_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x,
+                                const float *taps, const float *bias, float *out, int64_t lo, int64_t hi) {
     const int64_t row = lanes * P, GP = G * P;
     for (int64_t t = lo; t < hi; ++t) {
         const int64_t kmax = t + 1 < K ? t + 1 : K;
@@ -249,8 +249,8 @@ void conv_silu_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, co
     }
 }
 
-void conv_silu_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x, const double *taps,
-                   const double *bias, double *out, int64_t lo, int64_t hi) {
+static void conv_silu_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x,
+                                const double *taps, const double *bias, double *out, int64_t lo, int64_t hi) {
     const int64_t row = lanes * P;
     for (int64_t t = lo; t < hi; ++t) {
         const int64_t kmax = t + 1 < K ? t + 1 : K;
@@ -282,8 +282,9 @@ static void merge_block_f32_part(int64_t K, const float *y, const int64_t *idx, 
     merge_block_f32(K, y, idx, P, z, out, w);
 }
 
-void gate_merge_f32(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y, const int64_t *index,
-                    const float *z, int64_t z_stride, float *out, int64_t lo, int64_t hi) {
+static void gate_merge_f32_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y,
+                                 const int64_t *index, const float *z, int64_t z_stride, float *out, int64_t lo,
+                                 int64_t hi) {
     for (int64_t l = lo; l < hi; ++l)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t m = 0; m < M; ++m) {
@@ -298,8 +299,9 @@ void gate_merge_f32(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const
             }
 }
 
-void gate_merge_f64(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y, const int64_t *index,
-                    const double *z, int64_t z_stride, double *out, int64_t lo, int64_t hi) {
+static void gate_merge_f64_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y,
+                                 const int64_t *index, const double *z, int64_t z_stride, double *out, int64_t lo,
+                                 int64_t hi) {
     for (int64_t l = lo; l < hi; ++l)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t m = 0; m < M; ++m) {
@@ -312,6 +314,76 @@ void gate_merge_f64(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const
                     out[token * P + p] = acc / (double)K * (zv / (1.0 + exp(-zv)));
                 }
             }
+}
+
+/* Exported entry points: the work items lo..hi-1, split over nthreads OpenMP threads when the library is built
+ * with -fopenmp (compiled.py links it to the OpenMP runtime PyTorch already loaded, so the kernel runs on the
+ * threads that PyTorch's own operators use), else run on the calling thread (the caller splits them). */
+#ifdef _OPENMP
+#include <omp.h>
+#define PARALLEL_RANGE(nthreads, lo, hi, CALL)                                                            \
+    do {                                                                                                  \
+        if ((nthreads) > 1 && (hi) - (lo) > 1) {                                                          \
+            _Pragma("omp parallel num_threads((int)(nthreads))") {                                        \
+                const int64_t n_ = omp_get_num_threads(), t_ = omp_get_thread_num();                      \
+                CALL((lo) + ((hi) - (lo)) * t_ / n_, (lo) + ((hi) - (lo)) * (t_ + 1) / n_);               \
+            }                                                                                             \
+        } else {                                                                                          \
+            CALL(lo, hi);                                                                                 \
+        }                                                                                                 \
+    } while (0)
+int scan_openmp(void) { return 1; }
+#else
+#define PARALLEL_RANGE(nthreads, lo, hi, CALL) CALL(lo, hi)
+int scan_openmp(void) { return 0; }
+#endif
+
+void scan_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta, const float *u,
+              const float *A, const float *B, const float *C, int64_t bc_stride, const float *D, const float *bias,
+              int softplus, float *y, float *h, const float *dtr, int64_t dt_stride, const float *wdt, int64_t R,
+              int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) scan_f32_range(L, lanes, G, P, N, delta, u, A, B, C, bc_stride, D, bias, softplus, y, h, dtr, \
+                   dt_stride, wdt, R, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
+}
+
+void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const double *delta, const double *u,
+              const double *A, const double *B, const double *C, int64_t bc_stride, const double *D,
+              const double *bias, int softplus, double *y, double *h, const double *dtr, int64_t dt_stride,
+              const double *wdt, int64_t R, int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) scan_f64_range(L, lanes, G, P, N, delta, u, A, B, C, bc_stride, D, bias, softplus, y, h, dtr, \
+                   dt_stride, wdt, R, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
+}
+
+void conv_silu_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, const float *taps,
+                   const float *bias, float *out, int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) conv_silu_f32_range(L, lanes, G, P, K, x, taps, bias, out, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
+}
+
+void conv_silu_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x, const double *taps,
+                   const double *bias, double *out, int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) conv_silu_f64_range(L, lanes, G, P, K, x, taps, bias, out, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
+}
+
+void gate_merge_f32(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y, const int64_t *index,
+                    const float *z, int64_t z_stride, float *out, int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) gate_merge_f32_range(L, B, M, K, P, y, index, z, z_stride, out, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
+}
+
+void gate_merge_f64(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y, const int64_t *index,
+                    const double *z, int64_t z_stride, double *out, int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) gate_merge_f64_range(L, B, M, K, P, y, index, z, z_stride, out, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
 }
 
 int scan_nmax(void) { return NMAX; }
