@@ -52,7 +52,7 @@ class MemberLayerNorm(nn.Module):
         if x.shape[0] == 1:
             return F.layer_norm(x, x.shape[-1:], self.weight[0], self.bias[0], self.eps)
         x = F.layer_norm(x, x.shape[-1:], eps=self.eps)
-        return x * self.weight[:, None, None, :] + self.bias[:, None, None, :]
+        return torch.addcmul(self.bias[:, None, None, :], x, self.weight[:, None, None, :])  # one pass
 
 
 def _uniform(shape: Sequence[int], bound: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import scripts.networks.mamba as mamba_module
-from scripts.networks.mamba import CrossMambaBlock, DirectionalMamba, ResidualMambaBlock
+from scripts.networks.mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
 from scripts.networks.scan_orders import inverse_orders, scan_orders
 from scripts.ssm import selective_scan_ref
 
@@ -170,3 +170,20 @@ def test_dt_bias_init_all_directions_versus_released_quirk():
     assert softplus(fixed.dt_proj_bias).max() <= 0.1 + 1e-6
     assert softplus(quirk.dt_proj_bias[0]).max() <= 0.1 + 1e-6
     assert softplus(quirk.dt_proj_bias[1:]).min() > 0.5  # default Linear bias: delta0 about 0.5-0.9
+
+
+def test_member_layer_norm_matches_one_layer_norm_per_member():
+    torch.manual_seed(0)
+    norm = MemberLayerNorm(3, 16).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 2, 5, 16, dtype=torch.float64, requires_grad=True)
+    y = norm(x)
+    for m in range(3):
+        ref = F.layer_norm(x[m], (16,), norm.weight[m], norm.bias[m], norm.eps)
+        assert torch.allclose(y[m], ref, atol=1e-12)
+    y.square().sum().backward()  # differentiable in both the input and the per-member affine parameters
+    assert x.grad is not None and norm.weight.grad.abs().sum() > 0 and norm.bias.grad.abs().sum() > 0
+    single = MemberLayerNorm(1, 16).double()  # one member: the plain fused layer_norm path
+    assert torch.allclose(single(x[:1]), F.layer_norm(x[:1], (16,), eps=single.eps), atol=1e-12)
