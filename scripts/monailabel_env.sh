@@ -25,19 +25,15 @@ CONSTRAINTS="$ROOT/scripts/monailabel/constraints.txt"
 
 log() { printf '[monailabel_env] %s\n' "$*"; }
 
-# A cold install writes about 8.2 GB (torch 2.14.1 with its CUDA libraries, MONAI Label, ITK, MLflow); stop with a
-# clear message before pip runs out of space half-way.
-NEED_GB="${MONAILABEL_NEED_GB:-10}"
 if [ ! -x "$VENV/bin/python" ]; then
-    probe="$(dirname "$VENV")"
-    free_kb="$(df -Pk "$probe" | awk 'NR==2 {print $4}')"
-    if [ -n "$free_kb" ] && [ "$free_kb" -lt $(( NEED_GB * 1024 * 1024 )) ]; then
-        log "not enough disk space for $VENV: $(( free_kb / 1024 / 1024 )) GB free on $(df -P "$probe" | awk 'NR==2 {print $6}'), a cold install needs about ${NEED_GB} GB (MONAILABEL_NEED_GB overrides)" >&2
+    # a cold install writes about 8.2 GB (torch 2.14.1 with its CUDA libraries, MONAI Label, ITK, MLflow): stop
+    # with a clear message before pip runs out of space half-way
+    need_gb="${MONAILABEL_NEED_GB:-10}"
+    read -r free_kb mount < <(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4, $6}')
+    if [ -n "${free_kb:-}" ] && [ "$free_kb" -lt $(( need_gb * 1024 * 1024 )) ]; then
+        log "not enough disk space for $VENV: $(( free_kb / 1024 / 1024 )) GB free on $mount, a cold install needs about ${need_gb} GB (MONAILABEL_NEED_GB overrides)" >&2
         exit 3
     fi
-fi
-
-if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV with $("$PYTHON" --version 2>&1)"
     "$PYTHON" -m venv "$VENV"
 else

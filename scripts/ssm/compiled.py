@@ -81,6 +81,12 @@ def _loaded_openmp_runtimes() -> set[str]:
         return set()
 
 
+def _libgomp_so1_runtimes() -> list[str]:
+    """The loaded runtimes named ``libgomp.so*``: the one a library linked with ``-fopenmp`` binds to
+    (other packages' renamed copies, such as scikit-learn's ``libgomp-<hash>.so``, are left out)."""
+    return [p for p in _loaded_openmp_runtimes() if os.path.basename(p).startswith("libgomp.so")]
+
+
 def _share_torch_openmp() -> bool:
     """Whether to build the kernel with OpenMP on PyTorch's own runtime.
 
@@ -96,7 +102,7 @@ def _share_torch_openmp() -> bool:
         return False
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
-    return len([p for p in _loaded_openmp_runtimes() if os.path.basename(p).startswith("libgomp.so")]) == 1
+    return len(_libgomp_so1_runtimes()) == 1
 
 
 def _compile(source: Path, output: str, openmp: bool = False) -> tuple[str, list[str]]:
