@@ -209,7 +209,7 @@ def test_mixer_uses_the_fused_kernels_only_without_autograd(monkeypatch):
             y_kernel = mixer(x, (5, 6))
         assert sorted(set(calls)) == ["causal_conv_silu_kernel", "gate_merge_kernel"]  # inference: fused kernels ran
         calls.clear()
-        y_grad = mixer(x.requires_grad_(), (5, 6))  # training: PyTorch ops with autograd
+        y_grad = mixer(x.requires_grad_(), (5, 6))  # training: convolution and merge as PyTorch ops with autograd
         assert not calls
         y_grad.sum().backward()
         assert mixer.dt_proj_weight.grad is not None and mixer.conv_weight.grad.abs().max() > 0
@@ -288,8 +288,9 @@ def test_openmp_build_that_loads_a_second_runtime_is_not_used(monkeypatch, caplo
     assert any("second OpenMP runtime" in r.getMessage() for r in caplog.records)
 
 
-def test_autograd_runs_the_fast_backward():
-    # with grad, the compiled backend is the fast backend: same values and gradients as the reference
+def test_autograd_gradients_match_reference():
+    # with grad, the compiled backend runs its compiled backward (the fast one without a kernel): same values and
+    # gradients as the reference
     inputs = make_inputs(1, 6, 100, 8, groups=2)
     y_ref = selective_scan_ref(**inputs, delta_softplus=True)
     y = selective_scan(**inputs, delta_softplus=True, backend="compiled")

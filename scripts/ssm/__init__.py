@@ -4,10 +4,10 @@ One entry point, :func:`selective_scan`, with ``mamba_ssm.selective_scan_fn`` se
 (u, delta, A, B, C, D, z, delta_bias, delta_softplus). Backends:
 
 - ``reference``: sequential loop, the readable specification (tests only; quadratic backward);
-- ``fast``: pure PyTorch, linear-time forward and hand-written backward (the fallback everywhere, and
-  what ``compiled`` runs whenever autograd is needed);
-- ``compiled``: one fused C kernel built at run time by the system C compiler (inference on CPU; see
-  :mod:`scripts.ssm.compiled`); ``auto`` picks it on CPU when it builds, else ``fast``;
+- ``fast``: pure PyTorch, linear-time forward and hand-written backward (the fallback everywhere);
+- ``compiled``: fused C kernels built at run time by the system C compiler, forward for inference
+  (:mod:`scripts.ssm.compiled`) and forward + backward for training (:mod:`scripts.ssm.compiled_grad`), on CPU;
+  ``auto`` picks it on CPU when it builds, else ``fast``;
 - ``mamba_ssm``: the fused CUDA kernel, used by ``auto`` when mamba_ssm imports and tensors are on CUDA;
 - ``export``: a TorchScript loop that tracing and ONNX export keep as a run-time loop (no backward;
   set by :func:`scripts.export.prepare_export`).
@@ -30,6 +30,7 @@ from .compiled import (
     scan_time_major_kernel,
     selective_scan_compiled,
 )
+from .compiled_grad import kernel_trainable, scan_time_major_trainable
 from .cuda import mamba_ssm_available, mamba_ssm_scan
 from .export import selective_scan_export, selective_scan_export_time_major
 from .fast import DEFAULT_CHUNK, ChunkedSelectiveScan, selective_scan_fast
@@ -60,7 +61,7 @@ BACKENDS = {
 }
 _DETAILS = {
     "fast": "pure PyTorch",
-    "compiled": "fused C kernel for inference, fast PyTorch scan with autograd",
+    "compiled": "fused C kernels, forward and backward",
     "reference": "sequential reference",
     "mamba_ssm": "CUDA kernel",
     "export": "TorchScript loop",
@@ -143,6 +144,8 @@ def selective_scan_time_major(
         return scan_time_major_kernel(u, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj_weight=delta_proj_weight)[0]
     if delta_proj_weight is not None:
         delta = torch.einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)
+    if name == "compiled" and kernel_trainable(u, delta, A, B, C, D, delta_bias, n_state=A.shape[-1]):
+        return scan_time_major_trainable(u, delta, A, B, C, D, delta_bias, delta_softplus)  # with autograd
     if name == "export":
         return selective_scan_export_time_major(u, delta, A, B, C, D, delta_bias, delta_softplus)
     length, batch, groups, per_group = u.shape

@@ -153,8 +153,11 @@ def _load() -> dict:
         try:
             lib, compiler, flags, openmp = _build_and_load(tmp)  # mapped into the process: the file can go
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            for fn in (lib.scan_f32, lib.scan_f64):  # ... lo, hi, nthreads
-                fn.argtypes = [i64] * 5 + [ptr] * 5 + [i64] + [ptr] * 2 + [ctypes.c_int] + [ptr] * 3 + [i64, ptr] + [i64] * 4
+            for fn in (lib.scan_f32, lib.scan_f64):  # ... wdt, R, ckpt, T, lo, hi, nthreads
+                fn.argtypes = [i64] * 5 + [ptr] * 5 + [i64] + [ptr] * 2 + [ctypes.c_int] + [ptr] * 3 + [i64, ptr, i64, ptr] + [i64] * 4
+                fn.restype = None
+            for fn in (lib.scan_bwd_f32, lib.scan_bwd_f64):  # L, lanes, G, P, N, T, delta .. C, bc_stride, D, bias, ...
+                fn.argtypes = [i64] * 6 + [ptr] * 5 + [i64] + [ptr] * 2 + [ctypes.c_int] + [ptr] * 10 + [i64] * 3
                 fn.restype = None
             for fn in (lib.conv_silu_f32, lib.conv_silu_f64):
                 fn.argtypes = [i64] * 5 + [ptr] * 4 + [i64] * 3
@@ -163,7 +166,13 @@ def _load() -> dict:
                 fn.argtypes = [i64] * 5 + [ptr] * 3 + [i64, ptr] + [i64] * 3
                 fn.restype = None
             _build.update(
-                lib=lib, nmax=int(lib.scan_nmax()), block=int(lib.scan_width()), compiler=compiler, flags=flags, openmp=openmp
+                lib=lib,
+                nmax=int(lib.scan_nmax()),
+                tnmax=int(lib.scan_tnmax()),
+                block=int(lib.scan_width()),
+                compiler=compiler,
+                flags=flags,
+                openmp=openmp,
             )
             _self_check()
             _build["seconds"] = time.perf_counter() - start
@@ -178,7 +187,7 @@ def _load() -> dict:
 
 
 def _self_check() -> None:
-    """Compare the freshly built kernel with the float64 reference on a small problem (both dtypes)."""
+    """Compare the freshly built kernels, forward and backward, with the float64 reference on a small problem (both dtypes)."""
     from .reference import selective_scan_ref
 
     g = torch.Generator().manual_seed(0)
@@ -219,6 +228,33 @@ def _self_check() -> None:
                 err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
                 if not err <= tol:
                     raise RuntimeError(f"self-check of the {name} failed for {dtype}: relative error {err:.2e} > {tol:.0e}")
+    # the backward (training): gradients of every input, through 3 chunks of 8 steps, against autograd on the reference
+    from .compiled_grad import CompiledSelectiveScan
+
+    with torch.inference_mode(False), torch.enable_grad():  # the first call may come from inference code
+        leaves = [t.clone().requires_grad_() for t in (x, delta_lr.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2), a_g, b_t, c_t, conv_bias, bias.view(groups, -1))]
+        grad_y = torch.randn(length, batch, groups, per_group, generator=g, dtype=torch.float64)
+        grad_h = torch.randn(batch, groups, n_state, per_group, generator=g, dtype=torch.float64)
+
+        def channels_first(t):  # (L, batch, G, P) -> (batch, G * P, L)
+            return t.permute(1, 2, 3, 0).reshape(batch, dim, length)
+
+        u_, d_, a_, b_, c_, dk_, bias_ = leaves
+        y_ref, h_ref = selective_scan_ref(
+            channels_first(u_), channels_first(d_), a_.reshape(dim, n_state), b_.permute(1, 2, 3, 0), c_.permute(1, 2, 3, 0),
+            dk_.reshape(-1), None, bias_.reshape(-1), True, return_last_state=True,
+        )  # fmt: skip
+        y_ref = y_ref.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
+        h_ref = h_ref.reshape(batch, groups, per_group, n_state).transpose(-1, -2)
+        grads_ref = torch.autograd.grad((y_ref, h_ref), leaves, (grad_y, grad_h))
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            cast = [t.detach().to(dtype).requires_grad_() for t in leaves]
+            y, h = CompiledSelectiveScan.apply(cast[1], cast[0], *cast[2:5], cast[5], cast[6], True, 8)
+            grads = torch.autograd.grad((y, h), cast, (grad_y.to(dtype), grad_h.to(dtype)))
+            for name, out, ref in zip(("u", "delta", "A", "B", "C", "D", "delta bias"), grads, grads_ref):
+                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                if not err <= tol:
+                    raise RuntimeError(f"self-check of the backward failed for d{name} in {dtype}: relative error {err:.2e} > {tol:.0e}")
 
 
 def compiled_scan_available() -> bool:
@@ -297,14 +333,16 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def scan_time_major_kernel(
-    u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, h0=None, delta_proj_weight=None
+    u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, h0=None, delta_proj_weight=None, ckpt=None, ckpt_every=1
 ):
     """The kernel on time-major inputs (shapes as :func:`scripts.ssm.selective_scan_time_major`).
 
     With ``delta_proj_weight`` (G, P, R), ``delta`` is the low-rank input (L, batch, G, R) and the kernel
     computes ``einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)`` on the fly (Mamba's dt projection).
     Returns y (L, batch, G, P) and the last state (batch, G, N, P), in float32 or float64 (the promoted
-    compute dtype). The caller checks :func:`kernel_applicable` first.
+    compute dtype). The caller checks :func:`kernel_applicable` first. With ``ckpt``, a contiguous
+    (ceil(L / ckpt_every), batch * G, N, P) tensor of the compute dtype, the state before every ``ckpt_every``-th
+    step is written into it (for the backward, :mod:`scripts.ssm.compiled_grad`).
     """
     compute = torch.promote_types(u.dtype, torch.float32)
     length, batch, groups, per_group = u.shape
@@ -337,6 +375,7 @@ def scan_time_major_kernel(
             None if D is None else D.data_ptr(), None if bias is None else bias.data_ptr(),
             int(bool(delta_softplus)), y.data_ptr(), h.data_ptr(),
             None if dtr is None else dtr.data_ptr(), dt_stride, None if wdt is None else wdt.data_ptr(), rank,
+            None if ckpt is None else ckpt.data_ptr(), ckpt_every,
         ]  # fmt: skip
         _run(fn, args, lanes * (-(-per_group // _build["block"])))
     return y, h.view(batch, groups, n_state, per_group)
@@ -409,18 +448,29 @@ def gate_merge_kernel(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> 
     return out
 
 
+def _grouped(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    return None if x is None else x.reshape(groups, -1)
+
+
 def selective_scan_compiled(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, _require_kernel=False
 ):
     """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`).
 
-    Runs the compiled kernel when :func:`kernel_applicable`, else :func:`scripts.ssm.fast.selective_scan_fast`.
+    Runs the compiled kernel when :func:`kernel_applicable`, with autograd the compiled forward and backward
+    (:class:`scripts.ssm.compiled_grad.CompiledSelectiveScan`) when the kernel is built, else
+    :func:`scripts.ssm.fast.selective_scan_fast`.
     """
     n_state = A.shape[-1]
+    trainable = False
     if not _require_kernel and not kernel_applicable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state):
-        from .fast import selective_scan_fast
+        from .compiled_grad import kernel_trainable
 
-        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        if not kernel_trainable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state):
+            from .fast import selective_scan_fast
+
+            return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        trainable = True
     dtype_in = u.dtype
     batch, dim, length = u.shape
     if B.dim() == 3:
@@ -433,16 +483,15 @@ def selective_scan_compiled(
     def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
         return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
 
-    y, last = scan_time_major_kernel(
-        time_major(u),
-        time_major(delta),
-        A.reshape(groups, per_group, n_state),
-        B.permute(3, 0, 1, 2),
-        C.permute(3, 0, 1, 2),
-        D,
-        delta_bias,
-        delta_softplus,
-    )
+    args = (time_major(u), time_major(delta), A.reshape(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2))
+    if trainable:
+        from .compiled_grad import CompiledSelectiveScan
+
+        y, last = CompiledSelectiveScan.apply(
+            args[1], args[0], args[2], args[3], args[4], _grouped(D, groups), _grouped(delta_bias, groups), bool(delta_softplus)
+        )
+    else:
+        y, last = scan_time_major_kernel(*args, D, delta_bias, delta_softplus)
     y = y.reshape(length, batch, dim).permute(1, 2, 0)
     if z is not None:
         y = y * F.silu(z.to(y.dtype))

@@ -113,7 +113,8 @@ static inline vf vsoftplus(vf x) {
 static inline __attribute__((always_inline)) void block_f32(
     int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta, const float *u,
     const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus, float *y,
-    float *h, const float *dtr, int64_t dt_row, const float *wdt, int64_t R, int64_t w) {
+    float *h, const float *dtr, int64_t dt_row, const float *wdt, int64_t R, float *ckpt, int64_t T,
+    int64_t ckpt_row, int64_t w) {
     vf hs[NMAX], a[NMAX];
     for (int64_t n = 0; n < N; ++n) {
         a[n] = load(A + n * P, w);
@@ -122,6 +123,8 @@ static inline __attribute__((always_inline)) void block_f32(
     const vf bi = bias ? load(bias, w) : splat(0.0f), dk = D ? load(D, w) : splat(0.0f);
     for (int64_t t = 0; t < L; ++t) {
         const float *bt = Bm + t * bc_row, *ct = Cm + t * bc_row;
+        if (ckpt && t % T == 0)
+            for (int64_t n = 0; n < N; ++n) store(ckpt + (t / T) * ckpt_row + n * P, hs[n], w);
         vf d = bi;
         if (dtr) {
             const float *dr = dtr + t * dt_row;
@@ -145,36 +148,37 @@ static inline __attribute__((always_inline)) void block_f32(
 static void block_f32_full(int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,
                            const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
                            const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
-                           const float *wdt, int64_t R) {
-    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, W);
+                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row) {
+    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, W);
 }
 
 static void block_f32_part(int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,
                            const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
                            const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
-                           const float *wdt, int64_t R, int64_t w) {
-    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, w);
+                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t w) {
+    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, w);
 }
 
 static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta,
                            const float *u, const float *A, const float *B, const float *C, int64_t bc_stride,
                            const float *D, const float *bias, int softplus, float *y, float *h, const float *dtr,
-                           int64_t dt_stride, const float *wdt, int64_t R, int64_t lo, int64_t hi) {
-    const int64_t blocks = (P + W - 1) / W, row = lanes * P;
+                           int64_t dt_stride, const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t lo, int64_t hi) {
+    const int64_t blocks = (P + W - 1) / W, row = lanes * P, ckpt_row = lanes * N * P;
     for (int64_t item = lo; item < hi; ++item) {
         const int64_t lane = item / blocks, p0 = (item % blocks) * W, g = lane % G;
         const int64_t w = P - p0 < W ? P - p0 : W, off = lane * P + p0;
         const float *Dg = D ? D + g * P + p0 : 0, *bg = bias ? bias + g * P + p0 : 0;
         const float *dl = dtr ? dtr + lane * dt_stride : 0, *wg = dtr ? wdt + g * R * P + p0 : 0;
         const float *dp = dtr ? 0 : delta + off;
+        float *ck = ckpt ? ckpt + lane * N * P + p0 : 0;
         if (w == W)
             block_f32_full(L, P, N, row, lanes * bc_stride, dp, u + off, A + g * N * P + p0,
                            B + lane * bc_stride, C + lane * bc_stride, Dg, bg, softplus, y + off,
-                           h + lane * N * P + p0, dl, lanes * dt_stride, wg, R);
+                           h + lane * N * P + p0, dl, lanes * dt_stride, wg, R, ck, T, ckpt_row);
         else
             block_f32_part(L, P, N, row, lanes * bc_stride, dp, u + off, A + g * N * P + p0,
                            B + lane * bc_stride, C + lane * bc_stride, Dg, bg, softplus, y + off,
-                           h + lane * N * P + p0, dl, lanes * dt_stride, wg, R, w);
+                           h + lane * N * P + p0, dl, lanes * dt_stride, wg, R, ck, T, ckpt_row, w);
     }
 }
 
@@ -182,8 +186,8 @@ static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64
 static void scan_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const double *delta,
                            const double *u, const double *A, const double *B, const double *C, int64_t bc_stride,
                            const double *D, const double *bias, int softplus, double *y, double *h, const double *dtr,
-                           int64_t dt_stride, const double *wdt, int64_t R, int64_t lo, int64_t hi) {
-    const int64_t blocks = (P + W - 1) / W, row = lanes * P;
+                           int64_t dt_stride, const double *wdt, int64_t R, double *ckpt, int64_t T, int64_t lo, int64_t hi) {
+    const int64_t blocks = (P + W - 1) / W, row = lanes * P, ckpt_row = lanes * N * P;
     for (int64_t item = lo; item < hi; ++item) {
         const int64_t lane = item / blocks, p0 = (item % blocks) * W, g = lane % G;
         const int64_t w = P - p0 < W ? P - p0 : W;
@@ -193,6 +197,8 @@ static void scan_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64
             const double bi = bias ? bias[g * P + p] : 0.0, dk = D ? D[g * P + p] : 0.0;
             for (int64_t t = 0; t < L; ++t) {
                 const double *bt = B + (t * lanes + lane) * bc_stride, *ct = C + (t * lanes + lane) * bc_stride;
+                if (ckpt && t % T == 0)
+                    for (int64_t n = 0; n < N; ++n) ckpt[(t / T) * ckpt_row + lane * N * P + n * P + p] = hp[n * P];
                 double x = bi;
                 if (dtr) {
                     const double *dr = dtr + (t * lanes + lane) * dt_stride, *wp = wdt + g * R * P + p;
@@ -316,6 +322,235 @@ static void gate_merge_f64_range(int64_t L, int64_t B, int64_t M, int64_t K, int
             }
 }
 
+/* Backward of the scan (training). The forward above stores, with ckpt not NULL, the state before every T-th step
+ * (ckpt (ceil(L / T), lanes, N, P)); the backward walks the chunks of T steps from last to first, recomputes the
+ * chunk's states from its checkpoint into a buffer, and runs the adjoint recurrence back through it:
+ *     g_t   = gh_t + C_t gy_t                 (gh_t: adjoint reaching h_t from later steps; gh_{L-1} = glast)
+ *     gh_{t-1} = exp(d_t A) g_t
+ *     gC_t  += sum_p h_t gy_t,  gB_t += sum_p g_t d_t u_t,  gdu_t = sum_n B_t g_t
+ *     gd_t  = gdu_t u_t + sum_n A g_t h_{t-1} exp(d_t A),  gA += g_t h_{t-1} exp(d_t A) d_t
+ *     gdelta_t = gd_t * sigmoid(delta_t + bias) (softplus) or gd_t,  gu_t = gdu_t d_t + D gy_t
+ * gy, gdelta, gu (L, lanes, P); gB, gC (L, lanes, N) contiguous, zeroed by the caller (the channel blocks of a lane
+ * add into them); glast (lanes, N, P) or NULL; gA (lanes, N, P), gD and gbias (lanes, P): per-lane sums (the caller
+ * adds the batch up). Work items are lanes lo..hi-1, so no two threads write the same gB/gC row. T * N <= TNMAX. */
+#define TNMAX 256 /* T * N: the states of a recomputed chunk */
+#define GHMAX 256 /* blocks * N: the adjoint carried per block group */
+
+static inline float hsum(vf v) {
+    float s[W];
+    memcpy(s, &v, sizeof v);
+    for (int k = W / 2; k > 0; k /= 2)
+        for (int j = 0; j < k; ++j) s[j] += s[j + k];
+    return s[0];
+}
+
+/* softplus(x) as vsoftplus, and sigmoid(x) (its derivative) from the same exponential. */
+static inline vf vsoftplus_sigmoid(vf x, vf *sigmoid) {
+    vf e = vexp((vf)((vi)x | (vi)splat(-0.0f)));
+    vf w = e + 1.0f;
+    vf den = w - 1.0f;
+    vi exact = den == 0.0f;
+    vf l = vlog12(w) * (e / blend(exact, splat(1.0f), den));
+    vi pos = x > 0.0f;
+    *sigmoid = blend(pos, 1.0f / w, e / w);
+    return blend(pos, x, splat(0.0f)) + blend(exact, e, l);
+}
+
+/* One chunk (steps t0 .. t0 + steps - 1) of one block of w channels: recompute the states from the checkpoint h0,
+ * then run the adjoint back through them. gh (N): adjoint reaching the chunk's last state, updated to the one
+ * reaching the state before the chunk; gav (N), gdv, gbv: the block's running sums for gA, gD, gbias; accB, accC
+ * (steps x N): this chunk's gB / gC terms, summed over the blocks of a group before one horizontal sum each. */
+static inline __attribute__((always_inline)) void chunk_bwd_f32(
+    int64_t t0, int64_t steps, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta, const float *u,
+    const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus,
+    const float *h0, const float *gy, float *gdelta, float *gu, vf *gh, vf *gav, vf *gdv, vf *gbv, vf *accB,
+    vf *accC, vf *hbuf, vf *ebuf, vf *dbuf, vf *sbuf, int64_t w) {
+    vf a[NMAX];
+    for (int64_t n = 0; n < N; ++n) a[n] = load(A + n * P, w);
+    const vf bi = bias ? load(bias, w) : splat(0.0f), dk = D ? load(D, w) : splat(0.0f);
+    for (int64_t s = 0; s < steps; ++s) { /* recompute the chunk's states */
+        const int64_t t = t0 + s;
+        const float *bt = Bm + t * bc_row;
+        vf x = bi + load(delta + t * row, w), sg = splat(1.0f);
+        const vf d = softplus ? vsoftplus_sigmoid(x, &sg) : x, du = d * load(u + t * row, w);
+        dbuf[s] = d;
+        sbuf[s] = sg;
+        for (int64_t n = 0; n < N; ++n) {
+            const vf e = vexp(d * a[n]), hp = s ? hbuf[(s - 1) * N + n] : load(h0 + n * P, w);
+            ebuf[s * N + n] = e;
+            hbuf[s * N + n] = e * hp + du * bt[n];
+        }
+    }
+    vf gdsum = *gdv, gbsum = *gbv;
+    for (int64_t s = steps - 1; s >= 0; --s) { /* adjoint recurrence back through the chunk */
+        const int64_t t = t0 + s;
+        const float *bt = Bm + t * bc_row, *ct = Cm + t * bc_row;
+        const vf gyt = load(gy + t * row, w), ut = load(u + t * row, w), d = dbuf[s], du = d * ut;
+        vf gdu = splat(0.0f), gd = splat(0.0f);
+        for (int64_t n = 0; n < N; ++n) {
+            const vf g = gh[n] + ct[n] * gyt, e = ebuf[s * N + n];
+            const vf hp = s ? hbuf[(s - 1) * N + n] : load(h0 + n * P, w);
+            accC[s * N + n] += hbuf[s * N + n] * gyt;
+            accB[s * N + n] += g * du;
+            gdu += bt[n] * g;
+            const vf gda = g * hp * e;
+            gd += gda * a[n];
+            gav[n] += gda * d;
+            gh[n] = e * g;
+        }
+        gd += gdu * ut;
+        const vf gx = gd * sbuf[s];
+        gbsum += gx;
+        gdsum += gyt * ut;
+        store(gdelta + t * row, gx, w);
+        store(gu + t * row, gdu * d + gyt * dk, w);
+    }
+    *gdv = gdsum;
+    *gbv = gbsum;
+}
+
+#define CHUNK_BWD_F32_ARGS                                                                                        \
+    int64_t t0, int64_t steps, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,             \
+        const float *u, const float *A, const float *Bm, const float *Cm, const float *D, const float *bias,       \
+        int softplus, const float *h0, const float *gy, float *gdelta, float *gu, vf *gh, vf *gav, vf *gdv,        \
+        vf *gbv, vf *accB, vf *accC, vf *hbuf, vf *ebuf, vf *dbuf, vf *sbuf
+#define CHUNK_BWD_F32_CALL                                                                                        \
+    t0, steps, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, h0, gy, gdelta, gu, gh, gav, gdv, gbv, \
+        accB, accC, hbuf, ebuf, dbuf, sbuf
+
+static void chunk_bwd_f32_full(CHUNK_BWD_F32_ARGS) { chunk_bwd_f32(CHUNK_BWD_F32_CALL, W); }
+static void chunk_bwd_f32_part(CHUNK_BWD_F32_ARGS, int64_t w) { chunk_bwd_f32(CHUNK_BWD_F32_CALL, w); }
+
+/* Per lane: channel blocks in groups of up to GHMAX / N blocks; per group, chunks from last to first, and per chunk
+ * every block of the group, so that the gB / gC terms of a chunk are summed over the group's channels as vectors
+ * and reduced horizontally once. */
+static void scan_bwd_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T,
+                               const float *delta, const float *u, const float *A, const float *B, const float *C,
+                               int64_t bc_stride, const float *D, const float *bias, int softplus, const float *ckpt,
+                               const float *gy, const float *glast, float *gdelta, float *gu, float *gB, float *gC,
+                               float *gA, float *gD, float *gbias, int64_t lo, int64_t hi) {
+    vf gh[GHMAX], gav[GHMAX], gdv[GHMAX], gbv[GHMAX];
+    vf accB[TNMAX], accC[TNMAX], hbuf[TNMAX], ebuf[TNMAX], dbuf[TNMAX], sbuf[TNMAX];
+    const int64_t row = lanes * P, ckpt_row = lanes * N * P, blocks = (P + W - 1) / W;
+    const int64_t per_group = GHMAX / N > 0 ? GHMAX / N : 1;
+    for (int64_t lane = lo; lane < hi; ++lane) {
+        const int64_t g = lane % G, bc_row = lanes * bc_stride;
+        const float *Bl = B + lane * bc_stride, *Cl = C + lane * bc_stride;
+        for (int64_t b0 = 0; b0 < blocks; b0 += per_group) {
+            const int64_t b1 = b0 + per_group < blocks ? b0 + per_group : blocks;
+            for (int64_t b = b0; b < b1; ++b) {
+                const int64_t p0 = b * W, w = P - p0 < W ? P - p0 : W, st = lane * N * P + p0;
+                for (int64_t n = 0; n < N; ++n) {
+                    gh[(b - b0) * N + n] = glast ? load(glast + st + n * P, w) : splat(0.0f);
+                    gav[(b - b0) * N + n] = splat(0.0f);
+                }
+                gdv[b - b0] = gbv[b - b0] = splat(0.0f);
+            }
+            for (int64_t c = (L - 1) / T; c >= 0; --c) {
+                const int64_t t0 = c * T, steps = L - t0 < T ? L - t0 : T;
+                for (int64_t k = 0; k < steps * N; ++k) accB[k] = accC[k] = splat(0.0f);
+                for (int64_t b = b0; b < b1; ++b) {
+                    const int64_t p0 = b * W, off = lane * P + p0, st = lane * N * P + p0, j = b - b0;
+                    const float *Dg = D ? D + g * P + p0 : 0, *bg = bias ? bias + g * P + p0 : 0;
+#define ARGS t0, steps, P, N, row, bc_row, delta + off, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,  \
+             ckpt + c * ckpt_row + st, gy + off, gdelta + off, gu + off, gh + j * N, gav + j * N, gdv + j, gbv + j, \
+             accB, accC, hbuf, ebuf, dbuf, sbuf
+                    if (P - p0 >= W)
+                        chunk_bwd_f32_full(ARGS);
+                    else
+                        chunk_bwd_f32_part(ARGS, P - p0);
+#undef ARGS
+                }
+                for (int64_t s = 0; s < steps; ++s) {
+                    float *gbt = gB + ((t0 + s) * lanes + lane) * N, *gct = gC + ((t0 + s) * lanes + lane) * N;
+                    for (int64_t n = 0; n < N; ++n) {
+                        gbt[n] += hsum(accB[s * N + n]);
+                        gct[n] += hsum(accC[s * N + n]);
+                    }
+                }
+            }
+            for (int64_t b = b0; b < b1; ++b) {
+                const int64_t p0 = b * W, w = P - p0 < W ? P - p0 : W, st = lane * N * P + p0, j = b - b0;
+                for (int64_t n = 0; n < N; ++n) store(gA + st + n * P, gav[j * N + n], w);
+                store(gD + lane * P + p0, gdv[j], w);
+                store(gbias + lane * P + p0, gbv[j], w);
+            }
+        }
+    }
+}
+
+/* float64: the same backward, scalar, with the C library's exp and log1p. */
+static void scan_bwd_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T,
+                               const double *delta, const double *u, const double *A, const double *B,
+                               const double *C, int64_t bc_stride, const double *D, const double *bias, int softplus,
+                               const double *ckpt, const double *gy, const double *glast, double *gdelta, double *gu,
+                               double *gB, double *gC, double *gA, double *gD, double *gbias, int64_t lo, int64_t hi) {
+    double hbuf[TNMAX], ebuf[TNMAX], dbuf[TNMAX], sbuf[TNMAX], gh[NMAX], gav[NMAX];
+    const int64_t row = lanes * P, ckpt_row = lanes * N * P;
+    for (int64_t lane = lo; lane < hi; ++lane) {
+        const int64_t g = lane % G;
+        for (int64_t p = 0; p < P; ++p) {
+            const int64_t st = lane * N * P + p;
+            const double *ap = A + g * N * P + p;
+            const double bi = bias ? bias[g * P + p] : 0.0, dk = D ? D[g * P + p] : 0.0;
+            double gdv = 0.0, gbv = 0.0;
+            for (int64_t n = 0; n < N; ++n) {
+                gh[n] = glast ? glast[st + n * P] : 0.0;
+                gav[n] = 0.0;
+            }
+            for (int64_t c = (L - 1) / T; c >= 0; --c) {
+                const int64_t t0 = c * T, steps = L - t0 < T ? L - t0 : T;
+                const double *h0 = ckpt + c * ckpt_row + st;
+                for (int64_t s = 0; s < steps; ++s) {
+                    const int64_t t = t0 + s;
+                    const double *bt = B + (t * lanes + lane) * bc_stride;
+                    const double x = bi + delta[t * row + lane * P + p];
+                    double d = x, sg = 1.0;
+                    if (softplus) {
+                        const double e = exp(-fabs(x));
+                        d = (x > 0.0 ? x : 0.0) + log1p(e);
+                        sg = x > 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+                    }
+                    dbuf[s] = d;
+                    sbuf[s] = sg;
+                    const double du = d * u[t * row + lane * P + p];
+                    for (int64_t n = 0; n < N; ++n) {
+                        const double e = exp(d * ap[n * P]), hp = s ? hbuf[(s - 1) * N + n] : h0[n * P];
+                        ebuf[s * N + n] = e;
+                        hbuf[s * N + n] = e * hp + du * bt[n];
+                    }
+                }
+                for (int64_t s = steps - 1; s >= 0; --s) {
+                    const int64_t t = t0 + s, at = t * row + lane * P + p;
+                    const double *bt = B + (t * lanes + lane) * bc_stride, *ct = C + (t * lanes + lane) * bc_stride;
+                    double *gbt = gB + (t * lanes + lane) * N, *gct = gC + (t * lanes + lane) * N;
+                    const double gyt = gy[at], ut = u[at], d = dbuf[s], du = d * ut;
+                    double gdu = 0.0, gd = 0.0;
+                    for (int64_t n = 0; n < N; ++n) {
+                        const double gn = gh[n] + ct[n] * gyt, e = ebuf[s * N + n];
+                        const double hp = s ? hbuf[(s - 1) * N + n] : h0[n * P];
+                        gct[n] += hbuf[s * N + n] * gyt;
+                        gbt[n] += gn * du;
+                        gdu += bt[n] * gn;
+                        const double gda = gn * hp * e;
+                        gd += gda * ap[n * P];
+                        gav[n] += gda * d;
+                        gh[n] = e * gn;
+                    }
+                    gd += gdu * ut;
+                    gdelta[at] = gd * sbuf[s];
+                    gbv += gdelta[at];
+                    gdv += gyt * ut;
+                    gu[at] = gdu * d + gyt * dk;
+                }
+            }
+            for (int64_t n = 0; n < N; ++n) gA[st + n * P] = gav[n];
+            gD[lane * P + p] = gdv;
+            gbias[lane * P + p] = gbv;
+        }
+    }
+}
+
 /* Exported entry points: the work items lo..hi-1, split over nthreads OpenMP threads when the library is built
  * with -fopenmp (compiled.py links it to the OpenMP runtime PyTorch already loaded, so the kernel runs on the
  * threads that PyTorch's own operators use), else run on the calling thread (the caller splits them). */
@@ -340,10 +575,10 @@ int scan_openmp(void) { return 0; }
 
 void scan_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta, const float *u,
               const float *A, const float *B, const float *C, int64_t bc_stride, const float *D, const float *bias,
-              int softplus, float *y, float *h, const float *dtr, int64_t dt_stride, const float *wdt, int64_t R,
+              int softplus, float *y, float *h, const float *dtr, int64_t dt_stride, const float *wdt, int64_t R, float *ckpt, int64_t T,
               int64_t lo, int64_t hi, int64_t nthreads) {
 #define CALL(a, b) scan_f32_range(L, lanes, G, P, N, delta, u, A, B, C, bc_stride, D, bias, softplus, y, h, dtr, \
-                   dt_stride, wdt, R, a, b)
+                   dt_stride, wdt, R, ckpt, T, a, b)
     PARALLEL_RANGE(nthreads, lo, hi, CALL);
 #undef CALL
 }
@@ -351,9 +586,9 @@ void scan_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const f
 void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const double *delta, const double *u,
               const double *A, const double *B, const double *C, int64_t bc_stride, const double *D,
               const double *bias, int softplus, double *y, double *h, const double *dtr, int64_t dt_stride,
-              const double *wdt, int64_t R, int64_t lo, int64_t hi, int64_t nthreads) {
+              const double *wdt, int64_t R, double *ckpt, int64_t T, int64_t lo, int64_t hi, int64_t nthreads) {
 #define CALL(a, b) scan_f64_range(L, lanes, G, P, N, delta, u, A, B, C, bc_stride, D, bias, softplus, y, h, dtr, \
-                   dt_stride, wdt, R, a, b)
+                   dt_stride, wdt, R, ckpt, T, a, b)
     PARALLEL_RANGE(nthreads, lo, hi, CALL);
 #undef CALL
 }
@@ -386,5 +621,28 @@ void gate_merge_f64(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const
 #undef CALL
 }
 
+void scan_bwd_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T, const float *delta,
+                  const float *u, const float *A, const float *B, const float *C, int64_t bc_stride, const float *D,
+                  const float *bias, int softplus, const float *ckpt, const float *gy, const float *glast,
+                  float *gdelta, float *gu, float *gB, float *gC, float *gA, float *gD, float *gbias, int64_t lo,
+                  int64_t hi, int64_t nthreads) {
+#define CALL(a, b) scan_bwd_f32_range(L, lanes, G, P, N, T, delta, u, A, B, C, bc_stride, D, bias, softplus, ckpt, \
+                   gy, glast, gdelta, gu, gB, gC, gA, gD, gbias, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
+}
+
+void scan_bwd_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T, const double *delta,
+                  const double *u, const double *A, const double *B, const double *C, int64_t bc_stride,
+                  const double *D, const double *bias, int softplus, const double *ckpt, const double *gy,
+                  const double *glast, double *gdelta, double *gu, double *gB, double *gC, double *gA, double *gD,
+                  double *gbias, int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) scan_bwd_f64_range(L, lanes, G, P, N, T, delta, u, A, B, C, bc_stride, D, bias, softplus, ckpt, \
+                   gy, glast, gdelta, gu, gB, gC, gA, gD, gbias, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
+}
+
 int scan_nmax(void) { return NMAX; }
+int scan_tnmax(void) { return TNMAX; }
 int scan_width(void) { return W; }
