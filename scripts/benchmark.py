@@ -6,7 +6,8 @@
 
 Ratios printed:
 - fast scan forward+backward vs the sequential reference (``selective_scan_ref``, whose autograd
-  backward is quadratic in L) and vs a sequential loop with a linear backward (``unbind`` slicing);
+  backward is quadratic in L) and vs a sequential loop with a linear backward (``unbind`` slicing); the compiled
+  scan's forward+backward (C kernels, what training runs on CPU) vs both;
 - inference scan forward (L=1024): the compiled C kernel (``compiled`` backend) vs the fast PyTorch scan, and
   the kernel's first-call build time;
 - 256x256 network inference time vs its FLOP floor (default scan backend; also with the ``fast`` scan) = network FLOPs (conv + matmul, counted by
@@ -35,7 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from scripts.cpu_tuning import tune_allocator
-from scripts.ssm import compiled_scan_info, resolve_backend, selective_scan, selective_scan_fast, selective_scan_ref, set_scan_backend
+from scripts.ssm import (
+    compiled_scan_available,
+    compiled_scan_info,
+    resolve_backend,
+    selective_scan,
+    selective_scan_compiled,
+    selective_scan_fast,
+    selective_scan_ref,
+    set_scan_backend,
+)
 
 __all__ = ["matmul_rate", "network_flops", "time_call", "volume_probe", "network_3d_from_config"]
 
@@ -262,17 +272,22 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
     rate = matmul_rate()
     report("float32 matmul rate (2048^3 GEMM)", f"{rate / 1e9:.1f} GFLOP/s")
 
+    compiled = compiled_scan_available()
     for length in (1024, 4096):
         inputs = scan_inputs(length)
         t_fast = time_fwd_bwd(selective_scan_fast, inputs, repeats=3)
+        t_comp = time_fwd_bwd(selective_scan_compiled, inputs, repeats=3) if compiled else None
         t_loop = time_fwd_bwd(_unbind_loop_scan, inputs, repeats=3)
         report(f"scan fwd+bwd L={length} d_inner=256 N=8: fast", f"{t_fast * 1e3:.1f} ms")
+        if t_comp is not None:
+            report(f"scan fwd+bwd L={length}: compiled (C forward + C backward)", f"{t_comp * 1e3:.1f} ms ({t_fast / t_comp:.1f}x faster than fast)")
         report(f"scan fwd+bwd L={length}: unbind loop (linear backward)", f"{t_loop * 1e3:.1f} ms ({t_loop / t_fast:.1f}x fast)")
         if quick and length > 1024:
             report(f"scan fwd+bwd L={length}: reference loop", "skipped (--quick)")
             continue
         t_ref = time_fwd_bwd(selective_scan_ref, inputs, repeats=1)
-        report(f"scan fwd+bwd L={length}: reference loop (selective_scan_ref)", f"{t_ref:.2f} s -> speed-up {t_ref / t_fast:.1f}x")
+        speedups = f"speed-up {t_ref / t_fast:.1f}x (fast)" + (f", {t_ref / t_comp:.1f}x (compiled)" if t_comp is not None else "")
+        report(f"scan fwd+bwd L={length}: reference loop (selective_scan_ref)", f"{t_ref:.2f} s -> {speedups}")
 
     info = compiled_scan_info()
     report("compiled scan kernel: first-call build + self-check", f"{info['seconds']:.2f} s" if info["available"] else f"unavailable ({info['error']})")
