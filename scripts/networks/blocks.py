@@ -7,12 +7,28 @@ from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
 __all__ = [
+    "pointwise_conv",
     "CrossModalChannelAttention",
     "DilatedGatedConvBlock",
     "FullResolutionRefinement",
     "SourceSelectionOutput",
     "UpStage",
 ]
+
+
+def pointwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a kernel-size-1 convolution module as one matrix product over channels; (B, C, *spatial) -> (B, O, *spatial).
+
+    Same result as ``conv(x)`` (up to summation order) with the module's own weight and bias, so state dicts are
+    unchanged. On CPU, oneDNN's NCHW path re-lays the tensor out around every 1x1 convolution: 11 ms against
+    1.2 ms for the matrix product at 32 channels x 256 x 256 (docs/performance.md).
+    """
+    batch, channels = x.shape[:2]
+    weight = conv.weight.view(1, conv.weight.shape[0], channels).expand(batch, -1, -1)
+    flat = x.reshape(batch, channels, -1)
+    # bmm, not matmul: matmul folds a 2D weight into one (B * HW, C) product and copies the transposed result
+    y = torch.bmm(weight, flat) if conv.bias is None else torch.baddbmm(conv.bias.view(1, -1, 1), weight, flat)
+    return y.view(batch, -1, *x.shape[2:])
 
 
 class DilatedGatedConvBlock(nn.Module):
@@ -45,7 +61,7 @@ class DilatedGatedConvBlock(nn.Module):
             self.pyramid_conv = conv(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.act(self.query(self.norm_query(x))) * self.act(self.gate(self.norm_gate(x)))
+        u = self.act(self.query(self.norm_query(x))) * self.act(pointwise_conv(self.gate, self.norm_gate(x)))
         v = self.act(self.dilated(self.norm_mid(u)))
         if not self.pyramid:
             return x + v
@@ -67,9 +83,9 @@ class CrossModalChannelAttention(nn.Module):
         self.value = conv(channels, channels, 1, bias=False)
 
     def forward(self, query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        a = self.query(query).flatten(2)
+        a = pointwise_conv(self.query, query).flatten(2)
         weights = torch.sigmoid(a.amax(dim=2) + a.mean(dim=2))
-        return self.value(ref) * weights.view(*weights.shape, *([1] * (ref.dim() - 2)))
+        return pointwise_conv(self.value, ref) * weights.view(*weights.shape, *([1] * (ref.dim() - 2)))
 
 
 class FullResolutionRefinement(nn.Module):
