@@ -181,3 +181,33 @@ def test_3d() -> None:
 def test_shape_errors(fused: torch.Tensor, sources: torch.Tensor) -> None:
     with pytest.raises(ValueError):
         FusionLoss()(fused, sources)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 40, 37), (2, 2, 24, 30), (2, 1, 14, 20, 17)])
+def test_separable_ssim_equals_monai_ssim_loss(shape) -> None:
+    from monai.losses import SSIMLoss
+
+    from scripts.losses import SeparableSSIM
+
+    torch.manual_seed(0)
+    x = torch.rand(shape, requires_grad=True)
+    targets = [torch.rand(shape), (torch.rand(shape) + x.detach()) / 2]
+    spatial_dims = len(shape) - 2
+    monai_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5)
+    expected = torch.stack([1 - monai_loss(x, t) for t in targets])
+    ours = SeparableSSIM(spatial_dims)(x, targets)
+    assert torch.allclose(ours, expected, rtol=0, atol=2e-6)
+    g_ours, g_ref = (torch.autograd.grad(v.sum(), x)[0] for v in (ours, expected))
+    assert (g_ours - g_ref).abs().max() <= 1e-5 * g_ref.abs().max()
+
+
+def test_separable_ssim_filter_matrix_is_the_valid_gaussian_correlation() -> None:
+    from scripts.losses import gaussian_window, valid_filter_matrix
+
+    window = gaussian_window(5, 1.0)
+    signal = torch.randn(12, dtype=torch.float64)
+    expected = torch.nn.functional.conv1d(signal.view(1, 1, -1), window.view(1, 1, -1)).view(-1)
+    assert torch.allclose(valid_filter_matrix(12, window) @ signal, expected, atol=1e-14)
+    assert window.sum().item() == pytest.approx(1.0) and window.argmax().item() == 2
+    with pytest.raises(ValueError, match="window size 5"):
+        valid_filter_matrix(4, window)
