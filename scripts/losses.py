@@ -18,7 +18,7 @@ range 1), which averages the SSIM map over the *valid* windows; the reference co
 instead, so its border windows compare against the padding (a quirk not reproduced here). :class:`SeparableSSIM`
 computes it with the Gaussian window applied as one banded matrix product per axis (the window is an outer product
 of 1D Gaussians) and the fused image's local statistics shared by both sources: the same values as MONAI's
-``SSIMLoss`` (tested), about 5x faster with its backward on CPU, where the full 11x11 single-channel convolution's
+``SSIMLoss`` (tested), about 9x faster with its backward on CPU, where the full 11x11 single-channel convolution's
 backward is slow (docs/performance.md).
 """
 

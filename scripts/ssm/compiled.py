@@ -1,4 +1,4 @@
-"""Compiled selective scan (CPU inference): one fused C kernel, built at run time, with a clean fallback.
+"""Compiled selective scan (CPU): one fused C kernel, built at run time, with a clean fallback.
 
 The ``fast`` backend runs the recurrence as one small PyTorch op per time step (single-threaded, each op
 below PyTorch's parallel grain size) plus separate ops for the softplus, ``exp(delta * A)``, the drive
@@ -18,7 +18,9 @@ error, time-out after :data:`COMPILE_TIMEOUT` s, failed self-check) a warning is
 
 Scope: forward without autograd (``torch.no_grad``/``inference_mode``, or no input requiring grad), CPU
 tensors, float32 (SIMD, Cephes-accurate exp/log, ~1e-7 relative) or float64 (scalar, C library exp and
-log1p), N <= 64. Anything else, training included, runs the ``fast`` backend (and its backward) unchanged.
+log1p), N <= 64. With autograd (training) the scan runs :class:`scripts.ssm.compiled_grad.CompiledSelectiveScan`,
+this forward with stored checkpoints plus the C backward of the same library; anything else (other devices,
+N > 64, no kernel) runs the ``fast`` backend unchanged.
 Work items (lane x channel block) are split over ``torch.get_num_threads()`` threads: on PyTorch's own OpenMP
 threads when the library could be built with ``-fopenmp`` against the runtime PyTorch loaded (Linux), else
 over a small Python thread pool (ctypes releases the GIL during the call).

@@ -1,4 +1,5 @@
-/* Fused selective-scan forward kernel (inference) for the ``compiled`` backend (scripts/ssm/compiled.py).
+/* Fused selective-scan kernels for the ``compiled`` backend (scripts/ssm/compiled.py, compiled_grad.py): the forward
+ * (inference, and training with checkpoints) and the backward (training), plus two fused mixer steps.
  *
  * Compiled at run time by the system C compiler into a temporary shared library and called through ctypes;
  * plain C99 plus GCC/Clang vector extensions, no PyTorch or Python headers (so it compiles in about a second).
@@ -10,7 +11,8 @@
  * Layout (time-major, as ChunkedSelectiveScan): delta, u, y (L, lanes, P) contiguous, lane = batch * G + group;
  * A (G, N, P); element (t, lane, n) of B and C at (t * lanes + lane) * bc_stride + n; D, bias (G, P) or NULL;
  * h (lanes, N, P): initial state in, last state out. Work items lo..hi-1 of lanes * ceil(P / W) blocks, so
- * that the caller can split the items over threads.
+ * that the caller can split the items over threads. ckpt (ceil(L / T), lanes, N, P) or NULL: the state before every
+ * T-th step is stored there for the backward (scan_bwd_*, below).
  *
  * Low-rank delta (Mamba's dt projection folded in): when dtr is not NULL, delta is not read and
  *     delta_t[p] = sum_r dtr[t, lane, r] * wdt[g, r, p]
