@@ -14,7 +14,8 @@ Ratios printed:
   ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate; and the share of that time
   spent inside the compiled selective scans, whose exponentials the FLOP count leaves out;
 - training: one step (forward, backward, Adam) on a batch of 4 random 128x128 crops with the paper's loss, as
-  pairs per second, and the Harvard train-split epoch (446 pairs, 112 steps) it implies; then one real epoch of
+  pairs per second and against its own FLOP floor (forward + backward conv and matmul FLOPs / matmul rate), and
+  the Harvard train-split epoch (446 pairs, 112 steps) it implies; then one real epoch of
   ``configs/train.json`` on the Harvard train split, timed (``--no-epoch`` skips it; needs ``../shared/data``);
 - 3D: one 128^3 volume pair fused whole by the 3D network of ``configs/inference_3d.json``, timed in a fresh
   process whose peak resident memory (``ru_maxrss``, model and input included) is reported (``--no-3d`` skips it).
@@ -184,6 +185,25 @@ def training_step_seconds(batch: int = 4, crop: int = 128, repeats: int = 3) -> 
     return time_call(step, repeats=repeats, warmup=1)
 
 
+def training_step_flops(batch: int = 4, crop: int = 128) -> int:
+    """Conv + matmul FLOPs of one training step's forward and backward (network and loss), ``fast`` scan backend
+    as in :func:`network_flops`; the Adam update (element-wise) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.losses import FusionLoss
+
+    net, loss_fn = network_2d_from_config().train(), FusionLoss()
+    image = torch.rand(batch, 2, crop, crop)
+    counter = FlopCounterMode(display=False)
+    set_scan_backend("fast")
+    try:
+        with counter:
+            loss_fn(net(image), image).backward()
+    finally:
+        set_scan_backend(None)
+    return counter.get_total_flops()
+
+
 def training_epoch_seconds(output_dir: str | Path, **override) -> float:
     """Wall time of one real training epoch of ``configs/train.json`` (no validation), from its epoch log.
 
@@ -321,6 +341,8 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
     t_step = training_step_seconds()
     steps = -(-HARVARD_TRAIN_PAIRS // 4)
     report("training step, batch 4 x 128x128 crops (fwd + bwd + Adam)", f"{t_step:.2f} s = {4 / t_step:.1f} pairs/s")
+    step_floor = training_step_flops() / rate
+    report("training step FLOPs (fwd + bwd, conv + matmul) and floor ratio", f"{step_floor * rate / 1e9:.1f} GFLOP: {t_step / step_floor:.2f}x the floor ({step_floor:.3f} s)")
     report(f"Harvard train epoch estimate ({HARVARD_TRAIN_PAIRS} pairs, {steps} steps x timed step)", f"{steps * t_step / 60:.1f} min")
     if epoch:
         harvard = BUNDLE_ROOT.parent / "shared" / "data" / "harvard"

@@ -25,6 +25,14 @@ def test_volume_probe_reports_time_flops_and_peak_memory():
     assert 6.0 < large / small < 9.0
 
 
+def test_training_step_flops_count_forward_and_backward():
+    from scripts.benchmark import network_2d_from_config, network_flops, training_step_flops
+
+    forward = network_flops(network_2d_from_config().eval(), torch.rand(1, 2, 32, 32))
+    step = training_step_flops(batch=1, crop=32)
+    assert 2.5 * forward < step < 3.5 * forward  # backward: about twice the forward's products
+
+
 def test_training_step_timing_runs_a_real_step():
     from scripts.benchmark import training_step_seconds
 
