@@ -2,7 +2,7 @@
 
 The ``fast`` backward runs a few small PyTorch ops per time step and chunk (thousands per training step). Here the
 forward is the inference kernel of :mod:`scripts.ssm.compiled` with the softplus, delta bias and D skip folded in,
-which also stores the state before every ``T``-th step (``T * N`` <= 512, a few MB for a training batch). The
+which also stores the state before every ``T``-th step (``T * N`` <= 256, a few MB for a training batch). The
 backward (``scan_bwd_*`` in ``scan_kernel.c``) walks the chunks of ``T`` steps from last to first: it recomputes
 the chunk's states from its checkpoint into a buffer that stays in cache and runs the adjoint recurrence back
 through it, producing the gradients of delta (through the softplus), u, A, B, C, D and the delta bias in one pass,
