@@ -1,4 +1,5 @@
-"""Short device check: scan backends against the reference on the device, then fusion latency.
+"""Short device check: scan backends (``fast``, ``chunked``, and ``mamba_ssm`` when installed) against the reference on
+the device, then fusion latency.
 
     python -m scripts.gpu_check          # on a CUDA machine: 2D 256x256 and 3D 128^3 latency (a few minutes)
     python -m scripts.gpu_check --dry    # anywhere: the same steps on tiny sizes on the CPU (CI runs this)
@@ -39,7 +40,7 @@ def check_backends(device: torch.device, length: int = 512, tol: float = 1e-4) -
     z = torch.randn(batch, dim, length, generator=g, dtype=torch.float64)
     bias = torch.randn(dim, generator=g, dtype=torch.float64)
     ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, True)
-    names = ["fast"] + (["mamba_ssm"] if device.type == "cuda" and mamba_ssm_available() else [])
+    names = ["fast", "chunked"] + (["mamba_ssm"] if device.type == "cuda" and mamba_ssm_available() else [])
     ok = True
     for name in names:
         args = [t.to(device=device, dtype=torch.float32) for t in (u, delta, A, B, C, D, z, bias)]

@@ -9,6 +9,9 @@ One entry point, :func:`selective_scan`, with ``mamba_ssm.selective_scan_fn`` se
   (:mod:`scripts.ssm.compiled`) and forward + backward for training (:mod:`scripts.ssm.compiled_grad`), on CPU;
   ``auto`` picks it on CPU when it builds, else ``fast``;
 - ``mamba_ssm``: the fused CUDA kernel, used by ``auto`` when mamba_ssm imports and tensors are on CUDA;
+- ``chunked``: pure PyTorch, each chunk of steps in closed form (Mamba-2's segment sums), a constant number of
+  ops per chunk and none per step (:mod:`scripts.ssm.chunked`); with autograd it runs ``fast``. ``auto`` uses
+  it on CUDA when mamba_ssm is not installed, so a GPU never launches one small kernel per time step;
 - ``export``: a TorchScript loop that tracing and ONNX export keep as a run-time loop (no backward;
   set by :func:`scripts.export.prepare_export`).
 
@@ -30,6 +33,7 @@ from .compiled import (
     scan_time_major_kernel,
     selective_scan_compiled,
 )
+from .chunked import chunked_or_fast_time_major, selective_scan_chunked
 from .compiled_grad import kernel_trainable, scan_time_major_trainable
 from .cuda import mamba_ssm_available, mamba_ssm_scan
 from .export import selective_scan_export, selective_scan_export_time_major
@@ -44,6 +48,7 @@ __all__ = [
     "resolve_backend",
     "selective_scan",
     "selective_scan_backend_name",
+    "selective_scan_chunked",
     "selective_scan_compiled",
     "selective_scan_fast",
     "selective_scan_time_major",
@@ -57,6 +62,7 @@ BACKENDS = {
     "fast": selective_scan_fast,
     "compiled": selective_scan_compiled,
     "mamba_ssm": mamba_ssm_scan,
+    "chunked": selective_scan_chunked,
     "export": selective_scan_export,
 }
 _DETAILS = {
@@ -64,6 +70,7 @@ _DETAILS = {
     "compiled": "fused C kernels, forward and backward",
     "reference": "sequential reference",
     "mamba_ssm": "CUDA kernel",
+    "chunked": "closed-form chunks, no per-step ops; fast scan with autograd",
     "export": "TorchScript loop",
 }
 
@@ -73,7 +80,8 @@ _logged: set[tuple[str, str]] = set()
 
 
 def set_scan_backend(name: str | None) -> None:
-    """Set the process-wide backend (``auto``, ``fast``, ``compiled``, ``reference``, ``mamba_ssm``, ``export``; None resets)."""
+    """Set the process-wide backend (``auto``, ``fast``, ``compiled``, ``chunked``, ``reference``, ``mamba_ssm``, ``export``;
+    None resets)."""
     global _default_backend
     if name is not None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -85,12 +93,12 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
     name = backend or _default_backend or os.environ.get(ENV_VAR) or "auto"
     if name == "auto":
         if torch.device(device).type == "cuda":
-            name = "mamba_ssm" if mamba_ssm_available() else "fast"
+            name = "mamba_ssm" if mamba_ssm_available() else "chunked"
         else:
             name = "compiled" if compiled_scan_available() else "fast"
     if name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r} (from argument, set_scan_backend or ${ENV_VAR})")
-    if name in ("fast", "compiled", "mamba_ssm") and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+    if name in ("fast", "compiled", "mamba_ssm", "chunked") and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
         raise RuntimeError(
             f"the {name!r} scan backend cannot be traced or exported; prepare the network with "
             "scripts.export.prepare_export(net) or use scripts.export.ExportableClinicalFMamba (docs/export.md)"
@@ -135,7 +143,7 @@ def selective_scan_time_major(
             ``compiled`` kernel computes on the fly instead of materialising it.
 
     Returns:
-        y (L, batch, G, P). The ``fast`` and ``compiled`` backends work in this layout directly; the others get
+        y (L, batch, G, P). The ``fast``, ``compiled`` and ``chunked`` backends work in this layout directly; the others get
         mamba_ssm's (batch, G*P, L) layout and their result is transposed back.
     """
     name = resolve_backend(backend, u.device)
@@ -149,16 +157,19 @@ def selective_scan_time_major(
     if name == "export":
         return selective_scan_export_time_major(u, delta, A, B, C, D, delta_bias, delta_softplus)
     length, batch, groups, per_group = u.shape
-    if name in ("fast", "compiled"):
+    if name in ("fast", "compiled", "chunked"):
         compute = torch.promote_types(u.dtype, torch.float32)
         u, delta = u.to(compute), delta.to(compute)
         if delta_bias is not None:
             delta = delta + delta_bias.to(compute)
         if delta_softplus:
             delta = torch.nn.functional.softplus(delta)
-        y, _ = ChunkedSelectiveScan.apply(
-            delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute).contiguous(), C.to(compute).contiguous(), DEFAULT_CHUNK
-        )
+        if name == "chunked":
+            y = chunked_or_fast_time_major(delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute), C.to(compute))
+        else:
+            y, _ = ChunkedSelectiveScan.apply(
+                delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute).contiguous(), C.to(compute).contiguous(), DEFAULT_CHUNK
+            )
         return y if D is None else y + u * D.to(compute)
 
     def channels_first(x):  # (L, batch, G, P) -> (batch, G*P, L)

@@ -1,0 +1,121 @@
+"""Chunked closed-form selective scan: a constant number of tensor ops per chunk of T steps, none per step.
+
+For GPUs without mamba_ssm. The ``fast`` scan's recurrence is one small op per time step, which on a GPU is one
+kernel launch per step; here each chunk of T steps is solved in closed form with the segment-sum formulation of
+Mamba-2's SSD. With ``dA_t = delta_t * A`` (per channel and state) and ``x_t = delta_t u_t B_t``::
+
+    S[t, s] = sum_{r = s+1}^{t} dA_r          (s <= t; a cumulative sum of a masked T x T matrix, no subtraction)
+    h_t     = exp(S[t, -1]) h_0 + sum_{s <= t} exp(S[t, s]) x_s
+    y_t     = <C_t, h_t>
+
+``S[t, s] <= 0`` for ``delta >= 0`` and ``A <= 0``, so every exponential lies in (0, 1]: no overflow for any step
+size (unlike closed forms that divide by ``exp(cumsum)``), and the segment sums are formed by cumulative sums of
+the masked steps rather than differences of prefix sums, so long chunks lose no precision to cancellation. The
+cost is T times the state per chunk (T * N * channels values); T is chosen so that a chunk's (T, T) decay block
+stays under :data:`CHUNK_BUDGET` values.
+
+Without autograd (inference) this is what the ``chunked`` backend runs. With autograd it runs the ``fast`` scan
+and its backward (memory linear in L) instead, because the closed form's autograd graph would keep T times the
+state per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fast import DEFAULT_CHUNK, ChunkedSelectiveScan, selective_scan_fast
+from .reference import prepare_inputs
+
+__all__ = ["CHUNK_BUDGET", "chunk_length", "chunked_scan_time_major", "selective_scan_chunked"]
+
+#: upper bound on the values of one chunk's (T, T) decay block: batch * G * N * P * T * T (64 MB in float32)
+CHUNK_BUDGET = 2**24
+
+
+def chunk_length(length: int, state_values: int, budget: int = CHUNK_BUDGET) -> int:
+    """Largest power of two T <= 64 (and <= length, at least 1) with ``state_values * T * T <= budget``."""
+    t = 64
+    while t > 1 and (t > length or state_values * t * t > budget):
+        t //= 2
+    return t
+
+
+def _segment_sums(dA: torch.Tensor) -> torch.Tensor:
+    """(T, ...) steps -> (T, T, ...) with [t, s] = sum_{r=s+1}^{t} dA_r for s <= t and -inf above the diagonal."""
+    steps = dA.shape[0]
+    lower = torch.ones(steps, steps, dtype=torch.bool, device=dA.device).tril(-1)  # r > s
+    shape = (steps, steps) + (1,) * (dA.dim() - 1)
+    terms = dA.unsqueeze(1).expand(steps, steps, *dA.shape[1:]).masked_fill(~lower.view(shape), 0.0)  # [r, s]
+    sums = terms.cumsum(0)  # [t, s] = sum_{s < r <= t} dA_r
+    return sums.masked_fill(~lower.logical_or(torch.eye(steps, dtype=torch.bool, device=dA.device)).view(shape), float("-inf"))
+
+
+def chunked_scan_time_major(delta, u, A, B, C, h0=None, chunk: int | None = None):
+    """Closed-form chunked scan (no D skip, no gate), time-major; shapes as
+    :class:`scripts.ssm.fast.ChunkedSelectiveScan`: delta, u (L, batch, G, P); A (G, P, N); B, C (L, batch, G, N);
+    h0 (batch, G, N, P) or None. Returns y (L, batch, G, P) and the last state (batch, G, N, P)."""
+    length, batch, groups, per_group = u.shape
+    n_state = A.shape[-1]
+    a_t = A.transpose(-1, -2)  # (G, N, P)
+    steps = chunk or chunk_length(length, batch * groups * n_state * per_group)
+    h = u.new_zeros(batch, groups, n_state, per_group) if h0 is None else h0
+    y = torch.empty_like(u)
+    for t0 in range(0, length, steps):
+        t1 = min(t0 + steps, length)
+        d = delta[t0:t1].unsqueeze(-2)  # (T, b, G, 1, P)
+        dA = d * a_t  # (T, b, G, N, P)
+        x = (d * u[t0:t1].unsqueeze(-2)) * B[t0:t1].unsqueeze(-1)  # (T, b, G, N, P)
+        decay = _segment_sums(dA).exp_()  # (T, T, b, G, N, P): [t, s] = exp(sum_{s<r<=t} dA_r), 0 for s > t
+        states = (decay * x.unsqueeze(0)).sum(1) + dA.cumsum(0).exp_() * h  # (T, b, G, N, P)
+        y[t0:t1] = (C[t0:t1].unsqueeze(-1) * states).sum(-2)
+        h = states[-1]
+    return y, h
+
+
+def selective_scan_chunked(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, chunk=None
+):
+    """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`):
+    the closed-form chunked scan without autograd, :func:`scripts.ssm.fast.selective_scan_fast` with it."""
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dtype_in = u.dtype
+    compute, u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    groups, n_state = B.shape[1], A.shape[1]
+    if dim % groups != 0:
+        raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
+    per_group = dim // groups
+
+    def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
+        return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
+
+    y, last = chunked_scan_time_major(
+        time_major(delta),
+        time_major(u),
+        A.reshape(groups, per_group, n_state),
+        B.to(compute).permute(3, 0, 1, 2),
+        C.to(compute).permute(3, 0, 1, 2),
+        chunk=chunk,
+    )
+    y = y.reshape(length, batch, dim).permute(1, 2, 0)
+    if D is not None:
+        y = y + u * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    y = y.to(dtype_in)
+    if return_last_state:
+        return y, last.transpose(-1, -2).reshape(batch, dim, n_state)
+    return y
+
+
+def chunked_or_fast_time_major(delta, u, A, B, C):
+    """The mixers' time-major core for the ``chunked`` backend: closed form without autograd, else the ``fast``
+    scan's autograd function. Returns y (L, batch, G, P)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (delta, u, A, B, C)):
+        return ChunkedSelectiveScan.apply(delta, u, A, B.contiguous(), C.contiguous(), DEFAULT_CHUNK)[0]
+    return chunked_scan_time_major(delta, u, A, B, C)[0]
