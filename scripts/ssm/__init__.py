@@ -10,8 +10,8 @@ One entry point, :func:`selective_scan`, with ``mamba_ssm.selective_scan_fn`` se
   ``auto`` picks it on CPU when it builds, else ``fast``;
 - ``mamba_ssm``: the fused CUDA kernel, used by ``auto`` when mamba_ssm imports and tensors are on CUDA;
 - ``chunked``: pure PyTorch, each chunk of steps in closed form (Mamba-2's segment sums), a constant number of
-  ops per chunk and none per step (:mod:`scripts.ssm.chunked`); with autograd it runs ``fast``. ``auto`` uses
-  it on CUDA when mamba_ssm is not installed, so a GPU never launches one small kernel per time step;
+  ops per chunk and none per step, forward and backward (:mod:`scripts.ssm.chunked`). ``auto`` uses it on CUDA
+  when mamba_ssm is not installed, so a GPU never launches one small kernel per time step;
 - ``export``: a TorchScript loop that tracing and ONNX export keep as a run-time loop (no backward;
   set by :func:`scripts.export.prepare_export`).
 
@@ -33,7 +33,7 @@ from .compiled import (
     scan_time_major_kernel,
     selective_scan_compiled,
 )
-from .chunked import chunked_or_fast_time_major, selective_scan_chunked
+from .chunked import chunked_time_major, selective_scan_chunked
 from .compiled_grad import kernel_trainable, scan_time_major_trainable
 from .cuda import mamba_ssm_available, mamba_ssm_scan
 from .export import selective_scan_export, selective_scan_export_time_major
@@ -70,7 +70,7 @@ _DETAILS = {
     "compiled": "fused C kernels, forward and backward",
     "reference": "sequential reference",
     "mamba_ssm": "CUDA kernel",
-    "chunked": "closed-form chunks, no per-step ops; fast scan with autograd",
+    "chunked": "closed-form chunks, no per-step ops",
     "export": "TorchScript loop",
 }
 
@@ -165,7 +165,7 @@ def selective_scan_time_major(
         if delta_softplus:
             delta = torch.nn.functional.softplus(delta)
         if name == "chunked":
-            y = chunked_or_fast_time_major(delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute), C.to(compute))
+            y = chunked_time_major(delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute), C.to(compute))
         else:
             y, _ = ChunkedSelectiveScan.apply(
                 delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute).contiguous(), C.to(compute).contiguous(), DEFAULT_CHUNK

@@ -14,20 +14,20 @@ the masked steps rather than differences of prefix sums, so long chunks lose no 
 cost is T times the state per chunk (T * N * channels values); T is chosen so that a chunk's (T, T) decay block
 stays under :data:`CHUNK_BUDGET` values.
 
-Without autograd (inference) this is what the ``chunked`` backend runs. With autograd it runs the ``fast`` scan
-and its backward (memory linear in L) instead, because the closed form's autograd graph would keep T times the
-state per step.
+With autograd, :class:`ClosedFormChunkScan` keeps only the state before each chunk and recomputes one chunk at a
+time in the backward (from the last chunk to the first), so memory stays linear in L plus one chunk's graph, and
+the backward, too, is a constant number of tensor ops per chunk.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .fast import DEFAULT_CHUNK, ChunkedSelectiveScan, selective_scan_fast
 from .reference import prepare_inputs
 
-__all__ = ["CHUNK_BUDGET", "chunk_length", "chunked_scan_time_major", "selective_scan_chunked"]
+__all__ = ["CHUNK_BUDGET", "ClosedFormChunkScan", "chunk_length", "chunked_scan_time_major", "chunked_time_major", "selective_scan_chunked"]
 
 #: upper bound on the values of one chunk's (T, T) decay block: batch * G * N * P * T * T (64 MB in float32)
 CHUNK_BUDGET = 2**24
@@ -51,8 +51,19 @@ def _segment_sums(dA: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~lower.logical_or(torch.eye(steps, dtype=torch.bool, device=dA.device)).view(shape), float("-inf"))
 
 
+def _chunk_closed_form(d, u, a_t, B, C, h):
+    """One chunk: d, u (T, b, G, P); a_t (G, N, P); B, C (T, b, G, N); h (b, G, N, P) the state before the chunk.
+    Returns y (T, b, G, P) and the state after the chunk."""
+    d = d.unsqueeze(-2)  # (T, b, G, 1, P)
+    dA = d * a_t  # (T, b, G, N, P)
+    x = (d * u.unsqueeze(-2)) * B.unsqueeze(-1)  # (T, b, G, N, P)
+    decay = _segment_sums(dA).exp()  # (T, T, b, G, N, P): [t, s] = exp(sum_{s<r<=t} dA_r), 0 for s > t
+    states = (decay * x.unsqueeze(0)).sum(1) + dA.cumsum(0).exp() * h  # (T, b, G, N, P)
+    return (C.unsqueeze(-1) * states).sum(-2), states[-1]
+
+
 def chunked_scan_time_major(delta, u, A, B, C, h0=None, chunk: int | None = None):
-    """Closed-form chunked scan (no D skip, no gate), time-major; shapes as
+    """Closed-form chunked scan (no D skip, no gate), time-major, no autograd graph kept across chunks; shapes as
     :class:`scripts.ssm.fast.ChunkedSelectiveScan`: delta, u (L, batch, G, P); A (G, P, N); B, C (L, batch, G, N);
     h0 (batch, G, N, P) or None. Returns y (L, batch, G, P) and the last state (batch, G, N, P)."""
     length, batch, groups, per_group = u.shape
@@ -63,24 +74,61 @@ def chunked_scan_time_major(delta, u, A, B, C, h0=None, chunk: int | None = None
     y = torch.empty_like(u)
     for t0 in range(0, length, steps):
         t1 = min(t0 + steps, length)
-        d = delta[t0:t1].unsqueeze(-2)  # (T, b, G, 1, P)
-        dA = d * a_t  # (T, b, G, N, P)
-        x = (d * u[t0:t1].unsqueeze(-2)) * B[t0:t1].unsqueeze(-1)  # (T, b, G, N, P)
-        decay = _segment_sums(dA).exp_()  # (T, T, b, G, N, P): [t, s] = exp(sum_{s<r<=t} dA_r), 0 for s > t
-        states = (decay * x.unsqueeze(0)).sum(1) + dA.cumsum(0).exp_() * h  # (T, b, G, N, P)
-        y[t0:t1] = (C[t0:t1].unsqueeze(-1) * states).sum(-2)
-        h = states[-1]
+        y[t0:t1], h = _chunk_closed_form(delta[t0:t1], u[t0:t1], a_t, B[t0:t1], C[t0:t1], h)
     return y, h
+
+
+class ClosedFormChunkScan(torch.autograd.Function):
+    """:func:`chunked_scan_time_major` with a memory-lean backward: the forward keeps only the state before each
+    chunk; the backward recomputes one chunk at a time (last to first) from its stored state and back-propagates
+    through it, carrying the state's gradient to the previous chunk. Memory: the boundary states plus one chunk's
+    graph; a constant number of tensor ops per chunk, none per step. Inputs as :func:`chunked_scan_time_major`
+    (without h0) plus ``chunk``; returns y and the last state."""
+
+    @staticmethod
+    def forward(ctx, delta, u, A, B, C, chunk: int | None = None):
+        length, batch, groups, per_group = u.shape
+        n_state = A.shape[-1]
+        steps = chunk or chunk_length(length, batch * groups * n_state * per_group)
+        a_t = A.transpose(-1, -2)
+        h = u.new_zeros(batch, groups, n_state, per_group)
+        y, boundaries = torch.empty_like(u), []
+        for t0 in range(0, length, steps):
+            t1 = min(t0 + steps, length)
+            boundaries.append(h)
+            y[t0:t1], h = _chunk_closed_form(delta[t0:t1], u[t0:t1], a_t, B[t0:t1], C[t0:t1], h)
+            h = h.clone()  # a view would keep the chunk's (T, ...) states alive
+        ctx.save_for_backward(delta, u, A, B, C, *boundaries)
+        ctx.steps = steps
+        return y, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_last):
+        delta, u, A, B, C, *boundaries = ctx.saved_tensors
+        steps, length = ctx.steps, u.shape[0]
+        grad_delta, grad_u = torch.zeros_like(delta), torch.zeros_like(u)
+        grad_B, grad_C, grad_A = torch.zeros_like(B), torch.zeros_like(C), torch.zeros_like(A)
+        carry = torch.zeros_like(boundaries[0]) if grad_last is None else grad_last
+        for index in reversed(range(len(boundaries))):
+            t0 = index * steps
+            t1 = min(t0 + steps, length)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (delta[t0:t1], u[t0:t1], A, B[t0:t1], C[t0:t1], boundaries[index])]
+                d, uu, a, b, c, h = leaves
+                y, h_end = _chunk_closed_form(d, uu, a.transpose(-1, -2), b, c, h)
+                grads = torch.autograd.grad((y, h_end), leaves, (grad_y[t0:t1], carry))
+            grad_delta[t0:t1], grad_u[t0:t1], grad_B[t0:t1], grad_C[t0:t1] = grads[0], grads[1], grads[3], grads[4]
+            grad_A += grads[2]
+            carry = grads[5]
+        return grad_delta, grad_u, grad_A, grad_B, grad_C, None
 
 
 def selective_scan_chunked(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, chunk=None
 ):
-    """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`):
-    the closed-form chunked scan without autograd, :func:`scripts.ssm.fast.selective_scan_fast` with it."""
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`) by
+    the closed-form chunked scan, with autograd through :class:`ClosedFormChunkScan`."""
     dtype_in = u.dtype
     compute, u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
     batch, dim, length = u.shape
@@ -94,13 +142,13 @@ def selective_scan_chunked(
     def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
         return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
 
-    y, last = chunked_scan_time_major(
+    y, last = ClosedFormChunkScan.apply(
         time_major(delta),
         time_major(u),
         A.reshape(groups, per_group, n_state),
         B.to(compute).permute(3, 0, 1, 2),
         C.to(compute).permute(3, 0, 1, 2),
-        chunk=chunk,
+        chunk,
     )
     y = y.reshape(length, batch, dim).permute(1, 2, 0)
     if D is not None:
@@ -113,9 +161,6 @@ def selective_scan_chunked(
     return y
 
 
-def chunked_or_fast_time_major(delta, u, A, B, C):
-    """The mixers' time-major core for the ``chunked`` backend: closed form without autograd, else the ``fast``
-    scan's autograd function. Returns y (L, batch, G, P)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (delta, u, A, B, C)):
-        return ChunkedSelectiveScan.apply(delta, u, A, B.contiguous(), C.contiguous(), DEFAULT_CHUNK)[0]
-    return chunked_scan_time_major(delta, u, A, B, C)[0]
+def chunked_time_major(delta, u, A, B, C):
+    """The mixers' time-major core for the ``chunked`` backend; returns y (L, batch, G, P)."""
+    return ClosedFormChunkScan.apply(delta, u, A, B, C, None)[0]
