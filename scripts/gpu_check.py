@@ -19,7 +19,7 @@ import torch
 from scripts.networks import ClinicalFMamba
 from scripts.ssm import BACKENDS, mamba_ssm_available, resolve_backend, selective_scan_ref
 
-__all__ = ["check_backends", "latency", "main"]
+__all__ = ["check_backends", "latency", "main", "scan_latency"]
 
 
 def _sync(device: torch.device) -> None:
@@ -52,6 +52,32 @@ def check_backends(device: torch.device, length: int = 512, tol: float = 1e-4) -
     return ok
 
 
+def scan_latency(device: torch.device, length: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one float32 scan forward (batch 1, 8 groups x 256 channels, N 8: a 256 x 256 mixer call)
+    for each usable backend on ``device``: the per-step ``fast`` scan against the closed-form ``chunked`` one
+    (and mamba_ssm's kernel when installed)."""
+    g = torch.Generator().manual_seed(1)
+    dim, n, groups = 2048, 8, 8
+    u = torch.randn(1, dim, length, generator=g)
+    delta = torch.rand(1, dim, length, generator=g) * 0.1
+    A = -torch.rand(dim, n, generator=g) * 4
+    B, C = (torch.randn(1, groups, n, length, generator=g) for _ in range(2))
+    args = [t.to(device) for t in (u, delta, A, B, C)]
+    names = ["fast", "chunked"] + (["mamba_ssm"] if device.type == "cuda" and mamba_ssm_available() else [])
+    seconds = {}
+    with torch.inference_mode():
+        for name in names:
+            times = []
+            for i in range(repeats + 1):
+                _sync(device)
+                start = time.perf_counter()
+                BACKENDS[name](*args, None, None, None, False, False)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            seconds[name] = statistics.median(times[1:])
+    return seconds
+
+
 def latency(net: torch.nn.Module, shape: tuple[int, ...], device: torch.device, repeats: int) -> float:
     """Median seconds of one forward pass (after a warm-up) on a random pair of ``shape``."""
     x = torch.rand(*shape, device=device)
@@ -75,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; scan backend for this device: {resolve_backend(None, device)}")
     ok = check_backends(device, length=64 if args.dry else 1024)
+    length = 64 if args.dry else 1024
+    for name, seconds in scan_latency(device, length, repeats=1 if args.dry else 5).items():
+        print(f"scan latency {name:<10} L={length}, 8 groups x 256 channels, N 8: {seconds * 1e3:.2f} ms")
     if args.dry:
         tiny = dict(features=(8, 8, 16), depth=1, decoder_depth=1, d_state=4, swap_d_state=4)
         runs = [("2D 32x32 (tiny)", ClinicalFMamba(**tiny), (1, 2, 32, 32)),

@@ -5,6 +5,7 @@ def test_gpu_check_dry_mode_runs_on_cpu(capsys):
     assert main(["--dry"]) == 0
     out = capsys.readouterr().out
     assert "scan backend fast" in out and "GPU check: PASS" in out and "latency 3D" in out
+    assert "scan backend chunked" in out and "scan latency chunked" in out
 
 
 def test_backend_check_detects_a_wrong_backend(monkeypatch):

@@ -135,7 +135,8 @@ def test_auto_picks_chunked_on_cuda_without_mamba_ssm(monkeypatch):
 
 
 def test_chunk_length_respects_the_budget():
-    assert chunk_length(1024, 16384) == 32  # 16384 * 32 * 32 = 2^24
+    assert chunk_length(1024, 16384) == 16  # 16384 * 16 * 16 = 2^22 <= 2^23 < 16384 * 32 * 32
     assert chunk_length(10, 100) == 8  # not longer than the sequence
     assert chunk_length(4096, 2**24) == 1  # a huge state still gets one step per chunk
-    assert chunk_length(4096, 2**20) == 4
+    assert chunk_length(4096, 2**20) == 2
+    assert chunk_length(1024, 16384, budget=2**24) == 32
