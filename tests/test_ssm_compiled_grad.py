@@ -7,7 +7,6 @@ import scripts.ssm.compiled as compiled
 import scripts.ssm.compiled_grad as compiled_grad
 from scripts.ssm import (
     compiled_scan_available,
-    compiled_scan_info,
     selective_scan_compiled,
     selective_scan_fast,
     selective_scan_ref,
@@ -16,8 +15,7 @@ from scripts.ssm import (
 )
 from scripts.ssm.compiled_grad import CompiledSelectiveScan, checkpoint_interval
 from test_ssm import make_inputs, rel_err
-
-needs_kernel = pytest.mark.skipif(not compiled_scan_available(), reason=f"kernel not built: {compiled_scan_info()['error']}")
+from test_ssm_compiled import needs_kernel
 
 
 def leaves(inputs, dtype=None):

@@ -22,10 +22,9 @@ the backward, too, is a constant number of tensor ops per chunk.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .reference import prepare_inputs
+from .reference import scan_channels_first
 
 __all__ = ["CHUNK_BUDGET", "ClosedFormChunkScan", "chunk_length", "chunked_scan_time_major", "chunked_time_major", "selective_scan_chunked"]
 
@@ -64,10 +63,11 @@ def _chunk_closed_form(d, u, a_t, B, C, h):
     return (C.unsqueeze(-1) * states).sum(-2), states[-1]
 
 
-def chunked_scan_time_major(delta, u, A, B, C, h0=None, chunk: int | None = None):
+def chunked_scan_time_major(delta, u, A, B, C, h0=None, chunk: int | None = None, boundaries: list | None = None):
     """Closed-form chunked scan (no D skip, no gate), time-major, no autograd graph kept across chunks; shapes as
     :class:`scripts.ssm.fast.ChunkedSelectiveScan`: delta, u (L, batch, G, P); A (G, P, N); B, C (L, batch, G, N);
-    h0 (batch, G, N, P) or None. Returns y (L, batch, G, P) and the last state (batch, G, N, P)."""
+    h0 (batch, G, N, P) or None; ``boundaries``: a list that receives the state before each chunk. Returns
+    y (L, batch, G, P) and the last state (batch, G, N, P)."""
     length, batch, groups, per_group = u.shape
     n_state = A.shape[-1]
     a_t = A.transpose(-1, -2)  # (G, N, P)
@@ -76,7 +76,10 @@ def chunked_scan_time_major(delta, u, A, B, C, h0=None, chunk: int | None = None
     y = torch.empty_like(u)
     for t0 in range(0, length, steps):
         t1 = min(t0 + steps, length)
+        if boundaries is not None:
+            boundaries.append(h)
         y[t0:t1], h = _chunk_closed_form(delta[t0:t1], u[t0:t1], a_t, B[t0:t1], C[t0:t1], h)
+        h = h.clone()  # a view of the chunk's (T, ...) states would keep them all alive
     return y, h
 
 
@@ -90,16 +93,9 @@ class ClosedFormChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, delta, u, A, B, C, chunk: int | None = None):
         length, batch, groups, per_group = u.shape
-        n_state = A.shape[-1]
-        steps = chunk or chunk_length(length, batch * groups * n_state * per_group)
-        a_t = A.transpose(-1, -2)
-        h = u.new_zeros(batch, groups, n_state, per_group)
-        y, boundaries = torch.empty_like(u), []
-        for t0 in range(0, length, steps):
-            t1 = min(t0 + steps, length)
-            boundaries.append(h)
-            y[t0:t1], h = _chunk_closed_form(delta[t0:t1], u[t0:t1], a_t, B[t0:t1], C[t0:t1], h)
-            h = h.clone()  # a view would keep the chunk's (T, ...) states alive
+        steps = chunk or chunk_length(length, batch * groups * A.shape[-1] * per_group)
+        boundaries: list[torch.Tensor] = []
+        y, h = chunked_scan_time_major(delta, u, A, B, C, chunk=steps, boundaries=boundaries)
         ctx.save_for_backward(delta, u, A, B, C, *boundaries)
         ctx.steps = steps
         return y, h
@@ -131,36 +127,11 @@ def selective_scan_chunked(
 ):
     """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`) by
     the closed-form chunked scan, with autograd through :class:`ClosedFormChunkScan`."""
-    dtype_in = u.dtype
-    compute, u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
-    batch, dim, length = u.shape
-    if B.dim() == 3:
-        B, C = B.unsqueeze(1), C.unsqueeze(1)
-    groups, n_state = B.shape[1], A.shape[1]
-    if dim % groups != 0:
-        raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
-    per_group = dim // groups
 
-    def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
-        return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
+    def core(delta, u, A, B, C):
+        return ClosedFormChunkScan.apply(delta, u, A, B, C, chunk)
 
-    y, last = ClosedFormChunkScan.apply(
-        time_major(delta),
-        time_major(u),
-        A.reshape(groups, per_group, n_state),
-        B.to(compute).permute(3, 0, 1, 2),
-        C.to(compute).permute(3, 0, 1, 2),
-        chunk,
-    )
-    y = y.reshape(length, batch, dim).permute(1, 2, 0)
-    if D is not None:
-        y = y + u * D.to(compute)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(compute))
-    y = y.to(dtype_in)
-    if return_last_state:
-        return y, last.transpose(-1, -2).reshape(batch, dim, n_state)
-    return y
+    return scan_channels_first(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def chunked_time_major(delta, u, A, B, C):

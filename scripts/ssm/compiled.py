@@ -464,15 +464,13 @@ def selective_scan_compiled(
     :func:`scripts.ssm.fast.selective_scan_fast`.
     """
     n_state = A.shape[-1]
-    trainable = False
-    if not _require_kernel and not kernel_applicable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state):
-        from .compiled_grad import kernel_trainable
+    from .compiled_grad import CompiledSelectiveScan, kernel_trainable  # a module that imports this one
 
-        if not kernel_trainable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state):
-            from .fast import selective_scan_fast
+    trainable = not _require_kernel and not kernel_applicable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state)
+    if trainable and not kernel_trainable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state):
+        from .fast import selective_scan_fast
 
-            return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-        trainable = True
+        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype_in = u.dtype
     batch, dim, length = u.shape
     if B.dim() == 3:
@@ -487,8 +485,6 @@ def selective_scan_compiled(
 
     args = (time_major(u), time_major(delta), A.reshape(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2))
     if trainable:
-        from .compiled_grad import CompiledSelectiveScan
-
         y, last = CompiledSelectiveScan.apply(
             args[1], args[0], args[2], args[3], args[4], _grouped(D, groups), _grouped(delta_bias, groups), bool(delta_softplus)
         )

@@ -23,9 +23,8 @@ runs all its scan directions (and both modality streams) as groups of one call.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .reference import prepare_inputs
+from .reference import scan_channels_first
 
 __all__ = ["DEFAULT_CHUNK", "ChunkedSelectiveScan", "selective_scan_fast"]
 
@@ -135,33 +134,9 @@ def selective_scan_fast(
     ``B``/``C`` of shape (batch, G, N, L) split the channels into G groups, which is how a mixer
     runs several scan directions (each with its own A, D, delta bias) in one call.
     """
-    dtype_in = u.dtype
-    compute, u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
-    batch, dim, length = u.shape
-    if B.dim() == 3:
-        B, C = B.unsqueeze(1), C.unsqueeze(1)
-    groups, n_state = B.shape[1], A.shape[1]
-    if dim % groups != 0:
-        raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
-    per_group = dim // groups
+    steps = max(1, int(chunk or DEFAULT_CHUNK))
 
-    def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
-        return x.permute(2, 0, 1).contiguous().view(length, batch, groups, per_group)
+    def core(delta, u, A, B, C):
+        return ChunkedSelectiveScan.apply(delta, u, A, B, C, steps)
 
-    y, last = ChunkedSelectiveScan.apply(
-        time_major(delta),
-        time_major(u),
-        A.reshape(groups, per_group, n_state),
-        B.to(compute).permute(3, 0, 1, 2).contiguous(),
-        C.to(compute).permute(3, 0, 1, 2).contiguous(),
-        max(1, int(chunk or DEFAULT_CHUNK)),
-    )
-    y = y.reshape(length, batch, dim).permute(1, 2, 0)
-    if D is not None:
-        y = y + u * D.to(compute)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(compute))
-    y = y.to(dtype_in)
-    if return_last_state:
-        return y, last.transpose(-1, -2).reshape(batch, dim, n_state)
-    return y
+    return scan_channels_first(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -46,6 +46,46 @@ def prepare_inputs(u, delta, A, delta_bias=None, delta_softplus=False):
     return compute, u, delta, A
 
 
+def scan_channels_first(core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """Shared body of the (batch, dim, L) backends that run a time-major core.
+
+    Applies :func:`prepare_inputs`, splits the channels into the G groups of ``B``/``C`` ((batch, N, L) or
+    (batch, G, N, L)), calls ``core(delta, u, A, B, C)`` on contiguous time-major tensors (delta, u (L, batch, G, P);
+    A (G, P, N); B, C (L, batch, G, N)), which returns y (L, batch, G, P) and the last state (batch, G, N, P), then
+    adds the ``D`` skip and the ``silu(z)`` gate. Returns y (batch, dim, L) in the dtype of ``u`` (and the last state
+    (batch, dim, N) with ``return_last_state``).
+    """
+    dtype_in = u.dtype
+    compute, u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    groups, n_state = B.shape[1], A.shape[1]
+    if dim % groups != 0:
+        raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
+    per_group = dim // groups
+
+    def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
+        return x.permute(2, 0, 1).contiguous().view(length, batch, groups, per_group)
+
+    y, last = core(
+        time_major(delta),
+        time_major(u),
+        A.reshape(groups, per_group, n_state),
+        B.to(compute).permute(3, 0, 1, 2).contiguous(),
+        C.to(compute).permute(3, 0, 1, 2).contiguous(),
+    )
+    y = y.reshape(length, batch, dim).permute(1, 2, 0)
+    if D is not None:
+        y = y + u * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    y = y.to(dtype_in)
+    if return_last_state:
+        return y, last.transpose(-1, -2).reshape(batch, dim, n_state)
+    return y
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
