@@ -224,16 +224,22 @@ def test_mixer_uses_the_fused_kernels_only_without_autograd(monkeypatch):
 
 @needs_kernel
 def test_threads_split_the_work_without_changing_the_result():
-    inputs = detached(make_inputs(2, 96, 200, 8, groups=3, dtype=torch.float32))
+    # 2 x 3 lanes of 40 channels: 3 blocks each (the last partial), 18 work items; 5 and 7 threads split lanes
+    # between threads, and 203 steps end inside a delta-ahead group and a time chunk
+    inputs = detached(make_inputs(2, 120, 203, 8, groups=3, dtype=torch.float32))
     threads = torch.get_num_threads()
+    outputs = []
     try:
-        torch.set_num_threads(1)
-        y1 = selective_scan_compiled(**inputs, delta_softplus=True)
-        torch.set_num_threads(3)
-        y3 = selective_scan_compiled(**inputs, delta_softplus=True)
+        for count in (1, 3, 5, 7):
+            torch.set_num_threads(count)
+            outputs.append(selective_scan_compiled(**inputs, delta_softplus=True, return_last_state=True))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(y1, y3)
+    for y, h in outputs[1:]:
+        assert torch.equal(y, outputs[0][0]) and torch.equal(h, outputs[0][1])
+    y_ref, h_ref = selective_scan_ref(**detached(inputs, torch.float64), delta_softplus=True, return_last_state=True)
+    assert rel_err(outputs[0][0].double(), y_ref) <= 2e-6
+    assert rel_err(outputs[0][1].double(), h_ref) <= 2e-6
 
 
 @needs_kernel

@@ -86,12 +86,13 @@ def test_backward_float32_close_to_float64_reference(kernel_calls):
 
 
 @needs_kernel
-@pytest.mark.parametrize("every", [1, 5, 64])
-def test_checkpoint_interval_does_not_change_the_gradients(every):
+@pytest.mark.parametrize("dtype,every", [(torch.float64, 1), (torch.float64, 5), (torch.float64, 64), (torch.float32, 5), (torch.float32, 23)])
+def test_checkpoint_interval_does_not_change_the_gradients(dtype, every):
+    # float32 runs the vector kernel, which advances time in chunks: intervals that do not divide them
     inputs = make_inputs(1, 24, 64, 4, groups=2, seed=3)
 
     def run(every):
-        args = leaves(inputs)
+        args = leaves(inputs, dtype)
         tm = {k: v.permute(2, 0, 1).reshape(64, 1, 2, 12) for k, v in args.items() if k in ("u", "delta")}
         y, h = CompiledSelectiveScan.apply(
             tm["delta"], tm["u"], args["A"].reshape(2, 12, 4), args["B"].permute(3, 0, 1, 2), args["C"].permute(3, 0, 1, 2),
@@ -103,7 +104,7 @@ def test_checkpoint_interval_does_not_change_the_gradients(every):
     assert checkpoint_interval(64, 4) == 64
     for a, b in zip(run(every), reference):
         if b is not None:
-            assert rel_err(a, b) <= 1e-12
+            assert rel_err(a.double(), b.double()) <= (1e-12 if dtype == torch.float64 else 1e-6)
 
 
 @needs_kernel

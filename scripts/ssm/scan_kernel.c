@@ -8,6 +8,11 @@
  *     d_t   = softplus(delta_t + delta_bias)            (or without the softplus)
  *     h_t   = exp(d_t * A) * h_{t-1} + d_t * u_t * B_t  (N states per channel)
  *     y_t   = <C_t, h_t> + D * u_t
+ * Order of work in the float32 forward (docs/performance.md, session 7): the blocks of one lane take turns over
+ * chunks of TIME_CHUNK steps (a chunk's rows, 8 KB apart at the mixers' shapes, stay in cache and TLB for the next
+ * block), and each block computes DELTA_AHEAD steps' d_t before their recurrence steps, so that the softplus'
+ * latency overlaps instead of sitting on every step's critical path. With AVX-512 the exponentials are
+ * 2^(d (A log2 e)) by vscalefps (vexp2), about half the instructions of the Cephes exp.
  * Layout (time-major, as ChunkedSelectiveScan): delta, u, y (L, lanes, P) contiguous, lane = batch * G + group;
  * A (G, N, P); element (t, lane, n) of B and C at (t * lanes + lane) * bc_stride + n; D, bias (G, P) or NULL;
  * h (lanes, N, P): initial state in, last state out. Work items lo..hi-1 of lanes * ceil(P / W) blocks, so
@@ -36,6 +41,8 @@
 #define W 16
 #endif
 #define NMAX 64
+#define DELTA_AHEAD 8 /* steps whose deltas (softplus included) are computed before their recurrence steps */
+#define TIME_CHUNK 16 /* steps a lane's channel blocks advance in turn (rows stay in cache and TLB between blocks) */
 
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
@@ -77,72 +84,91 @@ static inline vf vexp(vf x) {
     return (vf)((vi)(e * scale) & ~under);
 }
 
-/* Cephes logf for x in [1, 2] (all that the softplus needs). */
-static inline vf vlog12(vf x) {
-    vi bits = (vi)x;
-    vf k = __builtin_convertvector((bits >> 23) - 127, vf);
-    vf m = (vf)((bits & 0x007fffff) | 0x3f800000);
-    vi big = m > 1.41421356f;
-    m = blend(big, m * 0.5f, m);
-    k = blend(big, k + 1.0f, k);
-    vf t = m - 1.0f, z = t * t;
-    vf y = splat(7.0376836292e-2f);
-    y = y * t - 1.1514610310e-1f;
-    y = y * t + 1.1676998740e-1f;
-    y = y * t - 1.2420140846e-1f;
-    y = y * t + 1.4249322787e-1f;
-    y = y * t - 1.6668057665e-1f;
-    y = y * t + 2.0000714765e-1f;
-    y = y * t - 2.4999993993e-1f;
-    y = y * t + 3.3333331174e-1f;
-    y = y * t * z;
-    y = y - 2.12194440e-4f * k;
-    y = y - 0.5f * z;
-    return (t + y) + 0.693359375f * k;
+#if defined(__AVX512F__) && W == 16
+#include <immintrin.h>
+/* 2^t with AVX-512's vscalefps: t = n + r (n integer, |r| <= 1/2), 2^r by Cephes' degree-6 exp2f polynomial, scaled
+ * by 2^n. t below -300 is raised to it (2^-300 scales to 0; -inf gives 0, not NaN); NaN stays NaN; overflow: +inf.
+ * The scan multiplies A by log2(e) once per block, so exp(d A) = 2^(d (A log2 e)) costs one rounding, like d A. */
+#define EXP2_SCALE 1.44269504088896341f
+static inline vf vexp2(vf t) {
+    __m512 x = _mm512_max_ps(_mm512_set1_ps(-300.0f), (__m512)t);
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = (vf)(x - n);
+    vf p = splat(1.535336188319500e-4f);
+    p = p * r + 1.339887440266574e-3f;
+    p = p * r + 9.618437357674640e-3f;
+    p = p * r + 5.550332471162809e-2f;
+    p = p * r + 2.402264791363012e-1f;
+    p = p * r + 6.931472028550421e-1f;
+    p = p * r + 1.0f;
+    return (vf)_mm512_scalef_ps((__m512)p, n);
+}
+#else
+#define EXP2_SCALE 1.0f
+#define vexp2 vexp
+#endif
+
+/* log1p(e) for e in [0, 1] as 2 atanh(s), s = e / (2 + e) in [0, 1/3]: 2 s (1 + s^2/3 + ... + s^12/13), truncated
+ * below 2e-8 relative; no cancellation for tiny e. */
+static inline vf vlog1p01(vf e) {
+    const vf s = e / (e + 2.0f), z = s * s;
+    vf p = splat(1.0f / 13.0f);
+    p = p * z + 1.0f / 11.0f;
+    p = p * z + 1.0f / 9.0f;
+    p = p * z + 1.0f / 7.0f;
+    p = p * z + 1.0f / 5.0f;
+    p = p * z + 1.0f / 3.0f;
+    p = p * z + 1.0f;
+    return (s + s) * p;
 }
 
-/* softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e) = log(1 + e) * e / ((1 + e) - 1) (Goldberg), exact
- * to rounding for tiny e. */
-static inline vf vsoftplus(vf x) {
-    vf e = vexp((vf)((vi)x | (vi)splat(-0.0f)));
-    vf w = e + 1.0f;
-    vf den = w - 1.0f;
-    vi exact = den == 0.0f;
-    vf l = vlog12(w) * (e / blend(exact, splat(1.0f), den));
-    return blend(x > 0.0f, x, splat(0.0f)) + blend(exact, e, l);
-}
+/* exp(-|x|), the one exponential of the softplus and its derivative. */
+static inline vf vexp_neg_abs(vf x) { return vexp2((vf)((vi)x | (vi)splat(-0.0f)) * EXP2_SCALE); }
+
+/* softplus(x) = max(x, 0) + log1p(exp(-|x|)). */
+static inline vf vsoftplus(vf x) { return blend(x > 0.0f, x, splat(0.0f)) + vlog1p01(vexp_neg_abs(x)); }
 
 static inline __attribute__((always_inline)) void block_f32(
     int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta, const float *u,
     const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus, float *y,
     float *h, const float *dtr, int64_t dt_row, const float *wdt, int64_t R, float *ckpt, int64_t T,
-    int64_t ckpt_row, int64_t w) {
+    int64_t ckpt_row, int64_t tb, int64_t w) {
     vf hs[NMAX], a[NMAX];
     for (int64_t n = 0; n < N; ++n) {
-        a[n] = load(A + n * P, w);
+        a[n] = load(A + n * P, w) * EXP2_SCALE;
         hs[n] = load(h + n * P, w);
     }
     const vf bi = bias ? load(bias, w) : splat(0.0f), dk = D ? load(D, w) : splat(0.0f);
-    for (int64_t t = 0; t < L; ++t) {
-        const float *bt = Bm + t * bc_row, *ct = Cm + t * bc_row;
-        if (ckpt && t % T == 0)
-            for (int64_t n = 0; n < N; ++n) store(ckpt + (t / T) * ckpt_row + n * P, hs[n], w);
-        vf d = bi;
-        if (dtr) {
-            const float *dr = dtr + t * dt_row;
-            for (int64_t r = 0; r < R; ++r) d += dr[r] * load(wdt + r * P, w);
-        } else {
-            d += load(delta + t * row, w);
+    for (int64_t t0 = 0; t0 < L; t0 += DELTA_AHEAD) {
+        const int64_t tn = L - t0 < DELTA_AHEAD ? L - t0 : DELTA_AHEAD;
+        vf dbuf[DELTA_AHEAD], ubuf[DELTA_AHEAD];
+        for (int64_t j = 0; j < tn; ++j) {
+            const int64_t t = t0 + j;
+            vf d = bi;
+            if (dtr) {
+                const float *dr = dtr + t * dt_row;
+                for (int64_t r = 0; r < R; ++r) d += dr[r] * load(wdt + r * P, w);
+            } else {
+                d += load(delta + t * row, w);
+            }
+            if (softplus) d = vsoftplus(d);
+            dbuf[j] = d;
+            ubuf[j] = load(u + t * row, w);
         }
-        if (softplus) d = vsoftplus(d);
-        const vf ut = load(u + t * row, w), du = d * ut;
-        vf yv = dk * ut;
-        for (int64_t n = 0; n < N; ++n) {
-            vf hn = vexp(d * a[n]) * hs[n] + du * bt[n];
-            hs[n] = hn;
-            yv += ct[n] * hn;
+        for (int64_t j = 0; j < tn; ++j) {
+            const int64_t t = t0 + j;
+            const float *bt = Bm + t * bc_row, *ct = Cm + t * bc_row;
+            if (ckpt && (tb + t) % T == 0)
+                for (int64_t n = 0; n < N; ++n) store(ckpt + ((tb + t) / T) * ckpt_row + n * P, hs[n], w);
+            const vf d = dbuf[j], ut = ubuf[j], du = d * ut;
+            vf yv = dk * ut;
+            for (int64_t n = 0; n < N; ++n) {
+                vf hn = vexp2(d * a[n]) * hs[n] + du * bt[n];
+                hs[n] = hn;
+                yv += ct[n] * hn;
+            }
+            store(y + t * row, yv, w);
         }
-        store(y + t * row, yv, w);
     }
     for (int64_t n = 0; n < N; ++n) store(h + n * P, hs[n], w);
 }
@@ -150,15 +176,15 @@ static inline __attribute__((always_inline)) void block_f32(
 static void block_f32_full(int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,
                            const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
                            const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
-                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row) {
-    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, W);
+                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t tb) {
+    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, W);
 }
 
 static void block_f32_part(int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,
                            const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
                            const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
-                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t w) {
-    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, w);
+                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t tb, int64_t w) {
+    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, w);
 }
 
 static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta,
@@ -166,21 +192,28 @@ static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64
                            const float *D, const float *bias, int softplus, float *y, float *h, const float *dtr,
                            int64_t dt_stride, const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t lo, int64_t hi) {
     const int64_t blocks = (P + W - 1) / W, row = lanes * P, ckpt_row = lanes * N * P;
-    for (int64_t item = lo; item < hi; ++item) {
-        const int64_t lane = item / blocks, p0 = (item % blocks) * W, g = lane % G;
-        const int64_t w = P - p0 < W ? P - p0 : W, off = lane * P + p0;
-        const float *Dg = D ? D + g * P + p0 : 0, *bg = bias ? bias + g * P + p0 : 0;
-        const float *dl = dtr ? dtr + lane * dt_stride : 0, *wg = dtr ? wdt + g * R * P + p0 : 0;
-        const float *dp = dtr ? 0 : delta + off;
-        float *ck = ckpt ? ckpt + lane * N * P + p0 : 0;
-        if (w == W)
-            block_f32_full(L, P, N, row, lanes * bc_stride, dp, u + off, A + g * N * P + p0,
-                           B + lane * bc_stride, C + lane * bc_stride, Dg, bg, softplus, y + off,
-                           h + lane * N * P + p0, dl, lanes * dt_stride, wg, R, ck, T, ckpt_row);
-        else
-            block_f32_part(L, P, N, row, lanes * bc_stride, dp, u + off, A + g * N * P + p0,
-                           B + lane * bc_stride, C + lane * bc_stride, Dg, bg, softplus, y + off,
-                           h + lane * N * P + p0, dl, lanes * dt_stride, wg, R, ck, T, ckpt_row, w);
+    const int64_t bc_row = lanes * bc_stride, dt_row = lanes * dt_stride;
+    for (int64_t first = lo; first < hi;) {  /* the items of one lane: its blocks b0..b1-1, a chunk of time at a time */
+        const int64_t lane = first / blocks, b0 = first % blocks;
+        const int64_t last = (lane + 1) * blocks < hi ? (lane + 1) * blocks : hi, b1 = last - lane * blocks, g = lane % G;
+        for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
+            const int64_t tn = L - t0 < TIME_CHUNK ? L - t0 : TIME_CHUNK;
+            for (int64_t bk = b0; bk < b1; ++bk) {
+                const int64_t p0 = bk * W, w = P - p0 < W ? P - p0 : W, off = t0 * row + lane * P + p0;
+                const float *Dg = D ? D + g * P + p0 : 0, *bg = bias ? bias + g * P + p0 : 0;
+                const float *dl = dtr ? dtr + t0 * dt_row + lane * dt_stride : 0, *wg = dtr ? wdt + g * R * P + p0 : 0;
+                const float *dp = dtr ? 0 : delta + off;
+                float *ck = ckpt ? ckpt + lane * N * P + p0 : 0;
+                const float *Bl = B + t0 * bc_row + lane * bc_stride, *Cl = C + t0 * bc_row + lane * bc_stride;
+                if (w == W)
+                    block_f32_full(tn, P, N, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
+                                   y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0);
+                else
+                    block_f32_part(tn, P, N, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
+                                   y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0, w);
+            }
+        }
+        first = last;
     }
 }
 
@@ -348,14 +381,10 @@ static inline float hsum(vf v) {
 
 /* softplus(x) as vsoftplus, and sigmoid(x) (its derivative) from the same exponential. */
 static inline vf vsoftplus_sigmoid(vf x, vf *sigmoid) {
-    vf e = vexp((vf)((vi)x | (vi)splat(-0.0f)));
-    vf w = e + 1.0f;
-    vf den = w - 1.0f;
-    vi exact = den == 0.0f;
-    vf l = vlog12(w) * (e / blend(exact, splat(1.0f), den));
-    vi pos = x > 0.0f;
+    const vf e = vexp_neg_abs(x), w = e + 1.0f;
+    const vi pos = x > 0.0f;
     *sigmoid = blend(pos, 1.0f / w, e / w);
-    return blend(pos, x, splat(0.0f)) + blend(exact, e, l);
+    return blend(pos, x, splat(0.0f)) + vlog1p01(e);
 }
 
 /* One chunk (steps t0 .. t0 + steps - 1) of one block of w channels: recompute the states from the checkpoint h0,
@@ -367,8 +396,11 @@ static inline __attribute__((always_inline)) void chunk_bwd_f32(
     const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus,
     const float *h0, const float *gy, float *gdelta, float *gu, vf *gh, vf *gav, vf *gdv, vf *gbv, vf *accB,
     vf *accC, vf *hbuf, vf *ebuf, vf *dbuf, vf *sbuf, int64_t w) {
-    vf a[NMAX];
-    for (int64_t n = 0; n < N; ++n) a[n] = load(A + n * P, w);
+    vf a[NMAX], a2[NMAX];
+    for (int64_t n = 0; n < N; ++n) {
+        a[n] = load(A + n * P, w);
+        a2[n] = a[n] * EXP2_SCALE; /* as the forward: the same states, bit for bit */
+    }
     const vf bi = bias ? load(bias, w) : splat(0.0f), dk = D ? load(D, w) : splat(0.0f);
     for (int64_t s = 0; s < steps; ++s) { /* recompute the chunk's states */
         const int64_t t = t0 + s;
@@ -378,7 +410,7 @@ static inline __attribute__((always_inline)) void chunk_bwd_f32(
         dbuf[s] = d;
         sbuf[s] = sg;
         for (int64_t n = 0; n < N; ++n) {
-            const vf e = vexp(d * a[n]), hp = s ? hbuf[(s - 1) * N + n] : load(h0 + n * P, w);
+            const vf e = vexp2(d * a2[n]), hp = s ? hbuf[(s - 1) * N + n] : load(h0 + n * P, w);
             ebuf[s * N + n] = e;
             hbuf[s * N + n] = e * hp + du * bt[n];
         }
