@@ -87,14 +87,17 @@ def network_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Conv + matmul FLOPs of one forward pass (2 per multiply-add).
 
     Counted with the plain PyTorch (``fast``) scan backend, so that work the compiled kernel folds into
-    the scan (the dt projection) still counts: the floor is the network's, not one implementation's.
+    the scan (the dt projection) still counts, and with the inference rewrites off (the up-sampling convolutions
+    count their 3^d taps on the fine grid): the floor is the network's, not one implementation's.
     """
     from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.networks.rewrites import inference_rewrites
 
     counter = FlopCounterMode(display=False)
     set_scan_backend("fast")
     try:
-        with counter, torch.no_grad():
+        with counter, torch.no_grad(), inference_rewrites(False):
             net(x)
     finally:
         set_scan_backend(None)

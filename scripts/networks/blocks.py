@@ -6,6 +6,8 @@ import torch
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
+from .rewrites import fold_batch_norm, rewrites_apply, upsample_conv
+
 __all__ = [
     "pointwise_conv",
     "CrossModalChannelAttention",
@@ -83,9 +85,23 @@ class CrossModalChannelAttention(nn.Module):
         self.value = conv(channels, channels, 1, bias=False)
 
     def forward(self, query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return pointwise_conv(self.value, ref) * self._weights(query).view(*query.shape[:2], *([1] * (ref.dim() - 2)))
+
+    def add_to(self, h: torch.Tensor, query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """``h + attention(query, ref)``. At inference (:func:`rewrites_apply`) ``h`` is updated in place by one
+        matrix product whose weight has the channel weights folded in: no scaled copy and no sum pass over the
+        full resolution. h: (B, C_out, *spatial)."""
+        if not rewrites_apply(self):
+            return h + self(query, ref)
+        batch, channels = ref.shape[:2]
+        scaled = self._weights(query).unsqueeze(-1) * self.value.weight.view(1, -1, channels)  # (B, C_out, C_in)
+        h.view(batch, -1, h[0, 0].numel()).baddbmm_(scaled, ref.reshape(batch, channels, -1))
+        return h
+
+    def _weights(self, query: torch.Tensor) -> torch.Tensor:
+        """Channel weights (B, C) from the query."""
         a = pointwise_conv(self.query, query).flatten(2)
-        weights = torch.sigmoid(a.amax(dim=2) + a.mean(dim=2))
-        return pointwise_conv(self.value, ref) * weights.view(*weights.shape, *([1] * (ref.dim() - 2)))
+        return torch.sigmoid(a.amax(dim=2) + a.mean(dim=2))
 
 
 class FullResolutionRefinement(nn.Module):
@@ -108,7 +124,15 @@ class FullResolutionRefinement(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return h + self.out(self.act(self.mix(torch.cat([h, image.to(h.dtype)], dim=1))))
+        image = image.to(h.dtype)
+        if rewrites_apply(self):  # mix(cat(h, image)) as two convolutions: no concatenated copy, no 34-channel conv
+            channels = h.shape[1]
+            weight = self.mix.weight
+            mixed = self.mix._conv_forward(h, weight[:, :channels], self.mix.bias)
+            mixed = mixed + self.mix._conv_forward(image, weight[:, channels:], None)
+        else:
+            mixed = self.mix(torch.cat([h, image], dim=1))
+        return h + self.out(self.act(mixed))
 
 
 class SourceSelectionOutput(nn.Module):
@@ -131,7 +155,11 @@ class SourceSelectionOutput(nn.Module):
             self.logits.bias.copy_(torch.tensor([0.0, float(gate_bias)]))
 
     def forward(self, h: torch.Tensor, direct: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        weights = torch.sigmoid(self.logits(h))
+        return self.mix(self.logits(h), direct, image)
+
+    def mix(self, logits: torch.Tensor, direct: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The output from the two logit maps (B, 2, *spatial) of ``logits``."""
+        weights = torch.sigmoid(logits)
         w, g = weights[:, :1], weights[:, 1:]
         image = image.to(direct.dtype)
         selected = w * image[:, :1] + (1 - w) * image[:, 1:]
@@ -158,6 +186,27 @@ class UpStage(nn.Module):
         self.up, self.conv, self.norm, self.act = ops["up"], ops["conv"], ops["norm"], ops["act"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if rewrites_apply(self):
+            return self._forward_rewritten(x)
         for name in self.layout:
             x = getattr(self, name)(x)
+        return x
+
+    def _forward_rewritten(self, x: torch.Tensor) -> torch.Tensor:
+        """The layout at inference: "up" right before "conv" as one :func:`upsample_conv` (no up-sampled tensor, 4/9
+        of the multiply-adds in 2D), and a BatchNorm right after the conv folded into its weight and bias."""
+        names, i = self.layout, 0
+        while i < len(names):
+            if names[i] not in ("up", "conv") or (names[i] == "up" and names[i + 1 : i + 2] != ("conv",)):
+                x = getattr(self, names[i])(x)
+                i += 1
+                continue
+            upsample = names[i] == "up"
+            i += 2 if upsample else 1
+            weight, bias = self.conv.weight, self.conv.bias
+            folded = fold_batch_norm(weight, bias, self.norm) if names[i : i + 1] == ("norm",) else None
+            if folded is not None:
+                weight, bias = folded
+                i += 1
+            x = upsample_conv(x, weight, bias) if upsample else self.conv._conv_forward(x, weight, bias)
         return x

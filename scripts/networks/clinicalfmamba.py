@@ -21,6 +21,7 @@ from .blocks import (
     UpStage,
 )
 from .mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
+from .rewrites import conv3_by_matmul, rewrites_apply
 
 __all__ = ["ClinicalFMamba"]
 
@@ -229,9 +230,15 @@ class ClinicalFMamba(nn.Module):
         for up in self.up_stages:
             h = up(h)
         skip_a, skip_b = skips[:batch], skips[batch:]
-        h = h + self.attention(skip_a, skip_b) + self.attention(skip_b, skip_a)
+        h = self.attention.add_to(self.attention.add_to(h, skip_a, skip_b), skip_b, skip_a)  # in place at inference
         if self.refine is not None:
             h = self.refine(h, image)
+        if rewrites_apply(self):  # head and selection logits in one pass over h (docs/performance.md)
+            convs = [self.head] + ([self.selection.logits] if self.selection is not None else [])
+            biases = [c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs]
+            out = conv3_by_matmul(h, torch.cat([c.weight for c in convs]), torch.cat(biases))
+            fused = torch.sigmoid(out[:, : self.head.out_channels])
+            return fused if self.selection is None else self.selection.mix(out[:, self.head.out_channels :], fused, image)
         fused = torch.sigmoid(self.head(h))
         if self.selection is not None:
             fused = self.selection(h, fused, image)

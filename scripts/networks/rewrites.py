@@ -1,0 +1,102 @@
+"""Inference rewrites: the same layers computed with fewer passes over full-resolution memory.
+
+Each function computes exactly what a plain layer sequence computes (up to float summation order); the blocks
+use them only in eval mode without autograd (:func:`rewrites_apply`), so training runs the plain layers. The
+FLOP floor of the benchmark is counted with the rewrites off (:func:`inference_rewrites`), so it stays the
+architecture's. Why each one pays on a CPU is measured in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["conv3_by_matmul", "fold_batch_norm", "inference_rewrites", "rewrites_apply", "upsample_conv"]
+
+_enabled = True
+
+@contextmanager
+def inference_rewrites(enabled: bool) -> Iterator[None]:
+    """Turn the rewrites on or off inside the block (the benchmark counts FLOPs with them off)."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def rewrites_apply(module: nn.Module) -> bool:
+    """Whether ``module`` may run its rewrites now: enabled, eval mode, no autograd."""
+    return _enabled and not module.training and not torch.is_grad_enabled()
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Weight and bias of ``norm(conv(x))`` as one convolution, for a BatchNorm in eval mode with running
+    statistics; None when ``norm`` is anything else (the caller keeps it as a layer)."""
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_mean is None:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale if bias is None else (bias - norm.running_mean) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv(upsample_nearest_x2(x), weight, bias, padding=1)`` for a 3^d kernel, without the up-sampled tensor.
+
+    Every output phase (one of 2^d offsets on the fine grid) is a 2^d-tap convolution of the coarse input, so
+    one convolution with 2^d * O outputs and 2^d-tap kernels (4/9 of the multiply-adds in 2D, 8/27 in 3D) gives
+    all phases; they are interleaved into the fine grid. x: (B, C, *S) -> (B, O, *(2 S)).
+    """
+    dims = x.dim() - 2
+    out_channels = weight.shape[0]
+    kernel = weight  # (O, C, 3, ..): each spatial axis becomes (phase, 2 taps); phase 0 sees input p-1 and p, phase 1 p and p+1
+    for axis in range(dims):  # layout before: (phase_0 .. phase_{axis-1}, O, C, tap_0 .. tap_{axis-1}, 3, ..)
+        w0, w1, w2 = kernel.unbind(2 * axis + 2)
+        phase0, phase1 = torch.stack([w0, w1 + w2], 2 * axis + 2), torch.stack([w0 + w1, w2], 2 * axis + 2)
+        kernel = torch.stack([phase0, phase1], axis)
+    kernel = kernel.reshape(2**dims * out_channels, *kernel.shape[dims + 1 :])  # (2^d O, C, 2, ..)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    phases = conv(x, kernel, None if bias is None else bias.repeat(2**dims), padding=1)  # (B, 2^d O, *(S + 1))
+    size = x.shape[2:]
+    phases = phases.view(x.shape[0], *([2] * dims), out_channels, *phases.shape[2:])
+    out = x.new_empty(x.shape[0], out_channels, *itertools.chain.from_iterable((s, 2) for s in size))
+    for phase in itertools.product((0, 1), repeat=dims):
+        target = (slice(None), slice(None), *itertools.chain.from_iterable((slice(None), p) for p in phase))
+        source = (slice(None), *phase, slice(None), *(slice(p, p + s) for p, s in zip(phase, size)))
+        out[target] = phases[source]
+    return out.view(x.shape[0], out_channels, *(2 * s for s in size))
+
+
+def conv3_by_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv(x, weight, bias, padding=1)`` for a 3^d kernel with few outputs, as one matrix product and shifted sums.
+
+    oneDNN runs a convolution with 1-3 outputs far below the machine's rate; here every tap's O outputs come from
+    one (3^d O, C) x (C, N) product over the voxels, then each tap's map is added at its offset (zero padding
+    outside). Same multiply-adds as the convolution. x: (B, C, *S) -> (B, O, *S).
+    """
+    dims = x.dim() - 2
+    batch, channels = x.shape[:2]
+    size = x.shape[2:]
+    out_channels = weight.shape[0]
+    per_tap = weight.permute(*range(2, 2 + dims), 0, 1).reshape(-1, out_channels, channels)  # (3^d, O, C)
+    maps = torch.matmul(per_tap.reshape(-1, channels), x.reshape(batch, channels, -1))  # (B, 3^d O, N)
+    maps = maps.view(batch, 3**dims, out_channels, *size)
+    centre = (3**dims) // 2
+    out = maps[:, centre].clone() if bias is None else maps[:, centre] + bias.view(-1, *([1] * dims))
+    for tap, offset in enumerate(itertools.product((-1, 0, 1), repeat=dims)):
+        if tap == centre:
+            continue
+        target = (slice(None), slice(None), *(slice(max(0, -o), s - max(0, o)) for o, s in zip(offset, size)))
+        source = (slice(None), tap, slice(None), *(slice(max(0, o), s - max(0, -o)) for o, s in zip(offset, size)))
+        out[target] += maps[source]
+    return out

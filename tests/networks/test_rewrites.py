@@ -1,0 +1,158 @@
+"""Inference rewrites: every one equals the plain layers it replaces, and only runs in eval mode without autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scripts.benchmark import network_flops
+from scripts.networks import ClinicalFMamba, CrossModalChannelAttention, UpStage
+from scripts.networks.blocks import FullResolutionRefinement
+from scripts.networks.rewrites import conv3_by_matmul, fold_batch_norm, inference_rewrites, rewrites_apply, upsample_conv
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def randomise_batch_norms(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+
+
+@pytest.mark.parametrize("size", [(7,), (5, 8), (4, 3, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_conv_equals_nearest_upsampling_then_conv(size, bias):
+    dims = len(size)
+    x, w = randn(2, 3, *size), randn(4, 3, *([3] * dims), seed=1)
+    b = randn(4, seed=2) if bias else None
+    ref = CONV[dims](F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1)
+    out = upsample_conv(x, w, b)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,out_channels", [((9, 6), 1), ((5, 7), 3), ((4, 5, 3), 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3_by_matmul_equals_the_convolution(size, out_channels, bias):
+    dims = len(size)
+    x, w = randn(2, 6, *size), randn(out_channels, 6, *([3] * dims), seed=1)
+    b = randn(out_channels, seed=2) if bias else None
+    out = conv3_by_matmul(x, w, b)
+    assert torch.allclose(out, CONV[dims](x, w, b, padding=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_fold_batch_norm_equals_conv_then_norm(conv_bias):
+    conv, norm = nn.Conv2d(3, 5, 3, padding=1, bias=conv_bias).double(), nn.BatchNorm2d(5).double()
+    randomise_batch_norms(norm)
+    norm.eval()
+    x = randn(2, 3, 6, 7)
+    weight, bias = fold_batch_norm(conv.weight, conv.bias, norm)
+    assert torch.allclose(F.conv2d(x, weight, bias, padding=1), norm(conv(x)), rtol=0, atol=1e-12)
+
+
+def test_fold_batch_norm_refuses_what_it_cannot_fold():
+    weight = torch.ones(4, 2, 3, 3)
+    assert fold_batch_norm(weight, None, nn.BatchNorm2d(4).train()) is None  # batch statistics
+    assert fold_batch_norm(weight, None, nn.BatchNorm2d(4, track_running_stats=False).eval()) is None
+    assert fold_batch_norm(weight, None, nn.InstanceNorm2d(4)) is None
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("layout", [("up", "conv", "norm", "act"), ("up", "conv", "act", "norm"), ("act", "up", "conv", "norm")])
+def test_up_stage_rewritten_equals_its_layers(spatial_dims, layout):
+    stage = UpStage(spatial_dims, 4, 3, nn.LeakyReLU(0.2), layout).double()
+    randomise_batch_norms(stage)
+    stage.eval()
+    x = randn(2, 4, *([5] * spatial_dims))
+    with torch.no_grad():
+        with inference_rewrites(False):
+            ref = stage(x)
+        out = stage(x)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-11)
+
+
+def test_attention_add_to_updates_in_place_only_at_inference():
+    attention = CrossModalChannelAttention(2, 6).double().eval()
+    q, r, h = randn(2, 6, 7, 5), randn(2, 6, 7, 5, seed=1), randn(2, 6, 7, 5, seed=2)
+    ref = h + attention(q, r)
+    with torch.no_grad():
+        kept = h.clone()
+        with inference_rewrites(False):
+            assert torch.allclose(attention.add_to(kept, q, r), ref, rtol=0, atol=1e-12)
+        assert torch.equal(kept, h)  # the plain path leaves its input alone
+        out = attention.add_to(kept, q, r)
+    assert out is kept  # in place
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def test_refinement_rewritten_equals_the_concatenated_convolution():
+    block = FullResolutionRefinement(2, 5).double().eval()
+    nn.init.normal_(block.out.weight)  # starts at zero otherwise
+    h, image = randn(2, 5, 8, 6), randn(2, 2, 8, 6, seed=1).float()
+    with torch.no_grad():
+        with inference_rewrites(False):
+            ref = block(h, image)
+        out = block(h, image)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def tiny_network(spatial_dims: int) -> ClinicalFMamba:
+    net = ClinicalFMamba(
+        spatial_dims, features=(4, 8), dilations=(1, 2), depth=1, decoder_depth=1, d_state=4, swap_d_state=4,
+        refine=True, source_selection=True,
+    ).double()  # fmt: skip
+    randomise_batch_norms(net)
+    for block in (net.refine.out, net.selection.logits):  # zero-initialised: make them matter
+        nn.init.normal_(block.weight, std=0.3)
+    return net.eval()
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (16, 24)), (3, (8, 8, 12))])
+def test_network_with_rewrites_equals_plain_layers(spatial_dims, size):
+    net = tiny_network(spatial_dims)
+    x = torch.rand(2, 2, *size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.inference_mode():
+        with inference_rewrites(False):
+            ref = net(x)
+        out = net(x)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def test_rewrites_only_run_in_eval_mode_without_autograd(monkeypatch):
+    import scripts.networks.blocks as blocks
+
+    net = tiny_network(2)
+    assert not rewrites_apply(net.train())
+    net.eval()
+    with torch.enable_grad():
+        assert not rewrites_apply(net)
+    with torch.no_grad():
+        assert rewrites_apply(net)
+        with inference_rewrites(False):
+            assert not rewrites_apply(net)
+
+    def refuse(*args):
+        raise AssertionError("a rewrite ran with autograd on")
+
+    monkeypatch.setattr(blocks, "upsample_conv", refuse)
+    net(torch.rand(1, 2, 16, 16, dtype=torch.float64)).sum().backward()  # eval mode, autograd on: plain layers
+
+
+def test_flop_count_is_the_architectures_not_the_rewrites():
+    net = tiny_network(2)
+    x = torch.rand(1, 2, 16, 16, dtype=torch.float64)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x)  # with the rewrites: fewer multiply-adds in the up-sampling convolutions
+    assert network_flops(net, x) > counter.get_total_flops()
