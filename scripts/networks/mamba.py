@@ -23,6 +23,8 @@ from scripts.ssm.compiled import (
     gate_merge_kernel,
     gate_merge_reference,
     kernel_applicable,
+    max_conv_width,
+    max_norm_width,
 )
 
 from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
@@ -178,16 +180,27 @@ class DirectionalMamba(nn.Module):
         """Whether the fused compiled kernels run these tensors (compiled backend, CPU inference)."""
         return resolve_backend(self.scan_backend, tensors[0].device) == "compiled" and kernel_applicable(*tensors, n_state=0)
 
-    def _merge_and_gate(self, y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Scan outputs (L, B, M*K, C) back to tokens, averaged over directions, times ``silu(z)``: (M, B, L, C)."""
-        merge = gate_merge_kernel if self._use_kernels(y, z) else gate_merge_reference
-        return merge(y, index, z)
+    def _merge_gate_norm(self, y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Scan outputs (L, B, M*K, C) back to tokens, averaged over directions, times ``silu(z)``, then the output
+        norm (``use_norm``): (M, B, L, C). The kernel does all three in one pass."""
+        norm = self.norm
+        if self._use_kernels(y, z, *(norm.parameters() if norm is not None else ())):
+            if norm is None:
+                return gate_merge_kernel(y, index, z)
+            if y.shape[-1] <= max_norm_width():
+                return gate_merge_kernel(y, index, z, norm.weight, norm.bias, norm.eps)
+            return norm(gate_merge_kernel(y, index, z))
+        y = gate_merge_reference(y, index, z)
+        return y if norm is None else norm(y)
 
-    def _causal_conv_silu(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(causal conv)`` of x (L, B, G, P) with this mixer's per-channel kernels along time."""
-        groups = x.shape[2]
-        conv = causal_conv_silu_kernel if self._use_kernels(x, self.conv_weight, self.conv_bias) else causal_conv_silu_reference
-        return conv(x, self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1))
+    def _causal_conv_silu(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``silu(causal conv)`` along time of every direction's sequence of the tokens x (M, B, L, P), with this
+        mixer's per-channel kernels: (L, B, G, P). The kernel reads the direction gather in place."""
+        groups = self.members * self.num_directions
+        weight, bias = self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1)
+        if self._use_kernels(x, self.conv_weight, self.conv_bias) and self.d_conv <= max_conv_width():
+            return causal_conv_silu_kernel(x, weight, bias, index=index)
+        return causal_conv_silu_reference(self._to_directions(x, index), weight, bias)
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], extra: torch.Tensor | None = None) -> torch.Tensor:
         """x, extra: (M, B, L, d_model) with L = prod(grid), tokens row-major -> (M, B, L, d_model)."""
@@ -200,7 +213,7 @@ class DirectionalMamba(nn.Module):
         forward_index, backward_index = self._gather_index(grid, b, x.device)
 
         xs, z = member_linear(x, self.in_proj_weight).split(self.d_inner, dim=-1)
-        xs = self._causal_conv_silu(self._to_directions(xs, forward_index))  # (L, B, G, d_inner)
+        xs = self._causal_conv_silu(xs, forward_index)  # (L, B, G, d_inner)
         source = self._to_directions(member_linear(extra, self.in_proj_b_weight), forward_index) if self.cross_modal else xs
         x_dbl = torch.einsum("lbgp,gcp->lbgc", source, self.x_proj_weight)
         dt, b_sel, c_sel = x_dbl.split([r, n, n], dim=-1)
@@ -216,9 +229,7 @@ class DirectionalMamba(nn.Module):
             backend=self.scan_backend,
             delta_proj_weight=self.dt_proj_weight,
         )
-        y = self._merge_and_gate(y, backward_index, z)  # (M, B, L, d_inner)
-        if self.norm is not None:
-            y = self.norm(y)
+        y = self._merge_gate_norm(y, backward_index, z)  # (M, B, L, d_inner)
         return member_linear(y, self.out_proj_weight)
 
 

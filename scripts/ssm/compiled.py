@@ -49,6 +49,8 @@ __all__ = [
     "compiled_scan_info",
     "kernel_applicable",
     "causal_conv_silu_kernel",
+    "max_conv_width",
+    "max_norm_width",
     "causal_conv_silu_reference",
     "gate_merge_kernel",
     "gate_merge_reference",
@@ -161,17 +163,19 @@ def _load() -> dict:
             for fn in (lib.scan_bwd_f32, lib.scan_bwd_f64):  # L, lanes, G, P, N, T, delta .. C, bc_stride, D, bias, ...
                 fn.argtypes = [i64] * 6 + [ptr] * 5 + [i64] + [ptr] * 2 + [ctypes.c_int] + [ptr] * 10 + [i64] * 3
                 fn.restype = None
-            for fn in (lib.conv_silu_f32, lib.conv_silu_f64):
-                fn.argtypes = [i64] * 5 + [ptr] * 4 + [i64] * 3
+            for fn in (lib.conv_silu_f32, lib.conv_silu_f64):  # lanes, G, P, K, x, x_stride, index, taps, bias, out, ...
+                fn.argtypes = [i64] * 4 + [ptr, i64] + [ptr] * 4 + [i64] * 3
                 fn.restype = None
-            for fn in (lib.gate_merge_f32, lib.gate_merge_f64):
-                fn.argtypes = [i64] * 5 + [ptr] * 3 + [i64, ptr] + [i64] * 3
+            for fn in (lib.gate_merge_f32, lib.gate_merge_f64):  # L, B, M, K, P, y, index, z, z_stride, ln_w, ln_b, eps, out, ...
+                fn.argtypes = [i64] * 5 + [ptr] * 3 + [i64, ptr, ptr, ctypes.c_double, ptr] + [i64] * 3
                 fn.restype = None
             _build.update(
                 lib=lib,
                 nmax=int(lib.scan_nmax()),
                 tnmax=int(lib.scan_tnmax()),
                 block=int(lib.scan_width()),
+                kmax=int(lib.scan_kmax()),
+                pmax=int(lib.scan_pmax()),
                 compiler=compiler,
                 flags=flags,
                 openmp=openmp,
@@ -218,15 +222,26 @@ def _self_check() -> None:
         merge_index = torch.randperm(y_merge.numel() // per_group, generator=g)
         z_merge = torch.randn(2, batch, length, 2 * per_group, generator=g, dtype=torch.float64)[..., :per_group]
         ref_merge = gate_merge_reference(y_merge, merge_index, z_merge)
+        norm_w, norm_b = (torch.randn(2, per_group, generator=g, dtype=torch.float64) for _ in range(2))
+        ref_merge_norm = F.layer_norm(ref_merge, (per_group,)) * norm_w[:, None, None] + norm_b[:, None, None]
+        conv_index = torch.randperm(x.numel() // per_group, generator=g)  # x's rows, shuffled, read from "tokens"
+        tokens = torch.empty(1, batch, x.numel() // per_group // batch, per_group, dtype=torch.float64)
+        tokens.view(-1, per_group)[conv_index] = x.reshape(-1, per_group)
         delta_lr = torch.einsum("lbgr,gpr->lbgp", dt, w_dt).permute(1, 2, 3, 0).reshape(batch, dim, length)
         ref_y = selective_scan_ref(x.permute(1, 2, 3, 0).reshape(batch, dim, length), delta_lr, A, B, C, D, None, bias, True)
         ref_y = ref_y.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
         for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
             cast = [t.to(dtype) for t in (x, dt, w_dt, taps, conv_bias, a_g, b_t, c_t, bias.view(groups, -1))]
             conv = causal_conv_silu_kernel(cast[0], cast[3], cast[4])
+            conv_gathered = causal_conv_silu_kernel(tokens.to(dtype), cast[3], cast[4], index=conv_index)
             y = scan_time_major_kernel(cast[0], cast[1], cast[5], cast[6], cast[7], cast[4], cast[8], True, delta_proj_weight=cast[2])[0]
             merge = gate_merge_kernel(y_merge.to(dtype), merge_index, z_merge.to(dtype))
-            for name, out, ref in (("causal conv + SiLU", conv, ref_conv), ("low-rank delta scan", y, ref_y), ("direction merge", merge, ref_merge)):
+            merge_norm = gate_merge_kernel(y_merge.to(dtype), merge_index, z_merge.to(dtype), norm_w.to(dtype), norm_b.to(dtype))
+            checks = (
+                ("causal conv + SiLU", conv, ref_conv), ("gathered causal conv + SiLU", conv_gathered, ref_conv),
+                ("low-rank delta scan", y, ref_y), ("direction merge", merge, ref_merge), ("merge + norm", merge_norm, ref_merge_norm),
+            )  # fmt: skip
+            for name, out, ref in checks:
                 err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
                 if not err <= tol:
                     raise RuntimeError(f"self-check of the {name} failed for {dtype}: relative error {err:.2e} > {tol:.0e}")
@@ -397,22 +412,52 @@ def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torc
     return F.silu(out)
 
 
-def causal_conv_silu_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def causal_conv_silu_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`causal_conv_silu_reference` in one pass of the compiled kernel (the caller checks
-    :func:`kernel_applicable`); float32 or float64 (the promoted compute dtype)."""
+    :func:`kernel_applicable` and :func:`max_conv_width`); float32 or float64 (the promoted compute dtype).
+
+    With ``index`` (the mixers' direction gather), ``x`` is the (M, B, L, P) tokens (rows of P evenly spaced, for
+    example a column slice of the input projection) and the kernel reads row ``index[(t * B + b) * G + g]`` of them
+    for step t of sequence (b, g), as ``causal_conv_silu_reference(x.reshape(-1, P)[index].view(L, B, G, P), ...)``
+    without the gathered copy. Output (L, B, G, P) contiguous.
+    """
     compute = torch.promote_types(x.dtype, torch.float32)
-    length, batch, groups, per_group = x.shape
-    width = weight.shape[-1]
-    x = x.to(compute).contiguous()
-    taps = weight.to(compute).reshape(groups, per_group, width).permute(2, 0, 1).contiguous()  # (K, G, P)
+    groups, per_group, width = weight.shape
+    if width > _load()["kmax"]:
+        raise ValueError(f"causal convolution of width {width}: the kernel takes at most {_load()['kmax']}")
+    x = x.to(compute)
+    if index is None:
+        length, batch = x.shape[:2]
+        x, stride = x.contiguous(), per_group
+    else:
+        members, batch, tokens, _ = x.shape
+        length = index.numel() // (batch * groups)
+        s = x.stride()
+        if not (s[3] == 1 and s[2] >= per_group and s[1] == tokens * s[2] and s[0] == batch * s[1]):
+            x = x.contiguous()
+        stride = x.stride(2)
+        if index.dtype != torch.int64 or index.numel() % (batch * groups):
+            raise ValueError(f"index must hold (L, {batch}, {groups}) int64 row numbers, got {index.numel()} {index.dtype}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= members * batch * tokens):
+            raise ValueError("index refers to rows outside x")
+        index = index.contiguous()
+    taps = weight.to(compute).permute(2, 0, 1).contiguous()  # (K, G, P)
     bias = bias.to(compute).reshape(groups, per_group).contiguous()
-    out = torch.empty_like(x)
+    out = torch.empty(length, batch, groups, per_group, dtype=compute)
     if length:
         lib = _load()["lib"]
         fn = lib.conv_silu_f32 if compute == torch.float32 else lib.conv_silu_f64
-        args = [length, batch * groups, groups, per_group, width, x.data_ptr(), taps.data_ptr(), bias.data_ptr(), out.data_ptr()]
+        args = [
+            batch * groups, groups, per_group, width, x.data_ptr(), stride, None if index is None else index.data_ptr(),
+            taps.data_ptr(), bias.data_ptr(), out.data_ptr(),
+        ]  # fmt: skip
         _run(fn, args, length)
     return out
+
+
+def max_conv_width() -> int:
+    """Widest causal convolution the kernel takes (0 without a kernel)."""
+    return _load().get("kmax") or 0
 
 
 def gate_merge_reference(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -426,9 +471,14 @@ def gate_merge_reference(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) 
     return aligned.mean(3).permute(2, 1, 0, 3) * F.silu(z)
 
 
-def gate_merge_kernel(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def gate_merge_kernel(
+    y: torch.Tensor, index: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None, eps: float = 1e-5,
+) -> torch.Tensor:
     """:func:`gate_merge_reference` in one pass of the compiled kernel, output contiguous (M, B, L, P); the
-    caller checks :func:`kernel_applicable`. ``z`` may be a column slice of a wider tensor (no copy)."""
+    caller checks :func:`kernel_applicable`. ``z`` may be a column slice of a wider tensor (no copy). With
+    ``norm_weight`` and ``norm_bias`` (M, P), each output row is then normalised as ``F.layer_norm`` over P with
+    member m's affine, in the same pass (P up to :func:`max_norm_width`)."""
     compute = torch.promote_types(y.dtype, torch.float32)
     members, batch, length, width = z.shape
     y = y.to(compute).contiguous()
@@ -437,6 +487,13 @@ def gate_merge_kernel(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> 
         raise ValueError(f"index must hold {length * batch * members * directions} int64 row numbers, got {index.numel()} {index.dtype}")
     if int(index.min()) < 0 or int(index.max()) >= y.numel() // width:
         raise ValueError("index refers to rows outside y")
+    if (norm_weight is None) != (norm_bias is None):
+        raise ValueError("the output norm needs both its weight and its bias")
+    if norm_weight is not None:
+        if width > max_norm_width():
+            raise ValueError(f"rows of {width} channels: the merge normalises at most {max_norm_width()}")
+        norm_weight = norm_weight.to(compute).reshape(members, width).contiguous()
+        norm_bias = norm_bias.to(compute).reshape(members, width).contiguous()
     index = index.contiguous()
     z = z.to(compute)
     if not (z.stride(3) == 1 and z.stride(2) >= width and z.stride(1) == length * z.stride(2) and z.stride(0) == batch * z.stride(1)):
@@ -445,9 +502,18 @@ def gate_merge_kernel(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> 
     if length:
         lib = _load()["lib"]
         fn = lib.gate_merge_f32 if compute == torch.float32 else lib.gate_merge_f64
-        args = [length, batch, members, directions, width, y.data_ptr(), index.data_ptr(), z.data_ptr(), z.stride(2), out.data_ptr()]
+        args = [
+            length, batch, members, directions, width, y.data_ptr(), index.data_ptr(), z.data_ptr(), z.stride(2),
+            None if norm_weight is None else norm_weight.data_ptr(), None if norm_bias is None else norm_bias.data_ptr(),
+            float(eps), out.data_ptr(),
+        ]  # fmt: skip
         _run(fn, args, length)
     return out
+
+
+def max_norm_width() -> int:
+    """Widest row the merge kernel normalises (0 without a kernel)."""
+    return _load().get("pmax") or 0
 
 
 def _grouped(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:

@@ -26,12 +26,16 @@
  *
  * conv_silu_*: Mamba's causal depthwise convolution along time followed by SiLU, in one pass:
  *     out_t = silu(bias + sum_{k < K, k <= t} taps[K - 1 - k] * x_{t - k})
- * x, out (L, lanes, P) contiguous, taps (K, G, P), bias (G, P); work items are time steps lo..hi-1.
+ * out (L, lanes, P) contiguous; row (t, lane) of x is row t * lanes + lane of x, or row index[t * lanes + lane]
+ * when index is not NULL (the mixers' direction gather, read in place of a gathered copy), rows x_stride apart;
+ * taps (K, G, P), bias (G, P), K <= KMAX; work items are time steps lo..hi-1.
  *
  * gate_merge_*: the mixer's way back from scan directions to tokens, with the output gate:
  *     out[m, b, l, :] = (1 / K) sum_k y[index[l, b, m, k], :] * silu(z[m, b, l, :])
  * y rows of P (any number), index (L, B, M, K) int64 row numbers of y, z rows of P at z_stride apart in
  * (M, B, L) order, out (M, B, L, P) contiguous; work items are token positions l in lo..hi-1.
+ * With ln_w, ln_b (M, P) not NULL, each out row is then normalised as LayerNorm(P, eps) with member m's affine
+ * (the mixer's output norm, in the same pass); P <= PMAX.
  */
 #include <math.h>
 #include <stdint.h>
@@ -41,6 +45,8 @@
 #define W 16
 #endif
 #define NMAX 64
+#define KMAX 16 /* causal convolution width */
+#define PMAX 4096 /* channels of a merged row normalised in the merge */
 #define DELTA_AHEAD 8 /* steps whose deltas (softplus included) are computed before their recurrence steps */
 #define TIME_CHUNK 16 /* steps a lane's channel blocks advance in turn (rows stay in cache and TLB between blocks) */
 
@@ -62,6 +68,21 @@ static inline vf load(const float *p, int64_t w) {
 }
 
 static inline void store(float *p, vf v, int64_t w) { memcpy(p, &v, (size_t)w * sizeof(float)); }
+
+static inline float hsum(vf v) {
+    float s[W];
+    memcpy(s, &v, sizeof v);
+    for (int k = W / 2; k > 0; k /= 2)
+        for (int j = 0; j < k; ++j) s[j] += s[j + k];
+    return s[0];
+}
+
+/* All ones in the first w lanes. */
+static inline vi lane_mask(int64_t w) {
+    vi m;
+    for (int j = 0; j < W; ++j) m[j] = j < w ? -1 : 0;
+    return m;
+}
 
 /* Cephes expf, about 1 ulp on [-87.3, 88.7]; exactly 0 below -87.3 (where float32 exp underflows). */
 static inline vf vexp(vf x) {
@@ -254,44 +275,53 @@ static void scan_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64
     }
 }
 
-static inline __attribute__((always_inline)) void conv_block_f32(int64_t K, int64_t kmax, int64_t row, int64_t GP,
-                                                                  const float *x, const float *taps, const float *bias,
+/* Row k of xr: the input row of step t - k (already offset to the block's first channel). */
+static inline __attribute__((always_inline)) void conv_block_f32(int64_t K, int64_t kmax, const float *const *xr,
+                                                                  int64_t GP, const float *taps, const float *bias,
                                                                   float *out, int64_t w) {
     vf acc = load(bias, w);
-    for (int64_t k = 0; k < kmax; ++k) acc += load(taps + (K - 1 - k) * GP, w) * load(x - k * row, w);
+    for (int64_t k = 0; k < kmax; ++k) acc += load(taps + (K - 1 - k) * GP, w) * load(xr[k], w);
     store(out, acc / (vexp(-acc) + 1.0f), w);
 }
 
-static void conv_block_f32_full(int64_t K, int64_t kmax, int64_t row, int64_t GP, const float *x, const float *taps,
+static void conv_block_f32_full(int64_t K, int64_t kmax, const float *const *xr, int64_t GP, const float *taps,
                                 const float *bias, float *out) {
-    conv_block_f32(K, kmax, row, GP, x, taps, bias, out, W);
+    conv_block_f32(K, kmax, xr, GP, taps, bias, out, W);
 }
 
-static void conv_block_f32_part(int64_t K, int64_t kmax, int64_t row, int64_t GP, const float *x, const float *taps,
+static void conv_block_f32_part(int64_t K, int64_t kmax, const float *const *xr, int64_t GP, const float *taps,
                                 const float *bias, float *out, int64_t w) {
-    conv_block_f32(K, kmax, row, GP, x, taps, bias, out, w);
+    conv_block_f32(K, kmax, xr, GP, taps, bias, out, w);
 }
 
-static void conv_silu_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x,
-                                const float *taps, const float *bias, float *out, int64_t lo, int64_t hi) {
+/* The input row of (step, lane): row number step * lanes + lane of x, or index[step * lanes + lane] of it (the
+ * direction gather folded in), rows x_stride apart. */
+#define CONV_ROW(x, step, lane) ((x) + (index ? index[(step) * lanes + (lane)] : (step) * lanes + (lane)) * x_stride)
+
+static void conv_silu_f32_range(int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, int64_t x_stride,
+                                const int64_t *index, const float *taps, const float *bias, float *out, int64_t lo,
+                                int64_t hi) {
     const int64_t row = lanes * P, GP = G * P;
+    const float *xr[KMAX], *xb[KMAX];
     for (int64_t t = lo; t < hi; ++t) {
         const int64_t kmax = t + 1 < K ? t + 1 : K;
         for (int64_t lane = 0; lane < lanes; ++lane) {
             const int64_t g = lane % G, off = t * row + lane * P;
+            for (int64_t k = 0; k < kmax; ++k) xr[k] = CONV_ROW(x, t - k, lane);
             for (int64_t p0 = 0; p0 < P; p0 += W) {
+                for (int64_t k = 0; k < kmax; ++k) xb[k] = xr[k] + p0;
                 if (P - p0 >= W)
-                    conv_block_f32_full(K, kmax, row, GP, x + off + p0, taps + g * P + p0, bias + g * P + p0, out + off + p0);
+                    conv_block_f32_full(K, kmax, xb, GP, taps + g * P + p0, bias + g * P + p0, out + off + p0);
                 else
-                    conv_block_f32_part(K, kmax, row, GP, x + off + p0, taps + g * P + p0, bias + g * P + p0, out + off + p0,
-                                        P - p0);
+                    conv_block_f32_part(K, kmax, xb, GP, taps + g * P + p0, bias + g * P + p0, out + off + p0, P - p0);
             }
         }
     }
 }
 
-static void conv_silu_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x,
-                                const double *taps, const double *bias, double *out, int64_t lo, int64_t hi) {
+static void conv_silu_f64_range(int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x, int64_t x_stride,
+                                const int64_t *index, const double *taps, const double *bias, double *out, int64_t lo,
+                                int64_t hi) {
     const int64_t row = lanes * P;
     for (int64_t t = lo; t < hi; ++t) {
         const int64_t kmax = t + 1 < K ? t + 1 : K;
@@ -299,61 +329,91 @@ static void conv_silu_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, 
             const int64_t g = lane % G;
             for (int64_t p = 0; p < P; ++p) {
                 double acc = bias[g * P + p];
-                for (int64_t k = 0; k < kmax; ++k) acc += taps[((K - 1 - k) * G + g) * P + p] * x[(t - k) * row + lane * P + p];
+                for (int64_t k = 0; k < kmax; ++k) acc += taps[((K - 1 - k) * G + g) * P + p] * CONV_ROW(x, t - k, lane)[p];
                 out[t * row + lane * P + p] = acc / (1.0 + exp(-acc));
             }
         }
     }
 }
 
-static inline __attribute__((always_inline)) void merge_block_f32(int64_t K, const float *y, const int64_t *idx,
-                                                                   int64_t P, const float *z, float *out, int64_t w) {
+static inline __attribute__((always_inline)) vf merge_block_f32(int64_t K, const float *y, const int64_t *idx,
+                                                                 int64_t P, const float *z, int64_t w) {
     vf acc = splat(0.0f);
     for (int64_t k = 0; k < K; ++k) acc += load(y + idx[k] * P, w);
     const vf zv = load(z, w);
-    store(out, acc * (1.0f / (float)K) * (zv / (vexp(-zv) + 1.0f)), w);
+    return acc * (1.0f / (float)K) * (zv / (vexp(-zv) + 1.0f));
 }
 
-static void merge_block_f32_full(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z, float *out) {
-    merge_block_f32(K, y, idx, P, z, out, W);
+static vf merge_block_f32_full(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z) {
+    return merge_block_f32(K, y, idx, P, z, W);
 }
 
-static void merge_block_f32_part(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z, float *out,
-                                 int64_t w) {
-    merge_block_f32(K, y, idx, P, z, out, w);
+static vf merge_block_f32_part(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z, int64_t w) {
+    return merge_block_f32(K, y, idx, P, z, w);
+}
+
+/* One token row: its blocks merged into buf, then (with ln_w) normalised over the row and scaled as LayerNorm. */
+static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64_t *idx, const float *z,
+                               const float *ln_w, const float *ln_b, double eps, float *out) {
+    vf buf[PMAX / W];
+    for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j)
+        buf[j] = P - p0 >= W ? merge_block_f32_full(K, y + p0, idx, P, z + p0) : merge_block_f32_part(K, y + p0, idx, P, z + p0, P - p0);
+    vf shift = splat(0.0f), scale = splat(1.0f);
+    if (ln_w) { /* two passes over the row in registers: mean, then the mean square of the deviations */
+        vf sum = splat(0.0f), sq = splat(0.0f);
+        for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) sum += buf[j]; /* partial blocks are zero-padded */
+        const float mean = hsum(sum) / (float)P;
+        for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) {
+            const int64_t w = P - p0 < W ? P - p0 : W;
+            const vf dev = buf[j] - mean;
+            sq += blend(lane_mask(w), dev * dev, splat(0.0f));
+        }
+        const float inv = 1.0f / sqrtf(hsum(sq) / (float)P + (float)eps);
+        shift = splat(-mean * inv);
+        scale = splat(inv);
+    }
+    for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) {
+        const int64_t w = P - p0 < W ? P - p0 : W;
+        vf v = buf[j];
+        if (ln_w) v = (v * scale + shift) * load(ln_w + p0, w) + load(ln_b + p0, w);
+        store(out + p0, v, w);
+    }
 }
 
 static void gate_merge_f32_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y,
-                                 const int64_t *index, const float *z, int64_t z_stride, float *out, int64_t lo,
-                                 int64_t hi) {
+                                 const int64_t *index, const float *z, int64_t z_stride, const float *ln_w,
+                                 const float *ln_b, double eps, float *out, int64_t lo, int64_t hi) {
     for (int64_t l = lo; l < hi; ++l)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t m = 0; m < M; ++m) {
                 const int64_t token = (m * B + b) * L + l;
                 const int64_t *idx = index + ((l * B + b) * M + m) * K;
-                for (int64_t p0 = 0; p0 < P; p0 += W) {
-                    if (P - p0 >= W)
-                        merge_block_f32_full(K, y + p0, idx, P, z + token * z_stride + p0, out + token * P + p0);
-                    else
-                        merge_block_f32_part(K, y + p0, idx, P, z + token * z_stride + p0, out + token * P + p0, P - p0);
-                }
+                gate_merge_f32_row(K, P, y, idx, z + token * z_stride, ln_w ? ln_w + m * P : 0, ln_b ? ln_b + m * P : 0,
+                                   eps, out + token * P);
             }
 }
 
 static void gate_merge_f64_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y,
-                                 const int64_t *index, const double *z, int64_t z_stride, double *out, int64_t lo,
-                                 int64_t hi) {
+                                 const int64_t *index, const double *z, int64_t z_stride, const double *ln_w,
+                                 const double *ln_b, double eps, double *out, int64_t lo, int64_t hi) {
     for (int64_t l = lo; l < hi; ++l)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t m = 0; m < M; ++m) {
                 const int64_t token = (m * B + b) * L + l;
                 const int64_t *idx = index + ((l * B + b) * M + m) * K;
+                double *o = out + token * P, mean = 0.0, var = 0.0;
                 for (int64_t p = 0; p < P; ++p) {
                     double acc = 0.0;
                     for (int64_t k = 0; k < K; ++k) acc += y[idx[k] * P + p];
                     const double zv = z[token * z_stride + p];
-                    out[token * P + p] = acc / (double)K * (zv / (1.0 + exp(-zv)));
+                    o[p] = acc / (double)K * (zv / (1.0 + exp(-zv)));
+                    mean += o[p];
                 }
+                if (!ln_w) continue;
+                mean /= (double)P;
+                for (int64_t p = 0; p < P; ++p) var += (o[p] - mean) * (o[p] - mean);
+                const double inv = 1.0 / sqrt(var / (double)P + (double)eps);
+                for (int64_t p = 0; p < P; ++p) o[p] = (o[p] - mean) * inv * ln_w[m * P + p] + ln_b[m * P + p];
             }
 }
 
@@ -371,13 +431,6 @@ static void gate_merge_f64_range(int64_t L, int64_t B, int64_t M, int64_t K, int
 #define TNMAX 256 /* T * N: the states of a recomputed chunk */
 #define GHMAX 256 /* blocks * N: the adjoint carried per block group */
 
-static inline float hsum(vf v) {
-    float s[W];
-    memcpy(s, &v, sizeof v);
-    for (int k = W / 2; k > 0; k /= 2)
-        for (int j = 0; j < k; ++j) s[j] += s[j + k];
-    return s[0];
-}
 
 /* softplus(x) as vsoftplus, and sigmoid(x) (its derivative) from the same exponential. */
 static inline vf vsoftplus_sigmoid(vf x, vf *sigmoid) {
@@ -628,30 +681,34 @@ void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const d
 #undef CALL
 }
 
-void conv_silu_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, const float *taps,
-                   const float *bias, float *out, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) conv_silu_f32_range(L, lanes, G, P, K, x, taps, bias, out, a, b)
+void conv_silu_f32(int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, int64_t x_stride,
+                   const int64_t *index, const float *taps, const float *bias, float *out, int64_t lo, int64_t hi,
+                   int64_t nthreads) {
+#define CALL(a, b) conv_silu_f32_range(lanes, G, P, K, x, x_stride, index, taps, bias, out, a, b)
     PARALLEL_RANGE(nthreads, lo, hi, CALL);
 #undef CALL
 }
 
-void conv_silu_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x, const double *taps,
-                   const double *bias, double *out, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) conv_silu_f64_range(L, lanes, G, P, K, x, taps, bias, out, a, b)
+void conv_silu_f64(int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x, int64_t x_stride,
+                   const int64_t *index, const double *taps, const double *bias, double *out, int64_t lo, int64_t hi,
+                   int64_t nthreads) {
+#define CALL(a, b) conv_silu_f64_range(lanes, G, P, K, x, x_stride, index, taps, bias, out, a, b)
     PARALLEL_RANGE(nthreads, lo, hi, CALL);
 #undef CALL
 }
 
 void gate_merge_f32(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y, const int64_t *index,
-                    const float *z, int64_t z_stride, float *out, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) gate_merge_f32_range(L, B, M, K, P, y, index, z, z_stride, out, a, b)
+                    const float *z, int64_t z_stride, const float *ln_w, const float *ln_b, double eps, float *out,
+                    int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) gate_merge_f32_range(L, B, M, K, P, y, index, z, z_stride, ln_w, ln_b, eps, out, a, b)
     PARALLEL_RANGE(nthreads, lo, hi, CALL);
 #undef CALL
 }
 
 void gate_merge_f64(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y, const int64_t *index,
-                    const double *z, int64_t z_stride, double *out, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) gate_merge_f64_range(L, B, M, K, P, y, index, z, z_stride, out, a, b)
+                    const double *z, int64_t z_stride, const double *ln_w, const double *ln_b, double eps, double *out,
+                    int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) gate_merge_f64_range(L, B, M, K, P, y, index, z, z_stride, ln_w, ln_b, eps, out, a, b)
     PARALLEL_RANGE(nthreads, lo, hi, CALL);
 #undef CALL
 }
@@ -681,3 +738,5 @@ void scan_bwd_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int
 int scan_nmax(void) { return NMAX; }
 int scan_tnmax(void) { return TNMAX; }
 int scan_width(void) { return W; }
+int scan_kmax(void) { return KMAX; }
+int scan_pmax(void) { return PMAX; }
