@@ -367,6 +367,79 @@ def test_autograd_gradients_match_reference():
         assert rel_err(a, b) <= 1e-10, name
 
 
+def _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, width, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    tokens = rand(members, batch, length, 2 * per_group)[..., :per_group]  # a column slice, as the in-projection's
+    index = torch.randint(0, members * batch * length, (length * batch * groups,), generator=g)
+    params = dict(
+        conv_weight=rand(groups, per_group, width, scale=0.5), conv_bias=rand(groups, per_group, scale=0.2),
+        x_proj_weight=rand(groups, rank + 2 * n_state, per_group, scale=per_group**-0.5),
+        dt_proj_weight=rand(groups, per_group, rank, scale=rank**-0.5), dt_bias=rand(groups, per_group, scale=0.5) - 3,
+        A=-torch.rand(groups, per_group, n_state, generator=g, dtype=torch.float64) * 4, D=rand(groups, per_group),
+    )  # fmt: skip
+    return tokens, index, params
+
+
+@needs_kernel
+@pytest.mark.parametrize("length,per_group,n_state,rank,width", [(45, 37, 4, 3, 4), (16, 32, 16, 2, 2), (70, 16, 8, 8, 4)])
+@pytest.mark.parametrize("cross", [False, True])
+def test_fused_mixer_kernel_matches_the_separate_steps(length, per_group, n_state, rank, width, cross):
+    # conv + SiLU of the gathered tokens, x projection (of the conv output or of a gathered source), scan
+    members, batch, groups = 2, 2, 6
+    tokens, index, p = _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, width)
+    source = _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, width, seed=1)[0] if cross else None
+    u = compiled.causal_conv_silu_reference(tokens.reshape(-1, per_group)[index].view(length, batch, groups, per_group), p["conv_weight"], p["conv_bias"])
+    s = u if source is None else source.reshape(-1, per_group)[index].view_as(u)
+    dt, b_sel, c_sel = torch.einsum("lbgp,gcp->lbgc", s, p["x_proj_weight"]).split([rank, n_state, n_state], dim=-1)
+    delta = torch.einsum("lbgr,gpr->lbgp", dt, p["dt_proj_weight"])
+
+    def channels_first(t):  # (L, B, G, X) -> (B, G * X, L)
+        return t.permute(1, 2, 3, 0).reshape(batch, -1, length)
+
+    ref = selective_scan_ref(
+        channels_first(u), channels_first(delta), p["A"].reshape(-1, n_state), b_sel.permute(1, 2, 3, 0), c_sel.permute(1, 2, 3, 0),
+        p["D"].reshape(-1), None, p["dt_bias"].reshape(-1), True,
+    ).reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)  # fmt: skip
+    f32 = {k: v.float() for k, v in p.items()}
+    out = compiled.mixer_scan_kernel(tokens.float(), index, **f32, source=None if source is None else source.float())
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_err(out.double(), ref) <= 2e-6
+    with pytest.raises(ValueError, match="rows outside"):
+        compiled.mixer_scan_kernel(tokens.float(), index + members * batch * length, **f32)
+    with pytest.raises(ValueError, match="x projection weight"):
+        compiled.mixer_scan_kernel(tokens.float(), index, **{**f32, "x_proj_weight": f32["x_proj_weight"][:, 1:]})
+
+
+@needs_kernel
+def test_mixer_runs_the_fused_kernel_at_inference_when_every_thread_gets_a_lane(monkeypatch):
+    from scripts.networks.mamba import DirectionalMamba
+
+    torch.manual_seed(0)
+    mixer = DirectionalMamba(16, d_state=4, members=2, order_set="cross2d", cross_modal=True).eval()
+    x, extra = torch.randn(2, 1, 30, 16), torch.randn(2, 1, 30, 16)
+    calls = []
+    original = compiled.mixer_scan_kernel
+    monkeypatch.setattr("scripts.networks.mamba.mixer_scan_kernel", lambda *a, **k: calls.append(1) or original(*a, **k))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            fused = mixer(x, (5, 6), extra=extra)
+            assert calls  # 8 lanes for 2 threads
+            calls.clear()
+            torch.set_num_threads(16)
+            separate = mixer(x, (5, 6), extra=extra)
+            assert not calls  # fewer lanes than threads: the separate kernels keep every thread busy
+            assert not compiled.mixer_scan_applicable(x.double(), 32, 4, 1, 4, 8)  # float32 only
+    finally:
+        torch.set_num_threads(threads)
+    assert (fused - separate).abs().max() <= 1e-5
+
+
 @needs_kernel
 def test_network_inference_matches_fast_backend():
     from scripts.networks import ClinicalFMamba

@@ -25,6 +25,8 @@ from scripts.ssm.compiled import (
     kernel_applicable,
     max_conv_width,
     max_norm_width,
+    mixer_scan_applicable,
+    mixer_scan_kernel,
 )
 
 from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
@@ -213,22 +215,23 @@ class DirectionalMamba(nn.Module):
         forward_index, backward_index = self._gather_index(grid, b, x.device)
 
         xs, z = member_linear(x, self.in_proj_weight).split(self.d_inner, dim=-1)
-        xs = self._causal_conv_silu(xs, forward_index)  # (L, B, G, d_inner)
-        source = self._to_directions(member_linear(extra, self.in_proj_b_weight), forward_index) if self.cross_modal else xs
-        x_dbl = torch.einsum("lbgp,gcp->lbgc", source, self.x_proj_weight)
-        dt, b_sel, c_sel = x_dbl.split([r, n, n], dim=-1)
-        y = selective_scan_time_major(
-            xs,
-            dt,
-            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
-            b_sel,
-            c_sel,
-            self.D,
-            delta_bias=self.dt_proj_bias,
-            delta_softplus=True,
-            backend=self.scan_backend,
-            delta_proj_weight=self.dt_proj_weight,
-        )
+        extra = member_linear(extra, self.in_proj_b_weight) if self.cross_modal else None
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        groups = self.members * self.num_directions
+        conv_weight, conv_bias = self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1)
+        if self._use_kernels(xs, *self.parameters()) and mixer_scan_applicable(xs, self.d_inner, n, r, self.d_conv, b * groups):
+            y = mixer_scan_kernel(
+                xs, forward_index, conv_weight, conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A,
+                self.D, source=extra,
+            )  # fmt: skip
+        else:
+            xs = self._causal_conv_silu(xs, forward_index)  # (L, B, G, d_inner)
+            source = self._to_directions(extra, forward_index) if self.cross_modal else xs
+            dt, b_sel, c_sel = torch.einsum("lbgp,gcp->lbgc", source, self.x_proj_weight).split([r, n, n], dim=-1)
+            y = selective_scan_time_major(
+                xs, dt, A, b_sel, c_sel, self.D, delta_bias=self.dt_proj_bias, delta_softplus=True,
+                backend=self.scan_backend, delta_proj_weight=self.dt_proj_weight,
+            )  # fmt: skip
         y = self._merge_gate_norm(y, backward_index, z)  # (M, B, L, d_inner)
         return member_linear(y, self.out_proj_weight)
 

@@ -51,6 +51,8 @@ __all__ = [
     "causal_conv_silu_kernel",
     "max_conv_width",
     "max_norm_width",
+    "mixer_scan_applicable",
+    "mixer_scan_kernel",
     "causal_conv_silu_reference",
     "gate_merge_kernel",
     "gate_merge_reference",
@@ -166,6 +168,9 @@ def _load() -> dict:
             for fn in (lib.conv_silu_f32, lib.conv_silu_f64):  # lanes, G, P, K, x, x_stride, index, taps, bias, out, ...
                 fn.argtypes = [i64] * 4 + [ptr, i64] + [ptr] * 4 + [i64] * 3
                 fn.restype = None
+            # L, B, G, P, N, R, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt, dt_bias, A, D, y, h, ...
+            lib.mixer_scan_f32.argtypes = [i64] * 7 + [ptr, i64] + [ptr] * 4 + [i64, ptr, i64] + [ptr] * 6 + [i64] * 3
+            lib.mixer_scan_f32.restype = None
             for fn in (lib.gate_merge_f32, lib.gate_merge_f64):  # L, B, M, K, P, y, index, z, z_stride, ln_w, ln_b, eps, out, ...
                 fn.argtypes = [i64] * 5 + [ptr] * 3 + [i64, ptr, ptr, ctypes.c_double, ptr] + [i64] * 3
                 fn.restype = None
@@ -176,6 +181,8 @@ def _load() -> dict:
                 block=int(lib.scan_width()),
                 kmax=int(lib.scan_kmax()),
                 pmax=int(lib.scan_pmax()),
+                fused_pmax=int(lib.scan_fused_pmax()),
+                xmax=int(lib.scan_xmax()),
                 compiler=compiler,
                 flags=flags,
                 openmp=openmp,
@@ -245,6 +252,19 @@ def _self_check() -> None:
                 err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
                 if not err <= tol:
                     raise RuntimeError(f"self-check of the {name} failed for {dtype}: relative error {err:.2e} > {tol:.0e}")
+    # the fused mixer kernel (float32 only) against the separate float64 kernels checked above
+    with torch.no_grad():
+        w_x = torch.randn(groups, rank + 2 * n_state, per_group, generator=g, dtype=torch.float64) / 4
+        for source in (None, tokens.flip(2)):
+            u = causal_conv_silu_kernel(tokens, taps, conv_bias, index=conv_index)
+            s = u if source is None else source.reshape(-1, per_group)[conv_index].view_as(u)
+            dt_, b_, c_ = torch.einsum("lbgp,gcp->lbgc", s, w_x).split([rank, n_state, n_state], dim=-1)
+            ref_fused = scan_time_major_kernel(u, dt_, a_g, b_, c_, conv_bias, bias.view(groups, -1), True, delta_proj_weight=w_dt)[0]
+            cast = [t.float() if t is not None else None for t in (tokens, taps, conv_bias, w_x, w_dt, bias.view(groups, -1), a_g, source)]
+            fused = mixer_scan_kernel(cast[0], conv_index, cast[1], cast[2], cast[3], cast[4], cast[5], cast[6], cast[2], source=cast[7])
+            err = ((fused.double() - ref_fused).abs().max() / ref_fused.abs().max()).item()
+            if not err <= 1e-4:
+                raise RuntimeError(f"self-check of the fused mixer kernel failed: relative error {err:.2e} > 1e-04")
     # the backward (training): gradients of every input, through 3 chunks of 8 steps, against autograd on the reference
     from .compiled_grad import CompiledSelectiveScan
 
@@ -458,6 +478,72 @@ def causal_conv_silu_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def max_conv_width() -> int:
     """Widest causal convolution the kernel takes (0 without a kernel)."""
     return _load().get("kmax") or 0
+
+
+def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(M, B, L, P) tokens and the stride between their rows; copies only if the rows are not evenly spaced."""
+    s = x.stride()
+    if not (s[3] == 1 and s[2] >= x.shape[3] and s[1] == x.shape[2] * s[2] and s[0] == x.shape[1] * s[1]):
+        x = x.contiguous()
+    return x, x.stride(2)
+
+
+def mixer_scan_applicable(x: torch.Tensor, d_inner: int, d_state: int, dt_rank: int, d_conv: int, lanes: int) -> bool:
+    """Whether :func:`mixer_scan_kernel` takes this mixer's shapes: float32, sizes within the kernel's buffers, and
+    at least one lane per thread (its work items are lanes; fewer lanes run faster as separate kernels)."""
+    info = _load()
+    return (
+        info["lib"] is not None and x.dtype == torch.float32 and d_inner <= info["fused_pmax"]
+        and dt_rank + 2 * d_state <= info["xmax"] and d_state <= info["nmax"] and d_conv <= info["kmax"]
+        and lanes >= torch.get_num_threads()
+    )  # fmt: skip
+
+
+def mixer_scan_kernel(
+    x: torch.Tensor, index: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor | None, source: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A mixer's work between its input projection and its merge, in one float32 kernel pass per lane (inference).
+
+    Equal to :func:`causal_conv_silu_kernel` (``x``, ``index``, ``conv_weight`` (G, P, K), ``conv_bias``), then the
+    x projection ``einsum("lbgp,gcp->lbgc", s, x_proj_weight)`` of s = that output, or of ``source`` gathered by
+    ``index`` (cross-modal mixers), split into (dt (R), B (N), C (N)), then the selective scan of the output with the
+    low-rank delta ``dt`` through ``dt_proj_weight`` (G, P, R), ``dt_bias`` (G, P) and softplus, ``A`` (G, P, N) and
+    ``D`` (G, P): y (L, B, G, P). Neither the convolution's output nor the projection is written to memory. The
+    caller checks :func:`kernel_applicable` and :func:`mixer_scan_applicable`.
+    """
+    groups, per_group, width = conv_weight.shape
+    n_state, rank = A.shape[-1], dt_proj_weight.shape[-1]
+    members, batch, tokens, _ = x.shape
+    if index.dtype != torch.int64 or index.numel() % (batch * groups):
+        raise ValueError(f"index must hold (L, {batch}, {groups}) int64 row numbers, got {index.numel()} {index.dtype}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= members * batch * tokens):
+        raise ValueError("index refers to rows outside x")
+    if x_proj_weight.shape != (groups, rank + 2 * n_state, per_group):
+        raise ValueError(f"x projection weight {tuple(x_proj_weight.shape)}, expected {(groups, rank + 2 * n_state, per_group)}")
+    length = index.numel() // (batch * groups)
+    x, x_stride = _token_rows(x)
+    src, src_stride = (None, 0) if source is None else _token_rows(source.to(torch.float32))
+    f32 = dict(dtype=torch.float32)
+    taps = conv_weight.to(**f32).permute(2, 0, 1).contiguous()  # (K, G, P)
+    block = _build["block"]
+    padded = -(-(rank + 2 * n_state) // block) * block
+    wxt = F.pad(x_proj_weight.to(**f32).transpose(1, 2), (0, padded - rank - 2 * n_state)).contiguous()  # (G, P, CP)
+    wdt = dt_proj_weight.to(**f32).reshape(groups, per_group, rank).transpose(-1, -2).contiguous()  # (G, R, P)
+    a_t = A.to(**f32).reshape(groups, per_group, n_state).transpose(-1, -2).contiguous()  # (G, N, P)
+    conv_bias, dt_bias = (t.to(**f32).reshape(groups, per_group).contiguous() for t in (conv_bias, dt_bias))
+    D = None if D is None else D.to(**f32).reshape(groups, per_group).contiguous()
+    index = index.contiguous()
+    y = torch.empty(length, batch, groups, per_group, **f32)
+    h = torch.zeros(batch * groups, n_state, per_group, **f32)
+    if length:
+        args = [
+            length, batch, groups, per_group, n_state, rank, width, x.data_ptr(), x_stride, index.data_ptr(),
+            taps.data_ptr(), conv_bias.data_ptr(), None if src is None else src.data_ptr(), src_stride, wxt.data_ptr(), padded,
+            wdt.data_ptr(), dt_bias.data_ptr(), a_t.data_ptr(), None if D is None else D.data_ptr(), y.data_ptr(), h.data_ptr(),
+        ]  # fmt: skip
+        _run(_load()["lib"].mixer_scan_f32, args, batch * groups)
+    return y
 
 
 def gate_merge_reference(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,7 @@ static inline vf vexp_neg_abs(vf x) { return vexp2((vf)((vi)x | (vi)splat(-0.0f)
 static inline vf vsoftplus(vf x) { return blend(x > 0.0f, x, splat(0.0f)) + vlog1p01(vexp_neg_abs(x)); }
 
 static inline __attribute__((always_inline)) void block_f32(
-    int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta, const float *u,
+    int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta, const float *u,
     const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus, float *y,
     float *h, const float *dtr, int64_t dt_row, const float *wdt, int64_t R, float *ckpt, int64_t T,
     int64_t ckpt_row, int64_t tb, int64_t w) {
@@ -174,7 +174,7 @@ static inline __attribute__((always_inline)) void block_f32(
             }
             if (softplus) d = vsoftplus(d);
             dbuf[j] = d;
-            ubuf[j] = load(u + t * row, w);
+            ubuf[j] = load(u + t * u_row, w);
         }
         for (int64_t j = 0; j < tn; ++j) {
             const int64_t t = t0 + j;
@@ -194,18 +194,18 @@ static inline __attribute__((always_inline)) void block_f32(
     for (int64_t n = 0; n < N; ++n) store(h + n * P, hs[n], w);
 }
 
-static void block_f32_full(int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,
+static void block_f32_full(int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta,
                            const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
                            const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
                            const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t tb) {
-    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, W);
+    block_f32(L, P, N, row, u_row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, W);
 }
 
-static void block_f32_part(int64_t L, int64_t P, int64_t N, int64_t row, int64_t bc_row, const float *delta,
+static void block_f32_part(int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta,
                            const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
                            const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
                            const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t tb, int64_t w) {
-    block_f32(L, P, N, row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, w);
+    block_f32(L, P, N, row, u_row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, w);
 }
 
 static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta,
@@ -227,10 +227,10 @@ static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64
                 float *ck = ckpt ? ckpt + lane * N * P + p0 : 0;
                 const float *Bl = B + t0 * bc_row + lane * bc_stride, *Cl = C + t0 * bc_row + lane * bc_stride;
                 if (w == W)
-                    block_f32_full(tn, P, N, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
+                    block_f32_full(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
                                    y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0);
                 else
-                    block_f32_part(tn, P, N, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
+                    block_f32_part(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
                                    y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0, w);
             }
         }
@@ -331,6 +331,92 @@ static void conv_silu_f64_range(int64_t lanes, int64_t G, int64_t P, int64_t K, 
                 double acc = bias[g * P + p];
                 for (int64_t k = 0; k < kmax; ++k) acc += taps[((K - 1 - k) * G + g) * P + p] * CONV_ROW(x, t - k, lane)[p];
                 out[t * row + lane * P + p] = acc / (1.0 + exp(-acc));
+            }
+        }
+    }
+}
+
+/* The mixer between its input projection and its merge, per lane and chunk of TIME_CHUNK steps, for inference:
+ *     u_t    = silu(causal conv of the gathered token rows)              (conv_silu_*, into a buffer)
+ *     x_t    = W_x[g] s_t, s_t = u_t or the gathered source row src      (the x projection: dt (R), B (N), C (N))
+ *     y_t    = the scan (block_f32) with the low-rank delta, B, C from x_t and u_t from the buffer
+ * so that u and the projection never go through memory. x (tokens), x_stride, index: as conv_silu_*; src rows
+ * src_stride apart or NULL; wxt (G, P, CP): the x projection transposed, its R + 2N columns zero-padded to CP, a
+ * multiple of W; wdt (G, R, P); dt_bias, D (G, P) or NULL; A (G, N, P); y (L, lanes, P);
+ * h (lanes, N, P) zero in, last state out. Work items are lanes lo..hi-1. P <= FUSED_PMAX, R + 2N <= XMAX. */
+#define FUSED_PMAX 1024
+#define XMAX 192
+#define XROWS 4 /* projection rows computed together (each weight load feeds XROWS FMAs) */
+#define XVECS 2 /* projection output vectors per pass over a row */
+
+/* out[r * C + c] = <s[r], column c of wxt> for r < rows (<= XROWS), with wxt (P, CP) the projection transposed and
+ * zero-padded to CP (a multiple of W) columns: vectors over the outputs, so no horizontal sums; each weight vector
+ * feeds XROWS FMAs, each row value is one broadcast operand. Rows past `rows` repeat the last (discarded). */
+static void project_rows_f32(int64_t rows, int64_t P, int64_t C, int64_t CP, const float *const *s, const float *wxt,
+                             float *out) {
+    const float *sr[XROWS];
+    for (int r = 0; r < XROWS; ++r) sr[r] = s[r < rows ? r : rows - 1];
+    for (int64_t c0 = 0; c0 < CP; c0 += XVECS * W) {
+        const int nv = CP - c0 >= XVECS * W ? XVECS : (int)((CP - c0) / W);
+        vf acc[XROWS][XVECS];
+        for (int r = 0; r < XROWS; ++r)
+            for (int v = 0; v < XVECS; ++v) acc[r][v] = splat(0.0f);
+        for (int64_t p = 0; p < P; ++p) {
+            vf wv[XVECS];
+            for (int v = 0; v < XVECS; ++v) wv[v] = load(wxt + p * CP + c0 + (v < nv ? v : 0) * W, W);
+            for (int r = 0; r < XROWS; ++r) {
+                const float sp = sr[r][p];
+                for (int v = 0; v < XVECS; ++v) acc[r][v] += wv[v] * sp;
+            }
+        }
+        for (int64_t r = 0; r < rows; ++r)
+            for (int v = 0; v < nv; ++v) {
+                const int64_t c = c0 + v * W, n = C - c < W ? C - c : W;
+                if (n > 0) store(out + r * C + c, acc[r][v], n);
+            }
+    }
+}
+
+static void mixer_scan_f32_range(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
+                                 const float *x, int64_t x_stride, const int64_t *index, const float *taps,
+                                 const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
+                                 const float *wdt, const float *dt_bias, const float *A, const float *D, float *y,
+                                 float *h, int64_t lo, int64_t hi) {
+    vf ubuf_v[TIME_CHUNK * FUSED_PMAX / W];
+    float *ubuf = (float *)ubuf_v, xd[TIME_CHUNK * XMAX];
+    const int64_t lanes = B * G, row = lanes * P, C = R + 2 * N, GP = G * P;
+    const float *xr[KMAX], *xb[KMAX], *s[XROWS];
+    for (int64_t lane = lo; lane < hi; ++lane) {
+        const int64_t g = lane % G;
+        for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
+            const int64_t tn = L - t0 < TIME_CHUNK ? L - t0 : TIME_CHUNK;
+            for (int64_t j = 0; j < tn; ++j) { /* causal conv + SiLU of the gathered rows */
+                const int64_t t = t0 + j, kmax = t + 1 < K ? t + 1 : K;
+                for (int64_t k = 0; k < kmax; ++k) xr[k] = x + index[(t - k) * lanes + lane] * x_stride;
+                for (int64_t p0 = 0; p0 < P; p0 += W) {
+                    for (int64_t k = 0; k < kmax; ++k) xb[k] = xr[k] + p0;
+                    if (P - p0 >= W)
+                        conv_block_f32_full(K, kmax, xb, GP, taps + g * P + p0, conv_bias + g * P + p0, ubuf + j * P + p0);
+                    else
+                        conv_block_f32_part(K, kmax, xb, GP, taps + g * P + p0, conv_bias + g * P + p0, ubuf + j * P + p0, P - p0);
+                }
+            }
+            for (int64_t j = 0; j < tn; j += XROWS) { /* x projection */
+                const int64_t rows = tn - j < XROWS ? tn - j : XROWS;
+                for (int64_t r = 0; r < rows; ++r)
+                    s[r] = src ? src + index[(t0 + j + r) * lanes + lane] * src_stride : ubuf + (j + r) * P;
+                project_rows_f32(rows, P, C, CP, s, wxt + g * P * CP, xd + j * C);
+            }
+            for (int64_t p0 = 0; p0 < P; p0 += W) { /* the scan over the chunk, block by block */
+                const int64_t w = P - p0 < W ? P - p0 : W;
+                const float *Dg = D ? D + g * P + p0 : 0, *bg = dt_bias ? dt_bias + g * P + p0 : 0;
+                float *yo = y + t0 * row + lane * P + p0, *hl = h + lane * N * P + p0;
+                if (w == W)
+                    block_f32_full(tn, P, N, row, P, C, 0, ubuf + p0, A + g * N * P + p0, xd + R, xd + R + N, Dg, bg, 1,
+                                   yo, hl, xd, C, wdt + g * R * P + p0, R, 0, 1, 0, t0);
+                else
+                    block_f32_part(tn, P, N, row, P, C, 0, ubuf + p0, A + g * N * P + p0, xd + R, xd + R + N, Dg, bg, 1,
+                                   yo, hl, xd, C, wdt + g * R * P + p0, R, 0, 1, 0, t0, w);
             }
         }
     }
@@ -735,7 +821,19 @@ void scan_bwd_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int
 #undef CALL
 }
 
+void mixer_scan_f32(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K, const float *x,
+                    int64_t x_stride, const int64_t *index, const float *taps, const float *conv_bias, const float *src,
+                    int64_t src_stride, const float *wxt, int64_t CP, const float *wdt, const float *dt_bias, const float *A,
+                    const float *D, float *y, float *h, int64_t lo, int64_t hi, int64_t nthreads) {
+#define CALL(a, b) mixer_scan_f32_range(L, B, G, P, N, R, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, \
+                   wdt, dt_bias, A, D, y, h, a, b)
+    PARALLEL_RANGE(nthreads, lo, hi, CALL);
+#undef CALL
+}
+
 int scan_nmax(void) { return NMAX; }
+int scan_fused_pmax(void) { return FUSED_PMAX; }
+int scan_xmax(void) { return XMAX; }
 int scan_tnmax(void) { return TNMAX; }
 int scan_width(void) { return W; }
 int scan_kmax(void) { return KMAX; }
