@@ -11,7 +11,8 @@ Ratios printed:
 - inference scan forward (L=1024): the compiled C kernel (``compiled`` backend) vs the fast PyTorch scan, and
   the kernel's first-call build time;
 - 256x256 network inference time vs its FLOP floor (default scan backend; also with the ``fast`` scan) = network FLOPs (conv + matmul, counted by
-  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate; and the share of that time
+  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate, each timed run paired with a
+  GEMM rate measured just before it (the machine's speed drifts); and the share of that time
   spent inside the compiled selective scans, whose exponentials the FLOP count leaves out;
 - training: one step (forward, backward, Adam) on a batch of 4 random 128x128 crops with the paper's loss, as
   pairs per second and against its own FLOP floor (forward + backward conv and matmul FLOPs / matmul rate), and
@@ -48,7 +49,7 @@ from scripts.ssm import (
     set_scan_backend,
 )
 
-__all__ = ["matmul_rate", "network_flops", "time_call", "volume_probe", "network_3d_from_config"]
+__all__ = ["matmul_rate", "network_flops", "paired_floor_ratio", "time_call", "volume_probe", "network_3d_from_config"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,34 @@ def matmul_rate(size: int = 2048) -> float:
     return 2 * size**3 / seconds
 
 
+def paired_floor_ratio(fn, flops: float, repeats: int = 7, size: int = 2048) -> dict[str, float]:
+    """Time ``fn`` against its FLOP floor with every run paired with a GEMM rate measured right before it.
+
+    A shared virtual machine's speed drifts by tens of percent over minutes; one rate measured away from the timed
+    runs can flatter or penalise the ratio by as much. Each run's ratio uses the best of two 2048^3 GEMMs timed
+    just before it. Returns the median ``seconds``, the median ``ratio`` (seconds / (flops / rate)) and the median
+    ``rate`` (FLOP/s).
+    """
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    fn()
+    a @ b
+    seconds, ratios, rates = [], [], []
+    for _ in range(repeats):
+        gemm = []
+        for _ in range(2):
+            start = time.perf_counter()
+            a @ b
+            gemm.append(time.perf_counter() - start)
+        rate = 2 * size**3 / min(gemm)
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        seconds.append(elapsed)
+        ratios.append(elapsed * rate / flops)
+        rates.append(rate)
+    return {"seconds": statistics.median(seconds), "ratio": statistics.median(ratios), "rate": statistics.median(rates)}
+
+
 def network_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Conv + matmul FLOPs of one forward pass (2 per multiply-add).
 
@@ -105,24 +134,31 @@ def network_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def scan_seconds_in(fn, repeats: int = 3) -> float | None:
-    """Median wall time spent inside the compiled scan kernel during ``fn()`` (None if the kernel is not used).
+    """Median wall time spent inside the compiled scan kernels during ``fn()`` (None if no kernel is used): the
+    scan alone, and the fused mixer kernel (causal conv + x projection + scan, :func:`mixer_scan_kernel`).
 
     The scan's exponentials and recurrence are not matrix multiplies, so the FLOP floor does not count them;
     this shows how much of the inference time they take.
     """
+    import scripts.networks.mamba as mamba
     import scripts.ssm as ssm
 
-    original = ssm.scan_time_major_kernel
+    targets = [(ssm, "scan_time_major_kernel"), (mamba, "mixer_scan_kernel")]
+    originals = [getattr(module, name) for module, name in targets]
     spent = [0.0]
 
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - start
+    def timing(original):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
 
-    ssm.scan_time_major_kernel = timed
+        return timed
+
+    for (module, name), original in zip(targets, originals):
+        setattr(module, name, timing(original))
     try:
         fn()  # warm-up
         totals = []
@@ -131,7 +167,8 @@ def scan_seconds_in(fn, repeats: int = 3) -> float | None:
             fn()
             totals.append(spent[0])
     finally:
-        ssm.scan_time_major_kernel = original
+        for (module, name), original in zip(targets, originals):
+            setattr(module, name, original)
     median = statistics.median(totals)
     return median if median > 0 else None
 
@@ -173,6 +210,11 @@ HARVARD_TRAIN_PAIRS = 446
 
 def training_step_seconds(batch: int = 4, crop: int = 128, repeats: int = 3) -> float:
     """Median seconds of one training step of the bundle's 2D network (``train.json`` loss and optimiser)."""
+    return time_call(training_step(batch, crop), repeats=repeats, warmup=1)
+
+
+def training_step(batch: int = 4, crop: int = 128):
+    """One training step of the bundle's 2D network (``train.json`` loss and optimiser), as a callable."""
     from scripts.losses import FusionLoss
 
     net = network_2d_from_config().train()
@@ -185,7 +227,7 @@ def training_step_seconds(batch: int = 4, crop: int = 128, repeats: int = 3) -> 
         loss_fn(net(image), image).backward()
         optimizer.step()
 
-    return time_call(step, repeats=repeats, warmup=1)
+    return step
 
 
 def training_step_flops(batch: int = 4, crop: int = 128) -> int:
@@ -259,8 +301,9 @@ def network_3d_from_config() -> torch.nn.Module:
     return _network_from_configs("inference.json", "inference_3d.json")
 
 
-def volume_probe(size: int = 128, repeats: int = 2) -> dict[str, float]:
-    """Fuse one ``size``^3 pair whole with the 3D network; seconds (median), GFLOP and this process's peak RSS (GB).
+def volume_probe(size: int = 128, repeats: int = 3) -> dict[str, float]:
+    """Fuse one ``size``^3 pair whole with the 3D network; seconds (median), their FLOP-floor ratio (each run paired
+    with a GEMM rate, :func:`paired_floor_ratio`), GFLOP and this process's peak RSS (GB).
 
     Meant to run in a fresh process (``python -m scripts.benchmark --volume-probe 128``) so that the peak
     resident memory belongs to the 3D inference alone.
@@ -268,11 +311,11 @@ def volume_probe(size: int = 128, repeats: int = 2) -> dict[str, float]:
     tune_allocator()
     net = network_3d_from_config().eval()
     x = torch.rand(1, 2, size, size, size)
-    with torch.inference_mode():
-        seconds = time_call(lambda: net(x), repeats=repeats, warmup=1)
     flops = network_flops(net, x)
+    with torch.inference_mode():
+        timed = paired_floor_ratio(lambda: net(x), flops, repeats=repeats)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"seconds": seconds, "gflop": flops / 1e9, "peak_rss_gb": peak_kb / 1024**2}
+    return {"seconds": timed["seconds"], "ratio": timed["ratio"], "gflop": flops / 1e9, "peak_rss_gb": peak_kb / 1024**2}
 
 
 def _volume_probe_subprocess(size: int) -> dict[str, float]:
@@ -324,28 +367,36 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
     x = torch.rand(1, 2, size, size)
     flops = network_flops(net, x)
     with torch.inference_mode():
-        t_net = time_call(lambda: net(x), repeats=5)
+        timed = paired_floor_ratio(lambda: net(x), flops, repeats=9)
         set_scan_backend("fast")
         try:
-            t_net_fast = time_call(lambda: net(x), repeats=5)
+            timed_fast = paired_floor_ratio(lambda: net(x), flops, repeats=3)
         finally:
             set_scan_backend(None)
         t_scan = scan_seconds_in(lambda: net(x))
-    floor = flops / rate
+    t_net, floor = timed["seconds"], flops / timed["rate"]
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
-    report(f"{size}x{size} inference (bundle network, batch 1, {resolve_backend(None, 'cpu')} scan)", f"{t_net:.3f} s = {t_net / floor:.2f}x the FLOP floor ({floor:.3f} s)")
+    report(
+        f"{size}x{size} inference (bundle network, batch 1, {resolve_backend(None, 'cpu')} scan)",
+        f"{t_net:.3f} s = {timed['ratio']:.2f}x the FLOP floor (median of 9 runs, each against the GEMM rate measured "
+        f"just before it; median rate {timed['rate'] / 1e9:.1f} GFLOP/s, floor {floor:.3f} s)",
+    )
     if t_scan is not None:
         report(
-            f"{size}x{size} inference: time inside the selective scans (not in the FLOP count)",
+            f"{size}x{size} inference: time inside the scan kernels (the fused mixer kernel's conv and x projection included)",
             f"{t_scan:.3f} s = {t_scan / t_net:.0%} of the pass; the rest {t_net - t_scan:.3f} s = {(t_net - t_scan) / floor:.2f}x the floor",
         )
-    report(f"{size}x{size} inference with the fast (PyTorch) scan", f"{t_net_fast:.3f} s = {t_net_fast / floor:.2f}x the FLOP floor")
+    report(f"{size}x{size} inference with the fast (PyTorch) scan", f"{timed_fast['seconds']:.3f} s = {timed_fast['ratio']:.2f}x the FLOP floor")
 
-    t_step = training_step_seconds()
+    step_flops = training_step_flops()
+    timed_step = paired_floor_ratio(training_step(), step_flops, repeats=3)
+    t_step = timed_step["seconds"]
     steps = -(-HARVARD_TRAIN_PAIRS // 4)
     report("training step, batch 4 x 128x128 crops (fwd + bwd + Adam)", f"{t_step:.2f} s = {4 / t_step:.1f} pairs/s")
-    step_floor = training_step_flops() / rate
-    report("training step FLOPs (fwd + bwd, conv + matmul) and floor ratio", f"{step_floor * rate / 1e9:.1f} GFLOP: {t_step / step_floor:.2f}x the floor ({step_floor:.3f} s)")
+    report(
+        "training step FLOPs (fwd + bwd, conv + matmul) and floor ratio",
+        f"{step_flops / 1e9:.1f} GFLOP: {timed_step['ratio']:.2f}x the floor ({step_flops / timed_step['rate']:.3f} s)",
+    )
     report(f"Harvard train epoch estimate ({HARVARD_TRAIN_PAIRS} pairs, {steps} steps x timed step)", f"{steps * t_step / 60:.1f} min")
     if epoch:
         harvard = BUNDLE_ROOT.parent / "shared" / "data" / "harvard"
@@ -360,11 +411,10 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
 
     if volume:
         probe = _volume_probe_subprocess(volume)
-        floor_3d = probe["gflop"] * 1e9 / rate
         report(f"3D network FLOPs, one {volume}^3 pair (inference_3d.json network)", f"{probe['gflop']:.1f} GFLOP")
         report(
             f"{volume}^3 volume inference (whole volume, batch 1)",
-            f"{probe['seconds']:.2f} s = {probe['seconds'] / floor_3d:.2f}x the FLOP floor ({floor_3d:.2f} s)",
+            f"{probe['seconds']:.2f} s = {probe['ratio']:.2f}x the FLOP floor (runs paired with GEMM rates)",
         )
         report(f"{volume}^3 volume inference: peak resident memory (fresh process)", f"{probe['peak_rss_gb']:.2f} GB")
     return rows

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from scripts.benchmark import network_3d_from_config, network_flops, volume_probe
@@ -17,7 +18,7 @@ def test_3d_network_comes_from_the_inference_config():
 
 def test_volume_probe_reports_time_flops_and_peak_memory():
     probe = volume_probe(size=16, repeats=1)
-    assert probe["seconds"] > 0 and probe["peak_rss_gb"] > 0.05
+    assert probe["seconds"] > 0 and probe["ratio"] > 0 and probe["peak_rss_gb"] > 0.05
     # FLOPs scale with the voxel count: 8x the volume, about 8x the FLOPs (conv + matmul dominate)
     net = network_3d_from_config().eval()
     small, large = (network_flops(net, torch.rand(1, 2, s, s, s)) for s in (16, 32))
@@ -95,3 +96,31 @@ def test_2d_network_comes_from_the_inference_config():
     definition = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())["network_def"]
     assert (net.refine is not None) == bool(definition.get("refine")) and (net.selection is not None) == bool(definition.get("source_selection"))
     assert net.spatial_dims == 2
+
+
+def test_paired_floor_ratio_pairs_each_run_with_its_own_gemm_rate(monkeypatch):
+    import scripts.benchmark as benchmark
+
+    # a fake clock on a machine whose speed halves and recovers: GEMMs and the timed call slow down together
+    clock = {"t": 0.0, "gemms": 0}
+    real_matmul = torch.Tensor.__matmul__
+
+    def slow_phase() -> bool:
+        return (clock["gemms"] // 4) % 2 == 0
+
+    def gemm(a, b):
+        clock["gemms"] += 1
+        clock["t"] += 0.1 if slow_phase() else 0.05
+        return real_matmul(a, b)
+
+    def timed_call():
+        clock["t"] += 0.2 if slow_phase() else 0.1
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", gemm)
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["t"])
+    out = benchmark.paired_floor_ratio(timed_call, flops=1e9, repeats=5, size=8)
+    slow_rate = 2 * 8**3 / 0.1
+    # every paired run has the same ratio: 0.2 s at the slow rate = 0.1 s at twice that rate
+    assert out["ratio"] == pytest.approx(0.2 * slow_rate / 1e9)
+    # unpaired, the median time with the best rate would double it
+    assert out["seconds"] * (2 * slow_rate) / 1e9 == pytest.approx(2 * out["ratio"])
