@@ -124,9 +124,27 @@ static inline vf vexp2(vf t) {
     p = p * r + 1.0f;
     return (vf)_mm512_scalef_ps((__m512)p, n);
 }
+/* exp(x) for an exact x (the SiLU's): x log2(e) split into a rounded product and its error (one FMA), so that the
+ * result keeps about 1 ulp for large |x| like the Cephes vexp; overflow gives +inf, underflow 0. */
+static inline vf vexp_exact_input(vf x) {
+    const __m512 xs = (__m512)x, s = _mm512_set1_ps(EXP2_SCALE);
+    const __m512 hi = _mm512_max_ps(_mm512_set1_ps(-300.0f), _mm512_mul_ps(xs, s));
+    const __m512 lo = _mm512_fmadd_ps(xs, _mm512_set1_ps(1.925963033e-8f), _mm512_fmsub_ps(xs, s, hi));
+    const __m512 n = _mm512_roundscale_ps(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = (vf)_mm512_add_ps(_mm512_sub_ps(hi, n), lo);
+    vf p = splat(1.535336188319500e-4f);
+    p = p * r + 1.339887440266574e-3f;
+    p = p * r + 9.618437357674640e-3f;
+    p = p * r + 5.550332471162809e-2f;
+    p = p * r + 2.402264791363012e-1f;
+    p = p * r + 6.931472028550421e-1f;
+    p = p * r + 1.0f;
+    return (vf)_mm512_scalef_ps((__m512)p, n);
+}
 #else
 #define EXP2_SCALE 1.0f
 #define vexp2 vexp
+#define vexp_exact_input vexp
 #endif
 
 /* log1p(e) for e in [0, 1] as 2 atanh(s), s = e / (2 + e) in [0, 1/3]: 2 s (1 + s^2/3 + ... + s^12/13), truncated
@@ -281,7 +299,7 @@ static inline __attribute__((always_inline)) void conv_block_f32(int64_t K, int6
                                                                   float *out, int64_t w) {
     vf acc = load(bias, w);
     for (int64_t k = 0; k < kmax; ++k) acc += load(taps + (K - 1 - k) * GP, w) * load(xr[k], w);
-    store(out, acc / (vexp(-acc) + 1.0f), w);
+    store(out, acc / (vexp_exact_input(-acc) + 1.0f), w); /* silu */
 }
 
 static void conv_block_f32_full(int64_t K, int64_t kmax, const float *const *xr, int64_t GP, const float *taps,
@@ -427,7 +445,7 @@ static inline __attribute__((always_inline)) vf merge_block_f32(int64_t K, const
     vf acc = splat(0.0f);
     for (int64_t k = 0; k < K; ++k) acc += load(y + idx[k] * P, w);
     const vf zv = load(z, w);
-    return acc * (1.0f / (float)K) * (zv / (vexp(-zv) + 1.0f));
+    return acc * (1.0f / (float)K) * (zv / (vexp_exact_input(-zv) + 1.0f));
 }
 
 static vf merge_block_f32_full(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z) {
