@@ -21,7 +21,7 @@ from .blocks import (
     UpStage,
 )
 from .mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
-from .rewrites import conv3_by_matmul, rewrites_apply
+from .rewrites import conv3_by_matmul, conv3_then_down2, rewrites_apply
 
 __all__ = ["ClinicalFMamba"]
 
@@ -210,7 +210,10 @@ class ClinicalFMamba(nn.Module):
         x = torch.cat([image[:, 0:1], image[:, 1:2]], dim=0)  # both modalities through the shared encoder
         skips = self.stem(x)
         f = skips
-        for down, block in zip(self.downsamples, self.encoder_blocks):
+        for i, (down, block) in enumerate(zip(self.downsamples, self.encoder_blocks)):
+            if i == 0 and rewrites_apply(self):  # down(stem(x)) as one convolution of the image (docs/performance.md)
+                f = block(conv3_then_down2(x, self.stem, down))
+                continue
             f = block(down(f))
         grid = f.shape[2:]
         tokens = f.flatten(2).transpose(1, 2).reshape(2, batch, -1, f.shape[1])  # (2, B, L, C), row-major

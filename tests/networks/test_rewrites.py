@@ -8,7 +8,7 @@ from torch import nn
 from scripts.benchmark import network_flops
 from scripts.networks import ClinicalFMamba, CrossModalChannelAttention, UpStage
 from scripts.networks.blocks import FullResolutionRefinement
-from scripts.networks.rewrites import conv3_by_matmul, fold_batch_norm, inference_rewrites, rewrites_apply, upsample_conv
+from scripts.networks.rewrites import conv3_by_matmul, conv3_then_down2, fold_batch_norm, inference_rewrites, rewrites_apply, upsample_conv
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -47,6 +47,18 @@ def test_conv3_by_matmul_equals_the_convolution(size, out_channels, bias):
     b = randn(out_channels, seed=2) if bias else None
     out = conv3_by_matmul(x, w, b)
     assert torch.allclose(out, CONV[dims](x, w, b, padding=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(8,), (6, 10), (4, 6, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3_then_down2_equals_the_two_convolutions(size, bias):
+    dims = len(size)
+    conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    conv, down = conv_cls(2, 5, 3, padding=1, bias=bias).double(), conv_cls(5, 4, 2, stride=2, bias=bias).double()
+    x = randn(2, 2, *size)
+    assert torch.allclose(conv3_then_down2(x, conv, down), down(conv(x)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="stride 2"):
+        conv3_then_down2(x, conv, conv_cls(5, 4, 2, stride=1).double())
 
 
 @pytest.mark.parametrize("conv_bias", [True, False])
