@@ -415,6 +415,33 @@ def test_fused_mixer_kernel_matches_the_separate_steps(length, per_group, n_stat
 
 
 @needs_kernel
+@pytest.mark.parametrize("norm", [True, False])
+def test_fused_mixer_kernel_with_the_merge_matches_scan_then_merge(norm):
+    # each (batch, member) set's directions add into the token rows they visit, then gate and norm: no time-major y
+    members, batch, length, directions, per_group, n_state, rank = 2, 3, 40, 4, 37, 8, 3
+    groups = members * directions
+    tokens, _, p = _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, 4)
+    orders = torch.stack([torch.randperm(length, generator=torch.Generator().manual_seed(k)) for k in range(directions)])
+    index = ((torch.arange(members).view(1, 1, -1, 1) * batch + torch.arange(batch).view(1, -1, 1, 1)) * length + orders.t().reshape(length, 1, 1, directions)).reshape(-1)
+    aligned = torch.empty_like(index)  # row of the (L, B, M, K) outputs that holds each (token, direction)
+    aligned[(index.view(length, batch, members, directions) * directions + torch.arange(directions)).reshape(-1)] = torch.arange(index.numel())
+    backward = aligned.view(members, batch, length, directions).permute(2, 1, 0, 3).reshape(-1)
+    z = torch.randn(members, batch, length, 2 * per_group, dtype=torch.float64)[..., per_group:]
+    weight, bias = torch.randn(members, per_group, dtype=torch.float64), torch.randn(members, per_group, dtype=torch.float64)
+    f32 = {k: v.float() for k, v in p.items()}
+    y = compiled.mixer_scan_kernel(tokens.float(), index, **f32)
+    ref = compiled.gate_merge_reference(y.double(), backward, z)
+    if norm:
+        ref = torch.nn.functional.layer_norm(ref, (per_group,)) * weight[:, None, None] + bias[:, None, None]
+    extra = dict(norm_weight=weight.float(), norm_bias=bias.float()) if norm else {}
+    out = compiled.mixer_scan_kernel(tokens.float(), index, **f32, z=z.float(), **extra)
+    assert out.shape == (members, batch, length, per_group)
+    assert rel_err(out.double(), ref) <= 2e-6
+    with pytest.raises(ValueError, match="the merge needs z"):
+        compiled.mixer_scan_kernel(tokens.float(), index, **f32, z=z.float()[:, :, 1:])
+
+
+@needs_kernel
 def test_mixer_runs_the_fused_kernel_at_inference_when_every_thread_gets_a_lane(monkeypatch):
     from scripts.networks.mamba import DirectionalMamba
 

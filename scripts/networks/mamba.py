@@ -220,10 +220,17 @@ class DirectionalMamba(nn.Module):
         groups = self.members * self.num_directions
         conv_weight, conv_bias = self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1)
         if self._use_kernels(xs, *self.parameters()) and mixer_scan_applicable(xs, self.d_inner, n, r, self.d_conv, b * groups):
+            fused = dict(source=extra)
+            if b * m >= torch.get_num_threads() and (self.norm is None or self.d_inner <= max_norm_width()):
+                fused.update(z=z)  # the merge too: one work item per (batch, member), no time-major output at all
+                if self.norm is not None:
+                    fused.update(norm_weight=self.norm.weight, norm_bias=self.norm.bias, eps=self.norm.eps)
             y = mixer_scan_kernel(
                 xs, forward_index, conv_weight, conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A,
-                self.D, source=extra,
+                self.D, **fused,
             )  # fmt: skip
+            if "z" in fused:
+                return member_linear(y, self.out_proj_weight)
         else:
             xs = self._causal_conv_silu(xs, forward_index)  # (L, B, G, d_inner)
             source = self._to_directions(extra, forward_index) if self.cross_modal else xs

@@ -169,7 +169,8 @@ def _load() -> dict:
                 fn.argtypes = [i64] * 4 + [ptr, i64] + [ptr] * 4 + [i64] * 3
                 fn.restype = None
             # L, B, G, P, N, R, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt, dt_bias, A, D, y, h, ...
-            lib.mixer_scan_f32.argtypes = [i64] * 7 + [ptr, i64] + [ptr] * 4 + [i64, ptr, i64] + [ptr] * 6 + [i64] * 3
+            # ... D, y, h, KD, out, z, z_stride, ln_w, ln_b, eps, lo, hi, nthreads
+            lib.mixer_scan_f32.argtypes = [i64] * 7 + [ptr, i64] + [ptr] * 4 + [i64, ptr, i64] + [ptr] * 6 + [i64, ptr, ptr, i64, ptr, ptr, ctypes.c_double] + [i64] * 3
             lib.mixer_scan_f32.restype = None
             for fn in (lib.gate_merge_f32, lib.gate_merge_f64):  # L, B, M, K, P, y, index, z, z_stride, ln_w, ln_b, eps, out, ...
                 fn.argtypes = [i64] * 5 + [ptr] * 3 + [i64, ptr, ptr, ctypes.c_double, ptr] + [i64] * 3
@@ -502,15 +503,21 @@ def mixer_scan_applicable(x: torch.Tensor, d_inner: int, d_state: int, dt_rank: 
 def mixer_scan_kernel(
     x: torch.Tensor, index: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, x_proj_weight: torch.Tensor,
     dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor | None, source: torch.Tensor | None = None,
+    z: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, eps: float = 1e-5,
 ) -> torch.Tensor:
-    """A mixer's work between its input projection and its merge, in one float32 kernel pass per lane (inference).
+    """A mixer's work between its input projection and its merge, in one float32 kernel pass (inference).
 
     Equal to :func:`causal_conv_silu_kernel` (``x``, ``index``, ``conv_weight`` (G, P, K), ``conv_bias``), then the
     x projection ``einsum("lbgp,gcp->lbgc", s, x_proj_weight)`` of s = that output, or of ``source`` gathered by
     ``index`` (cross-modal mixers), split into (dt (R), B (N), C (N)), then the selective scan of the output with the
     low-rank delta ``dt`` through ``dt_proj_weight`` (G, P, R), ``dt_bias`` (G, P) and softplus, ``A`` (G, P, N) and
-    ``D`` (G, P): y (L, B, G, P). Neither the convolution's output nor the projection is written to memory. The
-    caller checks :func:`kernel_applicable` and :func:`mixer_scan_applicable`.
+    ``D`` (G, P): y (L, B, G, P), one work item per lane. Neither the convolution's output nor the projection is
+    written to memory.
+
+    With ``z`` (M, B, L, P) the merge follows in the same pass (:func:`gate_merge_kernel`, with the output norm when
+    ``norm_weight`` and ``norm_bias`` are given): each work item is one (batch, member) set whose G / M direction
+    lanes add into the token rows they visit (``index`` holds their token row numbers), so no time-major y is
+    written at all; returns (M, B, L, P). The caller checks :func:`kernel_applicable` and :func:`mixer_scan_applicable`.
     """
     groups, per_group, width = conv_weight.shape
     n_state, rank = A.shape[-1], dt_proj_weight.shape[-1]
@@ -522,6 +529,14 @@ def mixer_scan_kernel(
     if x_proj_weight.shape != (groups, rank + 2 * n_state, per_group):
         raise ValueError(f"x projection weight {tuple(x_proj_weight.shape)}, expected {(groups, rank + 2 * n_state, per_group)}")
     length = index.numel() // (batch * groups)
+    merge = z is not None
+    if merge:
+        if groups % members or z.shape != (members, batch, length, per_group) or length != tokens:
+            raise ValueError(f"the merge needs z {(members, batch, tokens, per_group)} and G a multiple of M, got z {tuple(z.shape)}, G {groups}")
+        if (norm_weight is None) != (norm_bias is None):
+            raise ValueError("the output norm needs both its weight and its bias")
+        if norm_weight is not None and per_group > max_norm_width():
+            raise ValueError(f"rows of {per_group} channels: the merge normalises at most {max_norm_width()}")
     x, x_stride = _token_rows(x)
     src, src_stride = (None, 0) if source is None else _token_rows(source.to(torch.float32))
     f32 = dict(dtype=torch.float32)
@@ -534,15 +549,27 @@ def mixer_scan_kernel(
     conv_bias, dt_bias = (t.to(**f32).reshape(groups, per_group).contiguous() for t in (conv_bias, dt_bias))
     D = None if D is None else D.to(**f32).reshape(groups, per_group).contiguous()
     index = index.contiguous()
-    y = torch.empty(length, batch, groups, per_group, **f32)
     h = torch.zeros(batch * groups, n_state, per_group, **f32)
+    if merge:
+        out = torch.empty(members, batch, length, per_group, **f32)
+        zr = z.to(**f32)
+        if not (zr.stride(3) == 1 and zr.stride(2) >= per_group and zr.stride(1) == length * zr.stride(2) and zr.stride(0) == batch * zr.stride(1)):
+            zr = zr.contiguous()
+        nw, nb = (None, None) if norm_weight is None else (t.to(**f32).reshape(members, per_group).contiguous() for t in (norm_weight, norm_bias))
+        merge_args = [groups // members, out.data_ptr(), zr.data_ptr(), zr.stride(2), None if nw is None else nw.data_ptr(), None if nb is None else nb.data_ptr(), float(eps)]
+        y, items = out, batch * members
+    else:
+        y = torch.empty(length, batch, groups, per_group, **f32)
+        merge_args = [1, None, None, 0, None, None, 0.0]
+        items = batch * groups
     if length:
         args = [
             length, batch, groups, per_group, n_state, rank, width, x.data_ptr(), x_stride, index.data_ptr(),
             taps.data_ptr(), conv_bias.data_ptr(), None if src is None else src.data_ptr(), src_stride, wxt.data_ptr(), padded,
             wdt.data_ptr(), dt_bias.data_ptr(), a_t.data_ptr(), None if D is None else D.data_ptr(), y.data_ptr(), h.data_ptr(),
+            *merge_args,
         ]  # fmt: skip
-        _run(_load()["lib"].mixer_scan_f32, args, batch * groups)
+        _run(_load()["lib"].mixer_scan_f32, args, items)
     return y
 
 

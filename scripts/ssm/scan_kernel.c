@@ -354,6 +354,90 @@ static void conv_silu_f64_range(int64_t lanes, int64_t G, int64_t P, int64_t K, 
     }
 }
 
+static inline __attribute__((always_inline)) vf merge_block_f32(int64_t K, const float *y, const int64_t *idx,
+                                                                 int64_t P, const float *z, float scale, int64_t w) {
+    vf acc = splat(0.0f);
+    for (int64_t k = 0; k < K; ++k) acc += load(y + idx[k] * P, w);
+    const vf zv = load(z, w);
+    return acc * scale * (zv / (vexp_exact_input(-zv) + 1.0f));
+}
+
+static vf merge_block_f32_full(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z, float scale) {
+    return merge_block_f32(K, y, idx, P, z, scale, W);
+}
+
+static vf merge_block_f32_part(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z, float scale,
+                               int64_t w) {
+    return merge_block_f32(K, y, idx, P, z, scale, w);
+}
+
+/* One token row: the K rows idx[k] of y summed, times scale and silu(z), into buf, then (with ln_w) normalised over
+ * the row and scaled as LayerNorm; out may be one of the y rows. */
+static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64_t *idx, const float *z, float row_scale,
+                               const float *ln_w, const float *ln_b, double eps, float *out) {
+    vf buf[PMAX / W];
+    for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j)
+        buf[j] = P - p0 >= W ? merge_block_f32_full(K, y + p0, idx, P, z + p0, row_scale)
+                             : merge_block_f32_part(K, y + p0, idx, P, z + p0, row_scale, P - p0);
+    vf shift = splat(0.0f), scale = splat(1.0f);
+    if (ln_w) { /* two passes over the row in registers: mean, then the mean square of the deviations */
+        vf sum = splat(0.0f), sq = splat(0.0f);
+        for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) sum += buf[j]; /* partial blocks are zero-padded */
+        const float mean = hsum(sum) / (float)P;
+        for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) {
+            const int64_t w = P - p0 < W ? P - p0 : W;
+            const vf dev = buf[j] - mean;
+            sq += blend(lane_mask(w), dev * dev, splat(0.0f));
+        }
+        const float inv = 1.0f / sqrtf(hsum(sq) / (float)P + (float)eps);
+        shift = splat(-mean * inv);
+        scale = splat(inv);
+    }
+    for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) {
+        const int64_t w = P - p0 < W ? P - p0 : W;
+        vf v = buf[j];
+        if (ln_w) v = (v * scale + shift) * load(ln_w + p0, w) + load(ln_b + p0, w);
+        store(out + p0, v, w);
+    }
+}
+
+static void gate_merge_f32_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y,
+                                 const int64_t *index, const float *z, int64_t z_stride, const float *ln_w,
+                                 const float *ln_b, double eps, float *out, int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; ++l)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t m = 0; m < M; ++m) {
+                const int64_t token = (m * B + b) * L + l;
+                const int64_t *idx = index + ((l * B + b) * M + m) * K;
+                gate_merge_f32_row(K, P, y, idx, z + token * z_stride, 1.0f / (float)K, ln_w ? ln_w + m * P : 0,
+                                   ln_b ? ln_b + m * P : 0, eps, out + token * P);
+            }
+}
+
+static void gate_merge_f64_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y,
+                                 const int64_t *index, const double *z, int64_t z_stride, const double *ln_w,
+                                 const double *ln_b, double eps, double *out, int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; ++l)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t m = 0; m < M; ++m) {
+                const int64_t token = (m * B + b) * L + l;
+                const int64_t *idx = index + ((l * B + b) * M + m) * K;
+                double *o = out + token * P, mean = 0.0, var = 0.0;
+                for (int64_t p = 0; p < P; ++p) {
+                    double acc = 0.0;
+                    for (int64_t k = 0; k < K; ++k) acc += y[idx[k] * P + p];
+                    const double zv = z[token * z_stride + p];
+                    o[p] = acc / (double)K * (zv / (1.0 + exp(-zv)));
+                    mean += o[p];
+                }
+                if (!ln_w) continue;
+                mean /= (double)P;
+                for (int64_t p = 0; p < P; ++p) var += (o[p] - mean) * (o[p] - mean);
+                const double inv = 1.0 / sqrt(var / (double)P + (double)eps);
+                for (int64_t p = 0; p < P; ++p) o[p] = (o[p] - mean) * inv * ln_w[m * P + p] + ln_b[m * P + p];
+            }
+}
+
 /* The mixer between its input projection and its merge, per lane and chunk of TIME_CHUNK steps, for inference:
  *     u_t    = silu(causal conv of the gathered token rows)              (conv_silu_*, into a buffer)
  *     x_t    = W_x[g] s_t, s_t = u_t or the gathered source row src      (the x projection: dt (R), B (N), C (N))
@@ -395,130 +479,88 @@ static void project_rows_f32(int64_t rows, int64_t P, int64_t C, int64_t CP, con
     }
 }
 
+/* One lane, all L steps: conv, projection and scan per chunk; the chunk's outputs go to y (time-major rows) or, with
+ * `tokens` set, are added into the token rows out[index[t, lane]] (stored for the first direction, first = 1). */
+static void mixer_lane_f32(int64_t lane, int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
+                           const float *x, int64_t x_stride, const int64_t *index, const float *taps,
+                           const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
+                           const float *wdt, const float *dt_bias, const float *A, const float *D, float *y, float *h,
+                           float *tokens, int first, float *ubuf, float *xd, float *ybuf) {
+    const int64_t g = lane % G, row = lanes * P, C = R + 2 * N, GP = G * P;
+    const float *xr[KMAX], *xb[KMAX], *s[XROWS];
+    for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
+        const int64_t tn = L - t0 < TIME_CHUNK ? L - t0 : TIME_CHUNK;
+        for (int64_t j = 0; j < tn; ++j) { /* causal conv + SiLU of the gathered rows */
+            const int64_t t = t0 + j, kmax = t + 1 < K ? t + 1 : K;
+            for (int64_t k = 0; k < kmax; ++k) xr[k] = x + index[(t - k) * lanes + lane] * x_stride;
+            for (int64_t p0 = 0; p0 < P; p0 += W) {
+                for (int64_t k = 0; k < kmax; ++k) xb[k] = xr[k] + p0;
+                if (P - p0 >= W)
+                    conv_block_f32_full(K, kmax, xb, GP, taps + g * P + p0, conv_bias + g * P + p0, ubuf + j * P + p0);
+                else
+                    conv_block_f32_part(K, kmax, xb, GP, taps + g * P + p0, conv_bias + g * P + p0, ubuf + j * P + p0, P - p0);
+            }
+        }
+        for (int64_t j = 0; j < tn; j += XROWS) { /* x projection */
+            const int64_t rows = tn - j < XROWS ? tn - j : XROWS;
+            for (int64_t r = 0; r < rows; ++r)
+                s[r] = src ? src + index[(t0 + j + r) * lanes + lane] * src_stride : ubuf + (j + r) * P;
+            project_rows_f32(rows, P, C, CP, s, wxt + g * P * CP, xd + j * C);
+        }
+        for (int64_t p0 = 0; p0 < P; p0 += W) { /* the scan over the chunk, block by block */
+            const int64_t w = P - p0 < W ? P - p0 : W;
+            const float *Dg = D ? D + g * P + p0 : 0, *bg = dt_bias ? dt_bias + g * P + p0 : 0;
+            float *yo = tokens ? ybuf + p0 : y + t0 * row + lane * P + p0, *hl = h + lane * N * P + p0;
+            const int64_t y_row = tokens ? P : row;
+            if (w == W)
+                block_f32_full(tn, P, N, y_row, P, C, 0, ubuf + p0, A + g * N * P + p0, xd + R, xd + R + N, Dg, bg, 1,
+                               yo, hl, xd, C, wdt + g * R * P + p0, R, 0, 1, 0, t0);
+            else
+                block_f32_part(tn, P, N, y_row, P, C, 0, ubuf + p0, A + g * N * P + p0, xd + R, xd + R + N, Dg, bg, 1,
+                               yo, hl, xd, C, wdt + g * R * P + p0, R, 0, 1, 0, t0, w);
+        }
+        if (tokens)
+            for (int64_t j = 0; j < tn; ++j) { /* into the token rows this direction visited */
+                float *dst = tokens + index[(t0 + j) * lanes + lane] * P;
+                const float *src_row = ybuf + j * P;
+                if (first)
+                    memcpy(dst, src_row, (size_t)P * sizeof(float));
+                else
+                    for (int64_t p = 0; p < P; ++p) dst[p] += src_row[p];
+            }
+    }
+}
+
+/* Work items: lanes lo..hi-1 writing y, or with `out` set, member sets (b, m) lo..hi-1 (b = item / M): the KD
+ * direction lanes of the set are summed into out's token rows (M, B, L, P), then each row is gated by silu(z) (rows
+ * z_stride apart in (M, B, L) order), scaled by 1 / KD and normalised with ln_w, ln_b (M, P) when not NULL, as
+ * gate_merge_*: no time-major y at all. */
 static void mixer_scan_f32_range(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
                                  const float *x, int64_t x_stride, const int64_t *index, const float *taps,
                                  const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
                                  const float *wdt, const float *dt_bias, const float *A, const float *D, float *y,
-                                 float *h, int64_t lo, int64_t hi) {
-    vf ubuf_v[TIME_CHUNK * FUSED_PMAX / W];
-    float *ubuf = (float *)ubuf_v, xd[TIME_CHUNK * XMAX];
-    const int64_t lanes = B * G, row = lanes * P, C = R + 2 * N, GP = G * P;
-    const float *xr[KMAX], *xb[KMAX], *s[XROWS];
-    for (int64_t lane = lo; lane < hi; ++lane) {
-        const int64_t g = lane % G;
-        for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
-            const int64_t tn = L - t0 < TIME_CHUNK ? L - t0 : TIME_CHUNK;
-            for (int64_t j = 0; j < tn; ++j) { /* causal conv + SiLU of the gathered rows */
-                const int64_t t = t0 + j, kmax = t + 1 < K ? t + 1 : K;
-                for (int64_t k = 0; k < kmax; ++k) xr[k] = x + index[(t - k) * lanes + lane] * x_stride;
-                for (int64_t p0 = 0; p0 < P; p0 += W) {
-                    for (int64_t k = 0; k < kmax; ++k) xb[k] = xr[k] + p0;
-                    if (P - p0 >= W)
-                        conv_block_f32_full(K, kmax, xb, GP, taps + g * P + p0, conv_bias + g * P + p0, ubuf + j * P + p0);
-                    else
-                        conv_block_f32_part(K, kmax, xb, GP, taps + g * P + p0, conv_bias + g * P + p0, ubuf + j * P + p0, P - p0);
-                }
-            }
-            for (int64_t j = 0; j < tn; j += XROWS) { /* x projection */
-                const int64_t rows = tn - j < XROWS ? tn - j : XROWS;
-                for (int64_t r = 0; r < rows; ++r)
-                    s[r] = src ? src + index[(t0 + j + r) * lanes + lane] * src_stride : ubuf + (j + r) * P;
-                project_rows_f32(rows, P, C, CP, s, wxt + g * P * CP, xd + j * C);
-            }
-            for (int64_t p0 = 0; p0 < P; p0 += W) { /* the scan over the chunk, block by block */
-                const int64_t w = P - p0 < W ? P - p0 : W;
-                const float *Dg = D ? D + g * P + p0 : 0, *bg = dt_bias ? dt_bias + g * P + p0 : 0;
-                float *yo = y + t0 * row + lane * P + p0, *hl = h + lane * N * P + p0;
-                if (w == W)
-                    block_f32_full(tn, P, N, row, P, C, 0, ubuf + p0, A + g * N * P + p0, xd + R, xd + R + N, Dg, bg, 1,
-                                   yo, hl, xd, C, wdt + g * R * P + p0, R, 0, 1, 0, t0);
-                else
-                    block_f32_part(tn, P, N, row, P, C, 0, ubuf + p0, A + g * N * P + p0, xd + R, xd + R + N, Dg, bg, 1,
-                                   yo, hl, xd, C, wdt + g * R * P + p0, R, 0, 1, 0, t0, w);
-            }
+                                 float *h, int64_t KD, float *out, const float *z, int64_t z_stride, const float *ln_w,
+                                 const float *ln_b, double eps, int64_t lo, int64_t hi) {
+    vf ubuf_v[TIME_CHUNK * FUSED_PMAX / W], ybuf_v[TIME_CHUNK * FUSED_PMAX / W];
+    float xd[TIME_CHUNK * XMAX];
+    const int64_t lanes = B * G;
+#define LANE(lane, tokens, first) \
+    mixer_lane_f32(lane, L, lanes, G, P, N, R, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt, \
+                   dt_bias, A, D, y, h, tokens, first, (float *)ubuf_v, xd, (float *)ybuf_v)
+    for (int64_t item = lo; item < hi; ++item) {
+        if (!out) {
+            LANE(item, 0, 0);
+            continue;
+        }
+        const int64_t M = G / KD, b = item / M, m = item % M;
+        for (int64_t k = 0; k < KD; ++k) LANE(b * G + m * KD + k, out, k == 0);
+        for (int64_t l = 0; l < L; ++l) {
+            const int64_t token = (m * B + b) * L + l;
+            gate_merge_f32_row(1, P, out, &token, z + token * z_stride, 1.0f / (float)KD, ln_w ? ln_w + m * P : 0,
+                               ln_b ? ln_b + m * P : 0, eps, out + token * P);
         }
     }
-}
-
-static inline __attribute__((always_inline)) vf merge_block_f32(int64_t K, const float *y, const int64_t *idx,
-                                                                 int64_t P, const float *z, int64_t w) {
-    vf acc = splat(0.0f);
-    for (int64_t k = 0; k < K; ++k) acc += load(y + idx[k] * P, w);
-    const vf zv = load(z, w);
-    return acc * (1.0f / (float)K) * (zv / (vexp_exact_input(-zv) + 1.0f));
-}
-
-static vf merge_block_f32_full(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z) {
-    return merge_block_f32(K, y, idx, P, z, W);
-}
-
-static vf merge_block_f32_part(int64_t K, const float *y, const int64_t *idx, int64_t P, const float *z, int64_t w) {
-    return merge_block_f32(K, y, idx, P, z, w);
-}
-
-/* One token row: its blocks merged into buf, then (with ln_w) normalised over the row and scaled as LayerNorm. */
-static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64_t *idx, const float *z,
-                               const float *ln_w, const float *ln_b, double eps, float *out) {
-    vf buf[PMAX / W];
-    for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j)
-        buf[j] = P - p0 >= W ? merge_block_f32_full(K, y + p0, idx, P, z + p0) : merge_block_f32_part(K, y + p0, idx, P, z + p0, P - p0);
-    vf shift = splat(0.0f), scale = splat(1.0f);
-    if (ln_w) { /* two passes over the row in registers: mean, then the mean square of the deviations */
-        vf sum = splat(0.0f), sq = splat(0.0f);
-        for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) sum += buf[j]; /* partial blocks are zero-padded */
-        const float mean = hsum(sum) / (float)P;
-        for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) {
-            const int64_t w = P - p0 < W ? P - p0 : W;
-            const vf dev = buf[j] - mean;
-            sq += blend(lane_mask(w), dev * dev, splat(0.0f));
-        }
-        const float inv = 1.0f / sqrtf(hsum(sq) / (float)P + (float)eps);
-        shift = splat(-mean * inv);
-        scale = splat(inv);
-    }
-    for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j) {
-        const int64_t w = P - p0 < W ? P - p0 : W;
-        vf v = buf[j];
-        if (ln_w) v = (v * scale + shift) * load(ln_w + p0, w) + load(ln_b + p0, w);
-        store(out + p0, v, w);
-    }
-}
-
-static void gate_merge_f32_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y,
-                                 const int64_t *index, const float *z, int64_t z_stride, const float *ln_w,
-                                 const float *ln_b, double eps, float *out, int64_t lo, int64_t hi) {
-    for (int64_t l = lo; l < hi; ++l)
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t m = 0; m < M; ++m) {
-                const int64_t token = (m * B + b) * L + l;
-                const int64_t *idx = index + ((l * B + b) * M + m) * K;
-                gate_merge_f32_row(K, P, y, idx, z + token * z_stride, ln_w ? ln_w + m * P : 0, ln_b ? ln_b + m * P : 0,
-                                   eps, out + token * P);
-            }
-}
-
-static void gate_merge_f64_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y,
-                                 const int64_t *index, const double *z, int64_t z_stride, const double *ln_w,
-                                 const double *ln_b, double eps, double *out, int64_t lo, int64_t hi) {
-    for (int64_t l = lo; l < hi; ++l)
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t m = 0; m < M; ++m) {
-                const int64_t token = (m * B + b) * L + l;
-                const int64_t *idx = index + ((l * B + b) * M + m) * K;
-                double *o = out + token * P, mean = 0.0, var = 0.0;
-                for (int64_t p = 0; p < P; ++p) {
-                    double acc = 0.0;
-                    for (int64_t k = 0; k < K; ++k) acc += y[idx[k] * P + p];
-                    const double zv = z[token * z_stride + p];
-                    o[p] = acc / (double)K * (zv / (1.0 + exp(-zv)));
-                    mean += o[p];
-                }
-                if (!ln_w) continue;
-                mean /= (double)P;
-                for (int64_t p = 0; p < P; ++p) var += (o[p] - mean) * (o[p] - mean);
-                const double inv = 1.0 / sqrt(var / (double)P + (double)eps);
-                for (int64_t p = 0; p < P; ++p) o[p] = (o[p] - mean) * inv * ln_w[m * P + p] + ln_b[m * P + p];
-            }
+#undef LANE
 }
 
 /* Backward of the scan (training). The forward above stores, with ckpt not NULL, the state before every T-th step
@@ -842,9 +884,10 @@ void scan_bwd_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int
 void mixer_scan_f32(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K, const float *x,
                     int64_t x_stride, const int64_t *index, const float *taps, const float *conv_bias, const float *src,
                     int64_t src_stride, const float *wxt, int64_t CP, const float *wdt, const float *dt_bias, const float *A,
-                    const float *D, float *y, float *h, int64_t lo, int64_t hi, int64_t nthreads) {
+                    const float *D, float *y, float *h, int64_t KD, float *out, const float *z, int64_t z_stride,
+                    const float *ln_w, const float *ln_b, double eps, int64_t lo, int64_t hi, int64_t nthreads) {
 #define CALL(a, b) mixer_scan_f32_range(L, B, G, P, N, R, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, \
-                   wdt, dt_bias, A, D, y, h, a, b)
+                   wdt, dt_bias, A, D, y, h, KD, out, z, z_stride, ln_w, ln_b, eps, a, b)
     PARALLEL_RANGE(nthreads, lo, hi, CALL);
 #undef CALL
 }
