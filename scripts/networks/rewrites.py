@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["compose_conv3_and_down2", "conv3_by_matmul", "conv3_then_down2", "fold_batch_norm", "inference_rewrites", "rewrites_apply", "upsample_conv"]
+__all__ = ["compose_conv3_and_down2", "conv3_by_matmul", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "inference_rewrites", "rewrites_apply", "upsample_conv"]
 
 _enabled = True
 
@@ -48,6 +48,24 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Mo
     if norm.bias is not None:
         shift = shift + norm.bias
     return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+
+
+def fold_batch_norm_before(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Weight and bias of ``conv(norm(x))`` as one convolution, for a kernel-size-1 ``conv`` (no padding, so exact)
+    after a BatchNorm in eval mode with running statistics; None when ``norm`` cannot be folded."""
+    if any(k != 1 for k in weight.shape[2:]):
+        raise ValueError(f"only kernel-size-1 convolutions fold a norm before them exactly, got kernel {tuple(weight.shape[2:])}")
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_mean is None:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    matrix = weight.flatten(1)  # (O, C)
+    folded_bias = matrix @ shift if bias is None else bias + matrix @ shift
+    return weight * scale.view(1, -1, *([1] * (weight.dim() - 2))), folded_bias
 
 
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -6,9 +6,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from scripts.benchmark import network_flops
-from scripts.networks import ClinicalFMamba, CrossModalChannelAttention, UpStage
+from scripts.networks import ClinicalFMamba, CrossModalChannelAttention, DilatedGatedConvBlock, UpStage
 from scripts.networks.blocks import FullResolutionRefinement
-from scripts.networks.rewrites import conv3_by_matmul, conv3_then_down2, fold_batch_norm, inference_rewrites, rewrites_apply, upsample_conv
+from scripts.networks.rewrites import (
+    conv3_by_matmul,
+    conv3_then_down2,
+    fold_batch_norm,
+    fold_batch_norm_before,
+    inference_rewrites,
+    rewrites_apply,
+    upsample_conv,
+)
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -69,6 +77,35 @@ def test_fold_batch_norm_equals_conv_then_norm(conv_bias):
     x = randn(2, 3, 6, 7)
     weight, bias = fold_batch_norm(conv.weight, conv.bias, norm)
     assert torch.allclose(F.conv2d(x, weight, bias, padding=1), norm(conv(x)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_fold_batch_norm_before_a_pointwise_conv(conv_bias):
+    conv, norm = nn.Conv3d(3, 5, 1, bias=conv_bias).double(), nn.BatchNorm3d(3).double()
+    randomise_batch_norms(norm)
+    norm.eval()
+    x = randn(2, 3, 4, 5, 6)
+    weight, bias = fold_batch_norm_before(conv.weight, conv.bias, norm)
+    assert torch.allclose(F.conv3d(x, weight, bias), conv(norm(x)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="kernel-size-1"):
+        fold_batch_norm_before(torch.ones(5, 3, 3, 3, 3), None, norm)
+    assert fold_batch_norm_before(conv.weight, None, nn.BatchNorm3d(3).train()) is None
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("pyramid", [True, False])
+def test_dilated_gated_block_rewritten_equals_its_layers(spatial_dims, pyramid):
+    block = DilatedGatedConvBlock(spatial_dims, 6, dilation=2, pyramid=pyramid).double()
+    randomise_batch_norms(block)
+    block.eval()
+    x = randn(2, 6, *([7] * spatial_dims))
+    with torch.no_grad():
+        with inference_rewrites(False):
+            ref = block(x)
+        kept = x.clone()
+        out = block(x)
+    assert torch.equal(x, kept)  # the in-place steps only touch fresh tensors
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
 
 def test_fold_batch_norm_refuses_what_it_cannot_fold():
