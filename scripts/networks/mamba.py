@@ -195,6 +195,15 @@ class DirectionalMamba(nn.Module):
         y = gate_merge_reference(y, index, z)
         return y if norm is None else norm(y)
 
+    def _merge_arguments(self, z: torch.Tensor, batch: int) -> dict | None:
+        """Arguments that make :func:`mixer_scan_kernel` merge, gate and normalise too, or None where it should not:
+        its work items are then (batch, member) sets, and every thread needs one."""
+        if batch * self.members < torch.get_num_threads() or (self.norm is not None and self.d_inner > max_norm_width()):
+            return None
+        if self.norm is None:
+            return dict(z=z)
+        return dict(z=z, norm_weight=self.norm.weight, norm_bias=self.norm.bias, eps=self.norm.eps)
+
     def _causal_conv_silu(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``silu(causal conv)`` along time of every direction's sequence of the tokens x (M, B, L, P), with this
         mixer's per-channel kernels: (L, B, G, P). The kernel reads the direction gather in place."""
@@ -220,16 +229,12 @@ class DirectionalMamba(nn.Module):
         groups = self.members * self.num_directions
         conv_weight, conv_bias = self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1)
         if self._use_kernels(xs, *self.parameters()) and mixer_scan_applicable(xs, self.d_inner, n, r, self.d_conv, b * groups):
-            fused = dict(source=extra)
-            if b * m >= torch.get_num_threads() and (self.norm is None or self.d_inner <= max_norm_width()):
-                fused.update(z=z)  # the merge too: one work item per (batch, member), no time-major output at all
-                if self.norm is not None:
-                    fused.update(norm_weight=self.norm.weight, norm_bias=self.norm.bias, eps=self.norm.eps)
+            merge = self._merge_arguments(z, b)
             y = mixer_scan_kernel(
                 xs, forward_index, conv_weight, conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A,
-                self.D, **fused,
+                self.D, source=extra, **(merge or {}),
             )  # fmt: skip
-            if "z" in fused:
+            if merge is not None:  # merged, gated and normalised in the kernel
                 return member_linear(y, self.out_proj_weight)
         else:
             xs = self._causal_conv_silu(xs, forward_index)  # (L, B, G, d_inner)
