@@ -21,7 +21,7 @@ from .blocks import (
     UpStage,
 )
 from .mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
-from .rewrites import conv3_by_matmul, conv3_then_down2, rewrites_apply
+from .rewrites import conv3_by_matmul, conv3_by_matmul_fits, conv3_then_down2, rewrites_apply
 
 __all__ = ["ClinicalFMamba"]
 
@@ -239,8 +239,9 @@ class ClinicalFMamba(nn.Module):
         h = self.attention.add_to(self.attention.add_to(h, skip_a, skip_b), skip_b, skip_a)  # in place at inference
         if self.refine is not None:
             h = self.refine(h, image)
-        if rewrites_apply(self):  # head and selection logits in one pass over h (docs/performance.md)
-            convs = [self.head] + ([self.selection.logits] if self.selection is not None else [])
+        convs = [self.head] + ([self.selection.logits] if self.selection is not None else [])
+        if rewrites_apply(self) and conv3_by_matmul_fits(h, sum(c.out_channels for c in convs)):
+            # head and selection logits in one pass over h (docs/inference_rewrites.md)
             biases = [c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs]
             out = conv3_by_matmul(h, torch.cat([c.weight for c in convs]), torch.cat(biases))
             fused = torch.sigmoid(out[:, : self.head.out_channels])

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["compose_conv3_and_down2", "conv3_by_matmul", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "inference_rewrites", "rewrites_apply", "upsample_conv"]
+__all__ = ["compose_conv3_and_down2", "conv3_by_matmul", "conv3_by_matmul_fits", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "inference_rewrites", "rewrites_apply", "upsample_conv"]
 
 _enabled = True
 
 @contextmanager
 def inference_rewrites(enabled: bool) -> Iterator[None]:
-    """Turn the rewrites on or off inside the block (the benchmark counts FLOPs with them off)."""
+    """Turn the rewrites on or off inside the block, for the whole process (like the scan backend setting); the
+    benchmark counts FLOPs and the exporters trace with them off."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     try:
@@ -93,6 +94,16 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         source = (slice(None), *phase, slice(None), *(slice(p, p + s) for p, s in zip(phase, size)))
         out[target] = phases[source]
     return out.view(x.shape[0], out_channels, *(2 * s for s in size))
+
+
+MATMUL_MAPS_LIMIT = 256 * 2**20  # bytes of per-tap maps conv3_by_matmul may hold at once
+
+
+def conv3_by_matmul_fits(x: torch.Tensor, out_channels: int) -> bool:
+    """Whether :func:`conv3_by_matmul`'s per-tap maps (3^d x outputs per voxel) stay under ``MATMUL_MAPS_LIMIT``;
+    a whole large volume falls back to the convolution instead of holding them."""
+    voxels = x.shape[0] * x[0, 0].numel()
+    return 3 ** (x.dim() - 2) * out_channels * voxels * x.element_size() <= MATMUL_MAPS_LIMIT
 
 
 def conv3_by_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

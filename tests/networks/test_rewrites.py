@@ -205,3 +205,19 @@ def test_flop_count_is_the_architectures_not_the_rewrites():
     with counter, torch.no_grad():
         net(x)  # with the rewrites: fewer multiply-adds in the up-sampling convolutions
     assert network_flops(net, x) > counter.get_total_flops()
+
+
+def test_head_falls_back_to_the_convolutions_when_the_maps_would_be_too_large(monkeypatch):
+    import scripts.networks.rewrites as rewrites
+
+    net = tiny_network(2)
+    x = torch.rand(1, 2, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr("scripts.networks.clinicalfmamba.conv3_by_matmul", lambda *a: calls.append(1) or conv3_by_matmul(*a))
+    with torch.no_grad():
+        with inference_rewrites(False):
+            ref = net(x)
+        assert torch.allclose(net(x), ref, rtol=0, atol=1e-12) and calls
+        calls.clear()
+        monkeypatch.setattr(rewrites, "MATMUL_MAPS_LIMIT", 1024)
+        assert torch.allclose(net(x), ref, rtol=0, atol=1e-12) and not calls
