@@ -564,3 +564,49 @@ def test_backend_selection_env_and_setter(monkeypatch):
     assert resolve_backend("auto", "cpu") == "compiled"
     info = compiled_scan_info()
     assert info["available"] and info["seconds"] < compiled.COMPILE_TIMEOUT
+
+
+def test_built_kernel_is_cached_for_later_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLINICALFMAMBA_KERNEL_CACHE", str(tmp_path / "cache"))
+    if compiled._find_compiler() is None:
+        assert not compiled_scan_available()  # nothing to cache without a compiler
+        return
+    monkeypatch.setattr(compiled, "_build", {})
+    assert compiled_scan_available()  # built with the compiler, then stored
+    entries = sorted(p.suffix for p in (tmp_path / "cache").iterdir())
+    assert entries == [".json", ".so"] or entries == [".json", ".json", ".so", ".so"]  # OpenMP build (+ fallback)
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("the compiler ran although the cache holds this build")
+
+    monkeypatch.setattr(compiled, "_build", {})
+    monkeypatch.setattr(compiled.subprocess, "run", no_compiler)
+    assert compiled_scan_available()  # a later process: loaded from the cache, self-checked again
+    y = selective_scan_compiled(**detached(make_inputs(1, 8, 20, 4)), delta_softplus=True)
+    assert torch.isfinite(y).all()
+
+
+def test_kernel_cache_key_and_switch(tmp_path, monkeypatch):
+    if compiled._find_compiler() is None:
+        return
+    a, b = tmp_path / "a.c", tmp_path / "b.c"
+    a.write_text("int f(void) { return 1; }")
+    b.write_text("int f(void) { return 2; }")
+    cc = compiled._find_compiler()
+    assert compiled._cache_key(a, cc, False) != compiled._cache_key(b, cc, False)  # the source
+    assert compiled._cache_key(a, cc, False) != compiled._cache_key(a, cc, True)  # the OpenMP choice
+    assert compiled._cache_key(a, cc, False) == compiled._cache_key(a, cc, False)
+    monkeypatch.setenv("CLINICALFMAMBA_KERNEL_CACHE", "0")
+    assert compiled.kernel_cache_dir() is None
+    monkeypatch.delenv("CLINICALFMAMBA_KERNEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compiled.kernel_cache_dir() == tmp_path / "clinicalfmamba"
+    # an unreadable entry is rebuilt, not trusted
+    monkeypatch.setenv("CLINICALFMAMBA_KERNEL_CACHE", str(tmp_path / "c"))
+    key = compiled._cache_key(a, cc, False)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / f"scan_kernel_{key}.so").write_bytes(b"not a library")
+    (tmp_path / "c" / f"scan_kernel_{key}.json").write_text("{broken")
+    out = tmp_path / "out.so"
+    compiled._compile(a, str(out))
+    assert out.read_bytes() != b"not a library"

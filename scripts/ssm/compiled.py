@@ -11,8 +11,9 @@ and read back as an (L, batch, G, P) tensor) and the causal depthwise convolutio
 (:func:`causal_conv_silu_kernel`, one pass instead of one PyTorch op per tap plus the activation).
 
 Build: on first use the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) compiles the kernel
-into a temporary shared library (about 0.2-1 s; no PyTorch headers), which is loaded with ctypes and
-checked against the float64 reference on a small problem. If anything fails (no compiler, compiler
+into a temporary shared library (about 3 s with GCC; no PyTorch headers), which is loaded with ctypes and
+checked against the float64 reference on a small problem. The built library is kept in a per-user cache
+(:func:`kernel_cache_dir`, keyed by the source, the compiler and this CPU), so later processes skip the compiler. If anything fails (no compiler, compiler
 error, time-out after :data:`COMPILE_TIMEOUT` s, failed self-check) a warning is logged once and the
 ``fast`` path is used; nothing raises.
 
@@ -30,8 +31,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import hashlib
+import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -48,6 +52,7 @@ __all__ = [
     "compiled_scan_available",
     "compiled_scan_info",
     "kernel_applicable",
+    "kernel_cache_dir",
     "causal_conv_silu_kernel",
     "max_conv_width",
     "max_norm_width",
@@ -111,13 +116,46 @@ def _share_torch_openmp() -> bool:
     return len(_libgomp_so1_runtimes()) == 1
 
 
+def kernel_cache_dir() -> Path | None:
+    """Where built kernel libraries are kept between processes: ``$CLINICALFMAMBA_KERNEL_CACHE``, else
+    ``$XDG_CACHE_HOME/clinicalfmamba`` (``~/.cache/clinicalfmamba``); None when that variable is ``0`` or empty."""
+    configured = os.environ.get("CLINICALFMAMBA_KERNEL_CACHE")
+    if configured is not None:
+        return Path(configured).expanduser() if configured not in ("", "0") else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clinicalfmamba"
+
+
+def _cache_key(source: Path, compiler: str, openmp: bool) -> str:
+    """Hash of everything the library depends on: the source, the compiler binary, the OpenMP choice and this
+    CPU's model and instruction-set flags (the build uses ``-march=native``: never load one built elsewhere)."""
+    digest = hashlib.sha256(source.read_bytes())
+    stat = os.stat(compiler)
+    digest.update(f"{compiler}|{stat.st_size}|{stat.st_mtime_ns}|{openmp}|{sys.platform}|{platform.machine()}".encode())
+    try:
+        with open("/proc/cpuinfo") as info:
+            digest.update("".join(sorted({line for line in info if line.startswith(("model name", "flags"))})).encode())
+    except OSError:
+        digest.update(platform.processor().encode())
+    return digest.hexdigest()[:32]
+
+
 def _compile(source: Path, output: str, openmp: bool = False) -> tuple[str, list[str]]:
-    """Compile ``source`` into the shared library ``output``; returns (compiler, flags). Raises on failure."""
+    """Compile ``source`` into the shared library ``output`` (or copy it from the kernel cache, where an identical
+    build for this CPU is kept: :func:`kernel_cache_dir`); returns (compiler, flags). Raises on failure."""
     if sys.platform == "win32":
         raise RuntimeError("the compiled scan is built with a Unix C compiler; not supported on Windows")
     compiler = _find_compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
+    cache = kernel_cache_dir()
+    cached = None if cache is None else cache / f"scan_kernel_{_cache_key(source, compiler, openmp)}"
+    if cached is not None and cached.with_suffix(".so").is_file() and cached.with_suffix(".json").is_file():
+        try:
+            flags = json.loads(cached.with_suffix(".json").read_text())["flags"]
+            shutil.copyfile(cached.with_suffix(".so"), output)
+            return compiler, flags
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable entry: build again
     base = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno", "-Wno-psabi"] + (["-fopenmp"] if openmp else [])
     errors = []
     for arch in (["-march=native"], []):  # -march=native: the library is built for, and used on, this machine
@@ -126,9 +164,24 @@ def _compile(source: Path, output: str, openmp: bool = False) -> tuple[str, list
             [compiler, *flags, str(source), "-o", output, "-lm"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT
         )
         if proc.returncode == 0:
+            if cached is not None:
+                _store_in_cache(output, cached, flags)
             return compiler, flags
         errors.append(proc.stderr.strip()[-2000:])
     raise RuntimeError(f"{compiler} failed: {errors[-1]}")
+
+
+def _store_in_cache(library: str, cached: Path, flags: list[str]) -> None:
+    """Keep a built library for later processes (atomic renames; a cache that cannot be written is skipped)."""
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        for suffix, write in ((".so", lambda f: shutil.copyfile(library, f)), (".json", lambda f: Path(f).write_text(json.dumps({"flags": flags})))):
+            fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=suffix)
+            os.close(fd)
+            write(tmp)
+            os.replace(tmp, cached.with_suffix(suffix))
+    except OSError as exc:
+        _logger.info("kernel cache %s not written (%s)", cached.parent, exc)
 
 
 def _build_and_load(tmp: str) -> tuple[ctypes.CDLL, str, list[str], bool]:
