@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-from .rewrites import fold_batch_norm, fold_batch_norm_before, rewrites_apply, upsample_conv
+from .rewrites import channels_last, fold_batch_norm, fold_batch_norm_before, is_channels_last, rewrites_apply, upsample_conv
 
 __all__ = [
     "pointwise_conv",
@@ -118,17 +118,23 @@ class CrossModalChannelAttention(nn.Module):
         """``h + attention(query, ref)``. At inference (:func:`rewrites_apply`) ``h`` is updated in place by one
         matrix product whose weight has the channel weights folded in: no scaled copy and no sum pass over the
         full resolution. h: (B, C_out, *spatial)."""
-        if not rewrites_apply(self):
+        same_layout = is_channels_last(h) == is_channels_last(ref)
+        if not rewrites_apply(self) or not same_layout or not (h.is_contiguous() or is_channels_last(h)):
             return h + self(query, ref)
         batch, channels = ref.shape[:2]
         scaled = self._weights(query).unsqueeze(-1) * self.value.weight.view(1, -1, channels)  # (B, C_out, C_in)
-        h.view(batch, -1, h[0, 0].numel()).baddbmm_(scaled, ref.reshape(batch, channels, -1))
+        if is_channels_last(h):  # (B, voxels, C) rows as they lie
+            rows = h.movedim(1, -1).view(batch, -1, h.shape[1])
+            rows.baddbmm_(ref.movedim(1, -1).reshape(batch, -1, channels), scaled.transpose(1, 2))
+        else:
+            h.view(batch, -1, h[0, 0].numel()).baddbmm_(scaled, ref.reshape(batch, channels, -1))
         return h
 
     def _weights(self, query: torch.Tensor) -> torch.Tensor:
         """Channel weights (B, C) from the query."""
-        a = pointwise_conv(self.query, query).flatten(2)
-        return torch.sigmoid(a.amax(dim=2) + a.mean(dim=2))
+        a = pointwise_conv(self.query, query)
+        spatial = tuple(range(2, a.dim()))  # reduced in place, whatever the memory layout
+        return torch.sigmoid(a.amax(dim=spatial) + a.mean(dim=spatial))
 
 
 class FullResolutionRefinement(nn.Module):
@@ -153,6 +159,8 @@ class FullResolutionRefinement(nn.Module):
     def forward(self, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         image = image.to(h.dtype)
         if rewrites_apply(self):  # mix(cat(h, image)) as two convolutions: no concatenated copy, no 34-channel conv
+            if is_channels_last(h):
+                image = channels_last(image)  # both convolutions then return h's layout
             channels = h.shape[1]
             weight = self.mix.weight
             mixed = self.mix._conv_forward(h, weight[:, :channels], self.mix.bias)

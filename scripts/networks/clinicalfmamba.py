@@ -21,7 +21,7 @@ from .blocks import (
     UpStage,
 )
 from .mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
-from .rewrites import conv3_by_matmul, conv3_by_matmul_fits, conv3_then_down2, rewrites_apply
+from .rewrites import channels_last, conv3_by_matmul, conv3_by_matmul_fits, conv3_then_down2, rewrites_apply
 
 __all__ = ["ClinicalFMamba"]
 
@@ -207,15 +207,15 @@ class ClinicalFMamba(nn.Module):
         if isinstance(image, MetaTensor):  # plain tensors inside: no metadata tracking on every op
             image = image.as_tensor()
         batch = image.shape[0]
+        rewrite = rewrites_apply(self)
         x = torch.cat([image[:, 0:1], image[:, 1:2]], dim=0)  # both modalities through the shared encoder
+        if rewrite:  # channels-last memory throughout: oneDNN's 3x3 convolutions run 15-25% faster there, the
+            x = channels_last(x)  # tokens and the latent image are views (docs/inference_rewrites.md)
         skips = self.stem(x)
         f = skips
         for i, (down, block) in enumerate(zip(self.downsamples, self.encoder_blocks)):
-            if i == 0 and rewrites_apply(self):
-                # down(stem(x)) as one convolution of the image, and the encoder in channels-last memory, where
-                # oneDNN's 3x3 convolutions run 15-25% faster and the tokens below are a view (docs/performance.md)
-                f = conv3_then_down2(x, self.stem, down)
-                f = block(f.contiguous(memory_format=torch.channels_last if f.dim() == 4 else torch.channels_last_3d))
+            if i == 0 and rewrite:  # down(stem(x)) as one convolution of the image
+                f = block(channels_last(conv3_then_down2(x, self.stem, down)))
                 continue
             f = block(down(f))
         grid = f.shape[2:]
@@ -230,7 +230,8 @@ class ClinicalFMamba(nn.Module):
         latent = self.merge(fused.mean(0, keepdim=True))  # (1, B, L, C)
         for block in self.decoder_blocks:
             latent = block(latent, grid)
-        latent = self.decoder_norm(latent[0]).transpose(1, 2).reshape(batch, -1, *grid)
+        latent = self.decoder_norm(latent[0])  # (B, L, C)
+        latent = latent.view(batch, *grid, -1).movedim(-1, 1) if rewrite else latent.transpose(1, 2).reshape(batch, -1, *grid)
 
         h = latent
         for up in self.up_stages:
@@ -240,7 +241,7 @@ class ClinicalFMamba(nn.Module):
         if self.refine is not None:
             h = self.refine(h, image)
         convs = [self.head] + ([self.selection.logits] if self.selection is not None else [])
-        if rewrites_apply(self) and conv3_by_matmul_fits(h, sum(c.out_channels for c in convs)):
+        if rewrite and conv3_by_matmul_fits(h, sum(c.out_channels for c in convs)):
             # head and selection logits in one pass over h (docs/inference_rewrites.md)
             biases = [c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs]
             out = conv3_by_matmul(h, torch.cat([c.weight for c in convs]), torch.cat(biases))

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["compose_conv3_and_down2", "conv3_by_matmul", "conv3_by_matmul_fits", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "inference_rewrites", "rewrites_apply", "upsample_conv"]
+__all__ = [
+    "channels_last",
+    "is_channels_last",
+    "compose_conv3_and_down2", "conv3_by_matmul", "conv3_by_matmul_fits", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "inference_rewrites", "rewrites_apply", "upsample_conv"]
 
 _enabled = True
 
@@ -69,6 +72,21 @@ def fold_batch_norm_before(weight: torch.Tensor, bias: torch.Tensor | None, norm
     return weight * scale.view(1, -1, *([1] * (weight.dim() - 2))), folded_bias
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x (B, C, *S) keeps its channels innermost in memory (C > 1: a single channel is either layout)."""
+    return x.dim() > 2 and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in channels-last memory (a copy only if it is not already). A single channel gets a channel stride of 1
+    (the same memory), so that convolutions of it return channels-last outputs."""
+    if x.shape[1] == 1:
+        strides = list(x.stride())
+        strides[1] = 1
+        return x.as_strided(x.shape, strides) if x.is_contiguous() else channels_last(x.contiguous())
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv(upsample_nearest_x2(x), weight, bias, padding=1)`` for a 3^d kernel, without the up-sampled tensor.
 
@@ -86,14 +104,23 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     kernel = kernel.reshape(2**dims * out_channels, *kernel.shape[dims + 1 :])  # (2^d O, C, 2, ..)
     conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
     phases = conv(x, kernel, None if bias is None else bias.repeat(2**dims), padding=1)  # (B, 2^d O, *(S + 1))
-    size = x.shape[2:]
-    phases = phases.view(x.shape[0], *([2] * dims), out_channels, *phases.shape[2:])
-    out = x.new_empty(x.shape[0], out_channels, *itertools.chain.from_iterable((s, 2) for s in size))
+    size, batch = x.shape[2:], x.shape[0]
+    fine = itertools.chain.from_iterable((s, 2) for s in size)
+    if is_channels_last(phases):  # channels-last in, channels-last out: interleave rows of O channels
+        phases = phases.movedim(1, -1).view(batch, *phases.shape[2:], *([2] * dims), out_channels)
+        out = x.new_empty(batch, *fine, out_channels)
+        for phase in itertools.product((0, 1), repeat=dims):
+            target = (slice(None), *itertools.chain.from_iterable((slice(None), p) for p in phase), slice(None))
+            source = (slice(None), *(slice(p, p + s) for p, s in zip(phase, size)), *phase, slice(None))
+            out[target] = phases[source]
+        return out.view(batch, *(2 * s for s in size), out_channels).movedim(-1, 1)
+    phases = phases.view(batch, *([2] * dims), out_channels, *phases.shape[2:])
+    out = x.new_empty(batch, out_channels, *fine)
     for phase in itertools.product((0, 1), repeat=dims):
         target = (slice(None), slice(None), *itertools.chain.from_iterable((slice(None), p) for p in phase))
         source = (slice(None), *phase, slice(None), *(slice(p, p + s) for p, s in zip(phase, size)))
         out[target] = phases[source]
-    return out.view(x.shape[0], out_channels, *(2 * s for s in size))
+    return out.view(batch, out_channels, *(2 * s for s in size))
 
 
 MATMUL_MAPS_LIMIT = 256 * 2**20  # bytes of per-tap maps conv3_by_matmul may hold at once
@@ -117,10 +144,19 @@ def conv3_by_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     batch, channels = x.shape[:2]
     size = x.shape[2:]
     out_channels = weight.shape[0]
-    per_tap = weight.permute(*range(2, 2 + dims), 0, 1).reshape(-1, out_channels, channels)  # (3^d, O, C)
-    maps = torch.matmul(per_tap.reshape(-1, channels), x.reshape(batch, channels, -1))  # (B, 3^d O, N)
-    maps = maps.view(batch, 3**dims, out_channels, *size)
+    per_tap = weight.permute(*range(2, 2 + dims), 0, 1).reshape(-1, channels)  # (3^d O, C)
     centre = (3**dims) // 2
+    if is_channels_last(x):  # voxels x channels as they lie: maps (B, *S, 3^d, O), no copy of x
+        maps = torch.matmul(x.movedim(1, -1).reshape(batch, -1, channels), per_tap.t()).view(batch, *size, 3**dims, out_channels)
+        out = maps[..., centre, :].clone() if bias is None else maps[..., centre, :] + bias
+        for tap, offset in enumerate(itertools.product((-1, 0, 1), repeat=dims)):
+            if tap != centre:
+                target = (slice(None), *(slice(max(0, -o), s - max(0, o)) for o, s in zip(offset, size)))
+                source = (slice(None), *(slice(max(0, o), s - max(0, -o)) for o, s in zip(offset, size)), tap)
+                out[target] += maps[source]
+        return out.movedim(-1, 1)
+    maps = torch.matmul(per_tap, x.reshape(batch, channels, -1))  # (B, 3^d O, N)
+    maps = maps.view(batch, 3**dims, out_channels, *size)
     out = maps[:, centre].clone() if bias is None else maps[:, centre] + bias.view(-1, *([1] * dims))
     for tap, offset in enumerate(itertools.product((-1, 0, 1), repeat=dims)):
         if tap == centre:

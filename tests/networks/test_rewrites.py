@@ -9,11 +9,13 @@ from scripts.benchmark import network_flops
 from scripts.networks import ClinicalFMamba, CrossModalChannelAttention, DilatedGatedConvBlock, UpStage
 from scripts.networks.blocks import FullResolutionRefinement
 from scripts.networks.rewrites import (
+    channels_last,
     conv3_by_matmul,
     conv3_then_down2,
     fold_batch_norm,
     fold_batch_norm_before,
     inference_rewrites,
+    is_channels_last,
     rewrites_apply,
     upsample_conv,
 )
@@ -221,3 +223,31 @@ def test_head_falls_back_to_the_convolutions_when_the_maps_would_be_too_large(mo
         calls.clear()
         monkeypatch.setattr(rewrites, "MATMUL_MAPS_LIMIT", 1024)
         assert torch.allclose(net(x), ref, rtol=0, atol=1e-12) and not calls
+
+
+@pytest.mark.parametrize("size", [(5, 8), (4, 3, 5)])
+def test_rewrites_keep_channels_last_memory(size):
+    dims = len(size)
+    x, w, b = randn(2, 3, *size), randn(4, 3, *([3] * dims), seed=1), randn(4, seed=2)
+    xc = channels_last(x)
+    assert is_channels_last(xc) and torch.equal(xc, x)
+    up = upsample_conv(xc, w, b)
+    assert torch.allclose(up, CONV[dims](F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1), rtol=0, atol=1e-12)
+    assert is_channels_last(upsample_conv(xc.float(), w.float(), b.float()))  # (oneDNN keeps the layout in float32)
+    head = conv3_by_matmul(xc, w[:2], b[:2])
+    assert torch.allclose(head, CONV[dims](x, w[:2], b[:2], padding=1), rtol=0, atol=1e-12)
+    single = channels_last(x[:, :1])  # one channel: same memory, channel stride 1, so convolutions return channels-last
+    assert single.stride(1) == 1 and torch.equal(single, x[:, :1])
+    assert is_channels_last(CONV[dims](single.float(), w[:, :1].float(), padding=1))
+
+
+def test_attention_add_to_in_channels_last_memory():
+    attention = CrossModalChannelAttention(2, 6).double().eval()
+    q, r, h = (channels_last(randn(2, 6, 7, 5, seed=s)) for s in range(3))
+    ref = h + attention(q, r)
+    with torch.no_grad():
+        out = attention.add_to(h, q, r)
+        assert out is h and is_channels_last(out)  # in place, layout kept
+        assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+        mixed = randn(2, 6, 7, 5, seed=4)  # h in the other layout: the plain sum, correct all the same
+        assert torch.allclose(attention.add_to(mixed.clone(), q, r), mixed + attention(q, r), rtol=0, atol=1e-12)
