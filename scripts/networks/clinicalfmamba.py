@@ -209,8 +209,9 @@ class ClinicalFMamba(nn.Module):
         batch = image.shape[0]
         rewrite = rewrites_apply(self)
         x = torch.cat([image[:, 0:1], image[:, 1:2]], dim=0)  # both modalities through the shared encoder
-        if rewrite:  # channels-last memory throughout: oneDNN's 3x3 convolutions run 15-25% faster there, the
-            x = channels_last(x)  # tokens and the latent image are views (docs/inference_rewrites.md)
+        if rewrite and self.spatial_dims == 2:  # channels-last memory throughout: oneDNN's 3x3 convolutions run
+            x = channels_last(x)  # 15-25% faster there (docs/inference_rewrites.md); in 3D its one-channel stem
+            # convolution is 2x slower channels-last, so the 3D stem and skips stay NCDHW (the encoder follows below)
         skips = self.stem(x)
         f = skips
         for i, (down, block) in enumerate(zip(self.downsamples, self.encoder_blocks)):
