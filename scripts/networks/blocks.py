@@ -164,10 +164,9 @@ class FullResolutionRefinement(nn.Module):
             channels = h.shape[1]
             weight = self.mix.weight
             mixed = self.mix._conv_forward(h, weight[:, :channels], self.mix.bias)
-            mixed = mixed + self.mix._conv_forward(image, weight[:, channels:], None)
-        else:
-            mixed = self.mix(torch.cat([h, image], dim=1))
-        return h + self.out(self.act(mixed))
+            mixed = mixed.add_(self.mix._conv_forward(image, weight[:, channels:], None))  # fresh tensors: in place
+            return self.out(F.leaky_relu_(mixed, self.act.negative_slope)).add_(h)
+        return h + self.out(self.act(self.mix(torch.cat([h, image], dim=1))))
 
 
 class SourceSelectionOutput(nn.Module):
