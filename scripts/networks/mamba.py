@@ -204,11 +204,15 @@ class DirectionalMamba(nn.Module):
             return dict(z=z)
         return dict(z=z, norm_weight=self.norm.weight, norm_bias=self.norm.bias, eps=self.norm.eps)
 
+    def _conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal convolution's weight (G, P, K) and bias (G, P), one set per member and direction."""
+        groups = self.members * self.num_directions
+        return self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1)
+
     def _causal_conv_silu(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``silu(causal conv)`` along time of every direction's sequence of the tokens x (M, B, L, P), with this
         mixer's per-channel kernels: (L, B, G, P). The kernel reads the direction gather in place."""
-        groups = self.members * self.num_directions
-        weight, bias = self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1)
+        weight, bias = self._conv_parameters()
         if self._use_kernels(x, self.conv_weight, self.conv_bias) and self.d_conv <= max_conv_width():
             return causal_conv_silu_kernel(x, weight, bias, index=index)
         return causal_conv_silu_reference(self._to_directions(x, index), weight, bias)
@@ -226,12 +230,11 @@ class DirectionalMamba(nn.Module):
         xs, z = member_linear(x, self.in_proj_weight).split(self.d_inner, dim=-1)
         extra = member_linear(extra, self.in_proj_b_weight) if self.cross_modal else None
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
-        groups = self.members * self.num_directions
-        conv_weight, conv_bias = self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1)
-        if self._use_kernels(xs, *self.parameters()) and mixer_scan_applicable(xs, self.d_inner, n, r, self.d_conv, b * groups):
+        lanes = b * self.members * self.num_directions
+        if self._use_kernels(xs, *self.parameters()) and mixer_scan_applicable(xs, self.d_inner, n, r, self.d_conv, lanes):
             merge = self._merge_arguments(z, b)
             y = mixer_scan_kernel(
-                xs, forward_index, conv_weight, conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A,
+                xs, forward_index, *self._conv_parameters(), self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A,
                 self.D, source=extra, **(merge or {}),
             )  # fmt: skip
             if merge is not None:  # merged, gated and normalised in the kernel

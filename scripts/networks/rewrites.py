@@ -40,18 +40,26 @@ def rewrites_apply(module: nn.Module) -> bool:
     return _enabled and not module.training and not torch.is_grad_enabled()
 
 
-def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Weight and bias of ``norm(conv(x))`` as one convolution, for a BatchNorm in eval mode with running
-    statistics; None when ``norm`` is anything else (the caller keeps it as a layer)."""
+def batch_norm_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) with ``norm(x) = scale * x + shift`` per channel, for a BatchNorm in eval mode with running
+    statistics; None for anything else."""
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_mean is None:
         return None
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
-    shift = -norm.running_mean * scale if bias is None else (bias - norm.running_mean) * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+    shift = -norm.running_mean * scale
+    return scale, shift if norm.bias is None else shift + norm.bias
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Weight and bias of ``norm(conv(x))`` as one convolution, for a BatchNorm in eval mode with running
+    statistics; None when ``norm`` is anything else (the caller keeps it as a layer)."""
+    affine = batch_norm_affine(norm)
+    if affine is None:
+        return None
+    scale, shift = affine
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift if bias is None else shift + bias * scale
 
 
 def fold_batch_norm_before(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -59,17 +67,12 @@ def fold_batch_norm_before(weight: torch.Tensor, bias: torch.Tensor | None, norm
     after a BatchNorm in eval mode with running statistics; None when ``norm`` cannot be folded."""
     if any(k != 1 for k in weight.shape[2:]):
         raise ValueError(f"only kernel-size-1 convolutions fold a norm before them exactly, got kernel {tuple(weight.shape[2:])}")
-    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_mean is None:
+    affine = batch_norm_affine(norm)
+    if affine is None:
         return None
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    matrix = weight.flatten(1)  # (O, C)
-    folded_bias = matrix @ shift if bias is None else bias + matrix @ shift
-    return weight * scale.view(1, -1, *([1] * (weight.dim() - 2))), folded_bias
+    scale, shift = affine
+    folded_bias = weight.flatten(1) @ shift  # (O, C) @ (C,)
+    return weight * scale.view(1, -1, *([1] * (weight.dim() - 2))), folded_bias if bias is None else bias + folded_bias
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -413,8 +413,9 @@ def _run(fn, args: list, items: int) -> None:
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(L, batch, G, N) tensor and the stride between its (t, batch, group) rows; copies only if the rows
-    are not evenly spaced with unit stride inside (split views of one projection output are not copied)."""
+    """A 4D tensor (time-major (L, batch, G, N), or tokens (M, B, L, P)) and the stride between its rows of the last
+    dim; copies only if the rows are not evenly spaced with unit stride inside (split views of one projection
+    output are not copied)."""
     length, batch, groups, _ = x.shape
     s = x.stride()
     if s[3] == 1 and s[1] == groups * s[2] and s[0] == batch * groups * s[2] and s[2] >= x.shape[3]:
@@ -506,10 +507,7 @@ def causal_conv_silu_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     else:
         members, batch, tokens, _ = x.shape
         length = index.numel() // (batch * groups)
-        s = x.stride()
-        if not (s[3] == 1 and s[2] >= per_group and s[1] == tokens * s[2] and s[0] == batch * s[1]):
-            x = x.contiguous()
-        stride = x.stride(2)
+        x, stride = _rows(x)
         if index.dtype != torch.int64 or index.numel() % (batch * groups):
             raise ValueError(f"index must hold (L, {batch}, {groups}) int64 row numbers, got {index.numel()} {index.dtype}")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= members * batch * tokens):
@@ -532,14 +530,6 @@ def causal_conv_silu_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def max_conv_width() -> int:
     """Widest causal convolution the kernel takes (0 without a kernel)."""
     return _load().get("kmax") or 0
-
-
-def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(M, B, L, P) tokens and the stride between their rows; copies only if the rows are not evenly spaced."""
-    s = x.stride()
-    if not (s[3] == 1 and s[2] >= x.shape[3] and s[1] == x.shape[2] * s[2] and s[0] == x.shape[1] * s[1]):
-        x = x.contiguous()
-    return x, x.stride(2)
 
 
 def mixer_scan_applicable(x: torch.Tensor, d_inner: int, d_state: int, dt_rank: int, d_conv: int, lanes: int) -> bool:
@@ -590,8 +580,8 @@ def mixer_scan_kernel(
             raise ValueError("the output norm needs both its weight and its bias")
         if norm_weight is not None and per_group > max_norm_width():
             raise ValueError(f"rows of {per_group} channels: the merge normalises at most {max_norm_width()}")
-    x, x_stride = _token_rows(x)
-    src, src_stride = (None, 0) if source is None else _token_rows(source.to(torch.float32))
+    x, x_stride = _rows(x)
+    src, src_stride = (None, 0) if source is None else _rows(source.to(torch.float32))
     f32 = dict(dtype=torch.float32)
     taps = conv_weight.to(**f32).permute(2, 0, 1).contiguous()  # (K, G, P)
     block = _build["block"]
@@ -605,11 +595,9 @@ def mixer_scan_kernel(
     h = torch.zeros(batch * groups, n_state, per_group, **f32)
     if merge:
         out = torch.empty(members, batch, length, per_group, **f32)
-        zr = z.to(**f32)
-        if not (zr.stride(3) == 1 and zr.stride(2) >= per_group and zr.stride(1) == length * zr.stride(2) and zr.stride(0) == batch * zr.stride(1)):
-            zr = zr.contiguous()
+        zr, z_stride = _rows(z.to(**f32))
         nw, nb = (None, None) if norm_weight is None else (t.to(**f32).reshape(members, per_group).contiguous() for t in (norm_weight, norm_bias))
-        merge_args = [groups // members, out.data_ptr(), zr.data_ptr(), zr.stride(2), None if nw is None else nw.data_ptr(), None if nb is None else nb.data_ptr(), float(eps)]
+        merge_args = [groups // members, out.data_ptr(), zr.data_ptr(), z_stride, None if nw is None else nw.data_ptr(), None if nb is None else nb.data_ptr(), float(eps)]
         y, items = out, batch * members
     else:
         y = torch.empty(length, batch, groups, per_group, **f32)
@@ -661,15 +649,13 @@ def gate_merge_kernel(
         norm_weight = norm_weight.to(compute).reshape(members, width).contiguous()
         norm_bias = norm_bias.to(compute).reshape(members, width).contiguous()
     index = index.contiguous()
-    z = z.to(compute)
-    if not (z.stride(3) == 1 and z.stride(2) >= width and z.stride(1) == length * z.stride(2) and z.stride(0) == batch * z.stride(1)):
-        z = z.contiguous()
+    z, z_stride = _rows(z.to(compute))
     out = torch.empty(members, batch, length, width, dtype=compute)
     if length:
         lib = _load()["lib"]
         fn = lib.gate_merge_f32 if compute == torch.float32 else lib.gate_merge_f64
         args = [
-            length, batch, members, directions, width, y.data_ptr(), index.data_ptr(), z.data_ptr(), z.stride(2),
+            length, batch, members, directions, width, y.data_ptr(), index.data_ptr(), z.data_ptr(), z_stride,
             None if norm_weight is None else norm_weight.data_ptr(), None if norm_bias is None else norm_bias.data_ptr(),
             float(eps), out.data_ptr(),
         ]  # fmt: skip

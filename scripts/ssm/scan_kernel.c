@@ -111,10 +111,7 @@ static inline vf vexp(vf x) {
  * by 2^n. t below -300 is raised to it (2^-300 scales to 0; -inf gives 0, not NaN); NaN stays NaN; overflow: +inf.
  * The scan multiplies A by log2(e) once per block, so exp(d A) = 2^(d (A log2 e)) costs one rounding, like d A. */
 #define EXP2_SCALE 1.44269504088896341f
-static inline vf vexp2(vf t) {
-    __m512 x = _mm512_max_ps(_mm512_set1_ps(-300.0f), (__m512)t);
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = (vf)(x - n);
+static inline vf scaled_exp2(vf r, __m512 n) { /* 2^r * 2^n for |r| <= 1/2 */
     vf p = splat(1.535336188319500e-4f);
     p = p * r + 1.339887440266574e-3f;
     p = p * r + 9.618437357674640e-3f;
@@ -124,6 +121,12 @@ static inline vf vexp2(vf t) {
     p = p * r + 1.0f;
     return (vf)_mm512_scalef_ps((__m512)p, n);
 }
+
+static inline vf vexp2(vf t) {
+    __m512 x = _mm512_max_ps(_mm512_set1_ps(-300.0f), (__m512)t);
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return scaled_exp2((vf)(x - n), n);
+}
 /* exp(x) for an exact x (the SiLU's): x log2(e) split into a rounded product and its error (one FMA), so that the
  * result keeps about 1 ulp for large |x| like the Cephes vexp; overflow gives +inf, underflow 0. */
 static inline vf vexp_exact_input(vf x) {
@@ -131,15 +134,7 @@ static inline vf vexp_exact_input(vf x) {
     const __m512 hi = _mm512_max_ps(_mm512_set1_ps(-300.0f), _mm512_mul_ps(xs, s));
     const __m512 lo = _mm512_fmadd_ps(xs, _mm512_set1_ps(1.925963033e-8f), _mm512_fmsub_ps(xs, s, hi));
     const __m512 n = _mm512_roundscale_ps(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = (vf)_mm512_add_ps(_mm512_sub_ps(hi, n), lo);
-    vf p = splat(1.535336188319500e-4f);
-    p = p * r + 1.339887440266574e-3f;
-    p = p * r + 9.618437357674640e-3f;
-    p = p * r + 5.550332471162809e-2f;
-    p = p * r + 2.402264791363012e-1f;
-    p = p * r + 6.931472028550421e-1f;
-    p = p * r + 1.0f;
-    return (vf)_mm512_scalef_ps((__m512)p, n);
+    return scaled_exp2((vf)_mm512_add_ps(_mm512_sub_ps(hi, n), lo), n);
 }
 #else
 #define EXP2_SCALE 1.0f
@@ -316,23 +311,30 @@ static void conv_block_f32_part(int64_t K, int64_t kmax, const float *const *xr,
  * direction gather folded in), rows x_stride apart. */
 #define CONV_ROW(x, step, lane) ((x) + (index ? index[(step) * lanes + (lane)] : (step) * lanes + (lane)) * x_stride)
 
+/* One output row: every channel block of (step, lane) from its input rows xr[k] (step - k), group g's taps. */
+static void conv_row_f32(int64_t K, int64_t kmax, const float *const *xr, int64_t P, int64_t GP, const float *taps,
+                         const float *bias, float *out) {
+    const float *xb[KMAX];
+    for (int64_t p0 = 0; p0 < P; p0 += W) {
+        for (int64_t k = 0; k < kmax; ++k) xb[k] = xr[k] + p0;
+        if (P - p0 >= W)
+            conv_block_f32_full(K, kmax, xb, GP, taps + p0, bias + p0, out + p0);
+        else
+            conv_block_f32_part(K, kmax, xb, GP, taps + p0, bias + p0, out + p0, P - p0);
+    }
+}
+
 static void conv_silu_f32_range(int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, int64_t x_stride,
                                 const int64_t *index, const float *taps, const float *bias, float *out, int64_t lo,
                                 int64_t hi) {
     const int64_t row = lanes * P, GP = G * P;
-    const float *xr[KMAX], *xb[KMAX];
+    const float *xr[KMAX];
     for (int64_t t = lo; t < hi; ++t) {
         const int64_t kmax = t + 1 < K ? t + 1 : K;
         for (int64_t lane = 0; lane < lanes; ++lane) {
-            const int64_t g = lane % G, off = t * row + lane * P;
+            const int64_t g = lane % G;
             for (int64_t k = 0; k < kmax; ++k) xr[k] = CONV_ROW(x, t - k, lane);
-            for (int64_t p0 = 0; p0 < P; p0 += W) {
-                for (int64_t k = 0; k < kmax; ++k) xb[k] = xr[k] + p0;
-                if (P - p0 >= W)
-                    conv_block_f32_full(K, kmax, xb, GP, taps + g * P + p0, bias + g * P + p0, out + off + p0);
-                else
-                    conv_block_f32_part(K, kmax, xb, GP, taps + g * P + p0, bias + g * P + p0, out + off + p0, P - p0);
-            }
+            conv_row_f32(K, kmax, xr, P, GP, taps + g * P, bias + g * P, out + t * row + lane * P);
         }
     }
 }
@@ -487,19 +489,13 @@ static void mixer_lane_f32(int64_t lane, int64_t L, int64_t lanes, int64_t G, in
                            const float *wdt, const float *dt_bias, const float *A, const float *D, float *y, float *h,
                            float *tokens, int first, float *ubuf, float *xd, float *ybuf) {
     const int64_t g = lane % G, row = lanes * P, C = R + 2 * N, GP = G * P;
-    const float *xr[KMAX], *xb[KMAX], *s[XROWS];
+    const float *xr[KMAX], *s[XROWS];
     for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
         const int64_t tn = L - t0 < TIME_CHUNK ? L - t0 : TIME_CHUNK;
         for (int64_t j = 0; j < tn; ++j) { /* causal conv + SiLU of the gathered rows */
             const int64_t t = t0 + j, kmax = t + 1 < K ? t + 1 : K;
             for (int64_t k = 0; k < kmax; ++k) xr[k] = x + index[(t - k) * lanes + lane] * x_stride;
-            for (int64_t p0 = 0; p0 < P; p0 += W) {
-                for (int64_t k = 0; k < kmax; ++k) xb[k] = xr[k] + p0;
-                if (P - p0 >= W)
-                    conv_block_f32_full(K, kmax, xb, GP, taps + g * P + p0, conv_bias + g * P + p0, ubuf + j * P + p0);
-                else
-                    conv_block_f32_part(K, kmax, xb, GP, taps + g * P + p0, conv_bias + g * P + p0, ubuf + j * P + p0, P - p0);
-            }
+            conv_row_f32(K, kmax, xr, P, GP, taps + g * P, conv_bias + g * P, ubuf + j * P);
         }
         for (int64_t j = 0; j < tn; j += XROWS) { /* x projection */
             const int64_t rows = tn - j < XROWS ? tn - j : XROWS;

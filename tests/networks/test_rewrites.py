@@ -37,6 +37,14 @@ def randomise_batch_norms(module: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(m.num_features, generator=g))
 
 
+def plain_and_rewritten(module, *inputs):
+    """The module's output with the rewrites off, then on (eval mode, no autograd)."""
+    with torch.no_grad():
+        with inference_rewrites(False):
+            ref = module(*inputs)
+        return ref, module(*inputs)
+
+
 @pytest.mark.parametrize("size", [(7,), (5, 8), (4, 3, 5)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_upsample_conv_equals_nearest_upsampling_then_conv(size, bias):
@@ -101,11 +109,8 @@ def test_dilated_gated_block_rewritten_equals_its_layers(spatial_dims, pyramid):
     randomise_batch_norms(block)
     block.eval()
     x = randn(2, 6, *([7] * spatial_dims))
-    with torch.no_grad():
-        with inference_rewrites(False):
-            ref = block(x)
-        kept = x.clone()
-        out = block(x)
+    kept = x.clone()
+    ref, out = plain_and_rewritten(block, x)
     assert torch.equal(x, kept)  # the in-place steps only touch fresh tensors
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
@@ -124,10 +129,7 @@ def test_up_stage_rewritten_equals_its_layers(spatial_dims, layout):
     randomise_batch_norms(stage)
     stage.eval()
     x = randn(2, 4, *([5] * spatial_dims))
-    with torch.no_grad():
-        with inference_rewrites(False):
-            ref = stage(x)
-        out = stage(x)
+    ref, out = plain_and_rewritten(stage, x)
     assert torch.allclose(out, ref, rtol=0, atol=1e-11)
 
 
@@ -149,10 +151,7 @@ def test_refinement_rewritten_equals_the_concatenated_convolution():
     block = FullResolutionRefinement(2, 5).double().eval()
     nn.init.normal_(block.out.weight)  # starts at zero otherwise
     h, image = randn(2, 5, 8, 6), randn(2, 2, 8, 6, seed=1).float()
-    with torch.no_grad():
-        with inference_rewrites(False):
-            ref = block(h, image)
-        out = block(h, image)
+    ref, out = plain_and_rewritten(block, h, image)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
 
@@ -171,10 +170,7 @@ def tiny_network(spatial_dims: int) -> ClinicalFMamba:
 def test_network_with_rewrites_equals_plain_layers(spatial_dims, size):
     net = tiny_network(spatial_dims)
     x = torch.rand(2, 2, *size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with torch.inference_mode():
-        with inference_rewrites(False):
-            ref = net(x)
-        out = net(x)
+    ref, out = plain_and_rewritten(net, x)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
 
