@@ -61,13 +61,30 @@ static inline vf splat(float x) {
 
 static inline vf blend(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 
+#if defined(__AVX512F__) && W == 16
+#include <immintrin.h>
+/* The first w (<= W) floats at p, zeros after; masked, so a partial block costs what a full one does (a memcpy of a
+ * run-time length compiles to `rep movs`). */
+static inline __mmask16 first_lanes(int64_t w) { return w >= W ? (__mmask16)0xFFFF : (__mmask16)((1u << w) - 1u); }
+static inline vf load(const float *p, int64_t w) { return (vf)_mm512_maskz_loadu_ps(first_lanes(w), p); }
+static inline void store(float *p, vf v, int64_t w) { _mm512_mask_storeu_ps(p, first_lanes(w), (__m512)v); }
+#else
 static inline vf load(const float *p, int64_t w) {
     vf v = splat(0.0f);
-    memcpy(&v, p, (size_t)w * sizeof(float));
+    if (w == W)
+        memcpy(&v, p, sizeof v);
+    else
+        memcpy(&v, p, (size_t)w * sizeof(float));
     return v;
 }
 
-static inline void store(float *p, vf v, int64_t w) { memcpy(p, &v, (size_t)w * sizeof(float)); }
+static inline void store(float *p, vf v, int64_t w) {
+    if (w == W)
+        memcpy(p, &v, sizeof v);
+    else
+        memcpy(p, &v, (size_t)w * sizeof(float));
+}
+#endif
 
 static inline float hsum(vf v) {
     float s[W];
@@ -106,7 +123,6 @@ static inline vf vexp(vf x) {
 }
 
 #if defined(__AVX512F__) && W == 16
-#include <immintrin.h>
 /* 2^t with AVX-512's vscalefps: t = n + r (n integer, |r| <= 1/2), 2^r by Cephes' degree-6 exp2f polynomial, scaled
  * by 2^n. t below -300 is raised to it (2^-300 scales to 0; -inf gives 0, not NaN); NaN stays NaN; overflow: +inf.
  * The scan multiplies A by log2(e) once per block, so exp(d A) = 2^(d (A log2 e)) costs one rounding, like d A. */
