@@ -118,11 +118,29 @@ class CrossModalChannelAttention(nn.Module):
         """``h + attention(query, ref)``. At inference (:func:`rewrites_apply`) ``h`` is updated in place by one
         matrix product whose weight has the channel weights folded in: no scaled copy and no sum pass over the
         full resolution. h: (B, C_out, *spatial)."""
-        same_layout = is_channels_last(h) == is_channels_last(ref)
-        if not rewrites_apply(self) or not same_layout or not (h.is_contiguous() or is_channels_last(h)):
+        if not self._adds_in_place(h, ref):
             return h + self(query, ref)
+        return self._add_weighted(h, ref, self._weights(query))
+
+    def add_both(self, h: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+        """``h + attention(a, b) + attention(b, a)`` for ``pair`` = (a, b) stacked on the batch axis (2B, C, *spatial):
+        both modalities attend to each other. At inference the channel weights of both come from one batched pass
+        over ``pair``, and ``h`` is updated in place. h: (B, C_out, *spatial)."""
+        batch = pair.shape[0] // 2
+        first, second = pair[:batch], pair[batch:]
+        if not self._adds_in_place(h, pair):
+            return self.add_to(self.add_to(h, first, second), second, first)
+        weights = self._weights(pair)
+        return self._add_weighted(self._add_weighted(h, second, weights[:batch]), first, weights[batch:])
+
+    def _adds_in_place(self, h: torch.Tensor, ref: torch.Tensor) -> bool:
+        same_layout = is_channels_last(h) == is_channels_last(ref)
+        return rewrites_apply(self) and same_layout and (h.is_contiguous() or is_channels_last(h))
+
+    def _add_weighted(self, h: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``h += (W_v ref) * weights`` in place, as one matrix product with the weights folded into W_v."""
         batch, channels = ref.shape[:2]
-        scaled = self._weights(query).unsqueeze(-1) * self.value.weight.view(1, -1, channels)  # (B, C_out, C_in)
+        scaled = weights.unsqueeze(-1) * self.value.weight.view(1, -1, channels)  # (B, C_out, C_in)
         if is_channels_last(h):  # (B, voxels, C) rows as they lie
             rows = h.movedim(1, -1).view(batch, -1, h.shape[1])
             rows.baddbmm_(ref.movedim(1, -1).reshape(batch, -1, channels), scaled.transpose(1, 2))
@@ -131,10 +149,17 @@ class CrossModalChannelAttention(nn.Module):
         return h
 
     def _weights(self, query: torch.Tensor) -> torch.Tensor:
-        """Channel weights (B, C) from the query."""
+        """Channel weights (B, C) from the query. At inference the mean of ``W_q q`` is taken as ``W_q`` times the mean
+        of ``q`` (the same number: a linear map commutes with the mean), so only the max reads the product."""
         a = pointwise_conv(self.query, query)
         spatial = tuple(range(2, a.dim()))  # reduced in place, whatever the memory layout
-        return torch.sigmoid(a.amax(dim=spatial) + a.mean(dim=spatial))
+        if rewrites_apply(self):
+            mean = query.mean(dim=spatial) @ self.query.weight.view(a.shape[1], -1).t()
+            if self.query.bias is not None:
+                mean = mean + self.query.bias
+        else:
+            mean = a.mean(dim=spatial)
+        return torch.sigmoid(a.amax(dim=spatial) + mean)
 
 
 class FullResolutionRefinement(nn.Module):

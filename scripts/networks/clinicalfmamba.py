@@ -237,8 +237,7 @@ class ClinicalFMamba(nn.Module):
         h = latent
         for up in self.up_stages:
             h = up(h)
-        skip_a, skip_b = skips[:batch], skips[batch:]
-        h = self.attention.add_to(self.attention.add_to(h, skip_a, skip_b), skip_b, skip_a)  # in place at inference
+        h = self.attention.add_both(h, skips)  # each modality's stem features attend to the other's; in place at inference
         if self.refine is not None:
             h = self.refine(h, image)
         convs = [self.head] + ([self.selection.logits] if self.selection is not None else [])

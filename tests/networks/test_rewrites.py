@@ -147,6 +147,24 @@ def test_attention_add_to_updates_in_place_only_at_inference():
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_attention_add_both_equals_the_two_attentions(layout):
+    attention = CrossModalChannelAttention(2, 6).double().eval()
+    nn.init.normal_(attention.query.weight)  # weights away from 0.5 so that max and mean both matter
+    to = channels_last if layout == "channels_last" else (lambda t: t)
+    pair, h = to(randn(4, 6, 7, 5)), to(randn(2, 6, 7, 5, seed=1))  # pair: (a, b) stacked, batch 2 each
+    a, b = pair[:2], pair[2:]
+    ref = h + attention(a, b) + attention(b, a)
+    with torch.no_grad():
+        with inference_rewrites(False):
+            kept = h.clone()
+            assert torch.allclose(attention.add_both(kept, pair), ref, rtol=0, atol=1e-12)
+            assert torch.equal(kept, h)
+        out = attention.add_both(h, pair)
+    assert out is h and is_channels_last(out) == (layout == "channels_last")  # in place, layout kept
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
 def test_refinement_rewritten_equals_the_concatenated_convolution():
     block = FullResolutionRefinement(2, 5).double().eval()
     nn.init.normal_(block.out.weight)  # starts at zero otherwise
