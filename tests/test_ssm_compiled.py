@@ -68,6 +68,20 @@ def test_kernel_float32_close_to_float64_reference(groups):
 
 
 @needs_kernel
+def test_float32_kernels_flush_denormals_only_inside():
+    # exp(d A) in the denormal range (d |A| from 87 to 103) is flushed inside the kernel, within the tolerance of the
+    # float64 reference; PyTorch's own threads get their floating-point state back (denormals survive a multiply)
+    inputs = detached(make_inputs(1, 32, 256, 8, dtype=torch.float32, seed=5))
+    inputs["A"] = -torch.linspace(87.0, 103.0, 32 * 8).view(32, 8) / 2
+    inputs["delta"] = torch.full_like(inputs["delta"], 2.0)  # d A in [-103, -87]: exp(d A) is denormal in float32
+    y_ref = selective_scan_ref(**detached(inputs, torch.float64))
+    y = selective_scan_compiled(**inputs)
+    assert rel_err(y.double(), y_ref) <= 2e-6
+    tiny = torch.full((1 << 18,), 1e-39)  # a denormal float32, over both threads
+    assert bool(((tiny * 1.0) > 0).all()) and float(torch.tensor([1e-39]) * 1.0) > 0
+
+
+@needs_kernel
 def test_kernel_float32_underflow_and_softplus_range_stay_exact():
     # exp(delta * A) underflows to 0 for large steps; raw delta spans the softplus' linear and exp regimes
     inputs = detached(make_inputs(1, 32, 2048, 16, delta_max=30.0, dtype=torch.float32, seed=3))
