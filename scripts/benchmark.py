@@ -84,13 +84,16 @@ def matmul_rate(size: int = 2048) -> float:
     return 2 * size**3 / seconds
 
 
+NETWORK_REPEATS = 15  # paired runs of the 2D network (median reported; a few seconds in all)
+
+
 def paired_floor_ratio(fn, flops: float, repeats: int = 7, size: int = 2048) -> dict[str, float]:
     """Time ``fn`` against its FLOP floor with every run paired with a GEMM rate measured right before it.
 
     A shared virtual machine's speed drifts by tens of percent over minutes; one rate measured away from the timed
     runs can flatter or penalise the ratio by as much. Each run's ratio uses the best of two 2048^3 GEMMs timed
-    just before it. Returns the median ``seconds``, the median ``ratio`` (seconds / (flops / rate)) and the median
-    ``rate`` (FLOP/s).
+    just before it. Returns the median ``seconds``, the median ``ratio`` (seconds / (flops / rate)), the lowest and
+    highest paired ratio (``low``, ``high``: the spread the machine gave this run) and the median ``rate`` (FLOP/s).
     """
     a, b = torch.randn(size, size), torch.randn(size, size)
     fn()
@@ -109,7 +112,10 @@ def paired_floor_ratio(fn, flops: float, repeats: int = 7, size: int = 2048) -> 
         seconds.append(elapsed)
         ratios.append(elapsed * rate / flops)
         rates.append(rate)
-    return {"seconds": statistics.median(seconds), "ratio": statistics.median(ratios), "rate": statistics.median(rates)}
+    return {
+        "seconds": statistics.median(seconds), "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+        "rate": statistics.median(rates),
+    }  # fmt: skip
 
 
 def network_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
@@ -367,7 +373,7 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
     x = torch.rand(1, 2, size, size)
     flops = network_flops(net, x)
     with torch.inference_mode():
-        timed = paired_floor_ratio(lambda: net(x), flops, repeats=9)
+        timed = paired_floor_ratio(lambda: net(x), flops, repeats=NETWORK_REPEATS)
         set_scan_backend("fast")
         try:
             timed_fast = paired_floor_ratio(lambda: net(x), flops, repeats=3)
@@ -378,8 +384,9 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
     report(
         f"{size}x{size} inference (bundle network, batch 1, {resolve_backend(None, 'cpu')} scan)",
-        f"{t_net:.3f} s = {timed['ratio']:.2f}x the FLOP floor (median of 9 runs, each against the GEMM rate measured "
-        f"just before it; median rate {timed['rate'] / 1e9:.1f} GFLOP/s, floor {floor:.3f} s)",
+        f"{t_net:.3f} s = {timed['ratio']:.2f}x the FLOP floor (median of {NETWORK_REPEATS} runs, each against the GEMM rate "
+        f"measured just before it: {timed['low']:.2f}x to {timed['high']:.2f}x; median rate {timed['rate'] / 1e9:.1f} GFLOP/s, "
+        f"floor {floor:.3f} s)",
     )
     if t_scan is not None:
         report(

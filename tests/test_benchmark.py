@@ -122,5 +122,6 @@ def test_paired_floor_ratio_pairs_each_run_with_its_own_gemm_rate(monkeypatch):
     slow_rate = 2 * 8**3 / 0.1
     # every paired run has the same ratio: 0.2 s at the slow rate = 0.1 s at twice that rate
     assert out["ratio"] == pytest.approx(0.2 * slow_rate / 1e9)
+    assert out["low"] == pytest.approx(out["ratio"]) and out["high"] == pytest.approx(out["ratio"])  # no spread left
     # unpaired, the median time with the best rate would double it
     assert out["seconds"] * (2 * slow_rate) / 1e9 == pytest.approx(2 * out["ratio"])
