@@ -149,17 +149,11 @@ def conv3_by_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     out_channels = weight.shape[0]
     per_tap = weight.permute(*range(2, 2 + dims), 0, 1).reshape(-1, channels)  # (3^d O, C)
     centre = (3**dims) // 2
-    if is_channels_last(x):  # voxels x channels as they lie: maps (B, *S, 3^d, O), no copy of x
-        maps = torch.matmul(x.movedim(1, -1).reshape(batch, -1, channels), per_tap.t()).view(batch, *size, 3**dims, out_channels)
-        out = maps[..., centre, :].clone() if bias is None else maps[..., centre, :] + bias
-        for tap, offset in enumerate(itertools.product((-1, 0, 1), repeat=dims)):
-            if tap != centre:
-                target = (slice(None), *(slice(max(0, -o), s - max(0, o)) for o, s in zip(offset, size)))
-                source = (slice(None), *(slice(max(0, o), s - max(0, -o)) for o, s in zip(offset, size)), tap)
-                out[target] += maps[source]
-        return out.movedim(-1, 1)
-    maps = torch.matmul(per_tap, x.reshape(batch, channels, -1))  # (B, 3^d O, N)
-    maps = maps.view(batch, 3**dims, out_channels, *size)
+    # (B, C, N) columns of voxels: in channels-last memory the transposed rows as they lie (no copy); the maps come out
+    # planar (B, 3^d, O, *S), so that the shifted sums below run along contiguous rows (in channels-last maps, with O
+    # values per voxel, they ran 2x slower: 3.2 -> 1.6 ms for the 2D head at 256 x 256)
+    columns = x.movedim(1, -1).reshape(batch, -1, channels).transpose(1, 2) if is_channels_last(x) else x.reshape(batch, channels, -1)
+    maps = torch.matmul(per_tap, columns).view(batch, 3**dims, out_channels, *size)
     out = maps[:, centre].clone() if bias is None else maps[:, centre] + bias.view(-1, *([1] * dims))
     for tap, offset in enumerate(itertools.product((-1, 0, 1), repeat=dims)):
         if tap == centre:

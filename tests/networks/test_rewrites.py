@@ -250,6 +250,7 @@ def test_rewrites_keep_channels_last_memory(size):
     assert is_channels_last(upsample_conv(xc.float(), w.float(), b.float()))  # (oneDNN keeps the layout in float32)
     head = conv3_by_matmul(xc, w[:2], b[:2])
     assert torch.allclose(head, CONV[dims](x, w[:2], b[:2], padding=1), rtol=0, atol=1e-12)
+    assert head.is_contiguous()  # planar maps and output: the shifted sums and the selection run along contiguous rows
     single = channels_last(x[:, :1])  # one channel: same memory, channel stride 1, so convolutions return channels-last
     assert single.stride(1) == 1 and torch.equal(single, x[:, :1])
     assert is_channels_last(CONV[dims](single.float(), w[:, :1].float(), padding=1))
