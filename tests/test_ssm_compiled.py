@@ -402,7 +402,10 @@ def _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, widt
 
 
 @needs_kernel
-@pytest.mark.parametrize("length,per_group,n_state,rank,width", [(45, 37, 4, 3, 4), (16, 32, 16, 2, 2), (70, 16, 8, 8, 4)])
+@pytest.mark.parametrize(
+    "length,per_group,n_state,rank,width",
+    [(45, 37, 4, 3, 4), (16, 32, 16, 2, 2), (70, 16, 8, 8, 4), (40, 256, 8, 8, 4), (21, 256, 16, 8, 4), (35, 128, 8, 4, 4)],
+)  # the last three: the shapes the kernel is specialised for (the 2D and 3D networks' mixers)
 @pytest.mark.parametrize("cross", [False, True])
 def test_fused_mixer_kernel_matches_the_separate_steps(length, per_group, n_state, rank, width, cross):
     # conv + SiLU of the gathered tokens, x projection (of the conv output or of a gathered source), scan
@@ -433,9 +436,10 @@ def test_fused_mixer_kernel_matches_the_separate_steps(length, per_group, n_stat
 
 @needs_kernel
 @pytest.mark.parametrize("norm", [True, False])
-def test_fused_mixer_kernel_with_the_merge_matches_scan_then_merge(norm):
+@pytest.mark.parametrize("per_group,n_state,rank", [(37, 8, 3), (256, 8, 8), (256, 16, 8), (128, 8, 4)])
+def test_fused_mixer_kernel_with_the_merge_matches_scan_then_merge(norm, per_group, n_state, rank):
     # each (batch, member) set's directions add into the token rows they visit, then gate and norm: no time-major y
-    members, batch, length, directions, per_group, n_state, rank = 2, 3, 40, 4, 37, 8, 3
+    members, batch, length, directions = 2, 3, 40, 4
     groups = members * directions
     tokens, _, p = _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, 4)
     orders = torch.stack([torch.randperm(length, generator=torch.Generator().manual_seed(k)) for k in range(directions)])
@@ -482,6 +486,38 @@ def test_mixer_runs_the_fused_kernel_at_inference_when_every_thread_gets_a_lane(
     finally:
         torch.set_num_threads(threads)
     assert (fused - separate).abs().max() <= 1e-5
+
+
+@needs_kernel
+def test_mixer_keeps_its_kernel_weights_until_a_parameter_changes():
+    from scripts.networks.mamba import DirectionalMamba
+
+    torch.manual_seed(0)
+    mixer = DirectionalMamba(16, d_state=4, members=2, order_set="cross2d").eval()
+    other = DirectionalMamba(16, d_state=4, members=2, order_set="cross2d").eval()
+    x = torch.randn(2, 1, 30, 16)
+
+    def run(module, backend=None):
+        module.scan_backend = backend
+        with torch.inference_mode():
+            return module(x, (5, 6))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # 2 member sets for 2 threads: the fused kernel with the merge
+        first = run(mixer)
+        kept = mixer._kernel_weights[1]
+        assert torch.equal(run(mixer), first) and mixer._kernel_weights[1] is kept  # reused, same result
+        with torch.no_grad():
+            mixer.D.add_(0.5)  # an in-place update (an optimiser step) bumps the version counter
+        changed = run(mixer)
+        assert mixer._kernel_weights[1] is not kept
+        assert (changed - first).abs().max() > 1e-3
+        assert (changed - run(mixer, "fast")).abs().max() <= 1e-5
+        mixer.load_state_dict(other.state_dict())  # copied in place
+        assert (run(mixer, "compiled") - run(other, "fast")).abs().max() <= 1e-5
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_kernel

@@ -27,6 +27,7 @@ from scripts.ssm.compiled import (
     max_norm_width,
     mixer_scan_applicable,
     mixer_scan_kernel,
+    prepare_mixer_weights,
 )
 
 from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
@@ -149,6 +150,7 @@ class DirectionalMamba(nn.Module):
         if dead_norm:
             self.unused_norm = MemberLayerNorm(m, di)
         self._order_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # grid, batch, device -> indices
+        self._kernel_weights: tuple[tuple, object] | None = None  # (parameter versions, MixerKernelWeights)
 
     def _gather_index(self, grid: Sequence[int], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat row indices of the direction gather and of the re-alignment, cached per grid and batch.
@@ -204,6 +206,22 @@ class DirectionalMamba(nn.Module):
             return dict(z=z)
         return dict(z=z, norm_weight=self.norm.weight, norm_bias=self.norm.bias, eps=self.norm.eps)
 
+    def _prepared_kernel_weights(self, A: torch.Tensor, merge: dict | None):
+        """The fused kernel's weight layouts (:func:`prepare_mixer_weights`), kept while no parameter changes: each
+        parameter's identity, storage and version counter (bumped by every in-place update: optimiser steps,
+        ``load_state_dict``) make the key."""
+        norm = self.norm if merge is not None and "norm_weight" in merge else None
+        params = [self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D]
+        params += [norm.weight, norm.bias] if norm is not None else []
+        key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._kernel_weights is None or self._kernel_weights[0] != key:
+            weights = prepare_mixer_weights(
+                *self._conv_parameters(), self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A, self.D,
+                None if norm is None else norm.weight, None if norm is None else norm.bias,
+            )  # fmt: skip
+            self._kernel_weights = (key, weights)
+        return self._kernel_weights[1]
+
     def _conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal convolution's weight (G, P, K) and bias (G, P), one set per member and direction."""
         groups = self.members * self.num_directions
@@ -235,7 +253,7 @@ class DirectionalMamba(nn.Module):
             merge = self._merge_arguments(z, b)
             y = mixer_scan_kernel(
                 xs, forward_index, *self._conv_parameters(), self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A,
-                self.D, source=extra, **(merge or {}),
+                self.D, source=extra, **(merge or {}), prepared=self._prepared_kernel_weights(A, merge), check_index=False,
             )  # fmt: skip
             if merge is not None:  # merged, gated and normalised in the kernel
                 return member_linear(y, self.out_proj_weight)

@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,8 @@ __all__ = [
     "max_norm_width",
     "mixer_scan_applicable",
     "mixer_scan_kernel",
+    "MixerKernelWeights",
+    "prepare_mixer_weights",
     "causal_conv_silu_reference",
     "gate_merge_kernel",
     "gate_merge_reference",
@@ -544,10 +547,51 @@ def mixer_scan_applicable(x: torch.Tensor, d_inner: int, d_state: int, dt_rank: 
     )  # fmt: skip
 
 
+class MixerKernelWeights(NamedTuple):
+    """A mixer's parameters in the float32 layouts :func:`mixer_scan_kernel` reads (:func:`prepare_mixer_weights`)."""
+
+    taps: torch.Tensor  # (K, G, P) conv taps
+    conv_bias: torch.Tensor  # (G, P)
+    wxt: torch.Tensor  # (G, P, CP) x projection transposed, zero-padded to CP columns
+    wdt: torch.Tensor  # (G, R, P) dt projection transposed
+    A: torch.Tensor  # (G, N, P)
+    dt_bias: torch.Tensor  # (G, P)
+    D: torch.Tensor | None  # (G, P)
+    norm_weight: torch.Tensor | None  # (M, P)
+    norm_bias: torch.Tensor | None  # (M, P)
+
+
+def prepare_mixer_weights(
+    conv_weight: torch.Tensor, conv_bias: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor | None, norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+) -> MixerKernelWeights:
+    """The layouts :func:`mixer_scan_kernel` needs, computed once: a module can keep them between inference calls
+    while its parameters are unchanged (about ten small copies per call otherwise). Shapes as :func:`mixer_scan_kernel`."""
+    groups, per_group, _ = conv_weight.shape
+    n_state, rank = A.shape[-1], dt_proj_weight.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    block = _load().get("block", 16)
+    padded = -(-(rank + 2 * n_state) // block) * block
+    members = None if norm_weight is None else norm_weight.shape[0]
+    return MixerKernelWeights(
+        taps=conv_weight.to(**f32).permute(2, 0, 1).contiguous(),
+        conv_bias=conv_bias.to(**f32).reshape(groups, per_group).contiguous(),
+        wxt=F.pad(x_proj_weight.to(**f32).transpose(1, 2), (0, padded - rank - 2 * n_state)).contiguous(),
+        wdt=dt_proj_weight.to(**f32).reshape(groups, per_group, rank).transpose(-1, -2).contiguous(),
+        A=A.to(**f32).reshape(groups, per_group, n_state).transpose(-1, -2).contiguous(),
+        dt_bias=dt_bias.to(**f32).reshape(groups, per_group).contiguous(),
+        D=None if D is None else D.to(**f32).reshape(groups, per_group).contiguous(),
+        norm_weight=None if norm_weight is None else norm_weight.to(**f32).reshape(members, per_group).contiguous(),
+        norm_bias=None if norm_bias is None else norm_bias.to(**f32).reshape(members, per_group).contiguous(),
+    )
+
+
 def mixer_scan_kernel(
     x: torch.Tensor, index: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, x_proj_weight: torch.Tensor,
     dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor | None, source: torch.Tensor | None = None,
     z: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, eps: float = 1e-5,
+    prepared: MixerKernelWeights | None = None, check_index: bool = True,
 ) -> torch.Tensor:
     """A mixer's work between its input projection and its merge, in one float32 kernel pass (inference).
 
@@ -562,13 +606,17 @@ def mixer_scan_kernel(
     ``norm_weight`` and ``norm_bias`` are given): each work item is one (batch, member) set whose G / M direction
     lanes add into the token rows they visit (``index`` holds their token row numbers), so no time-major y is
     written at all; returns (M, B, L, P). The caller checks :func:`kernel_applicable` and :func:`mixer_scan_applicable`.
+
+    ``prepared``: the result of :func:`prepare_mixer_weights` for these parameters, kept by the caller (the parameter
+    arguments are then read for their shapes only). ``check_index=False`` skips the bounds check of ``index`` (two
+    reductions), for callers whose index was built for this x's shape.
     """
     groups, per_group, width = conv_weight.shape
     n_state, rank = A.shape[-1], dt_proj_weight.shape[-1]
     members, batch, tokens, _ = x.shape
     if index.dtype != torch.int64 or index.numel() % (batch * groups):
         raise ValueError(f"index must hold (L, {batch}, {groups}) int64 row numbers, got {index.numel()} {index.dtype}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= members * batch * tokens):
+    if check_index and index.numel() and (int(index.min()) < 0 or int(index.max()) >= members * batch * tokens):
         raise ValueError("index refers to rows outside x")
     if x_proj_weight.shape != (groups, rank + 2 * n_state, per_group):
         raise ValueError(f"x projection weight {tuple(x_proj_weight.shape)}, expected {(groups, rank + 2 * n_state, per_group)}")
@@ -584,20 +632,18 @@ def mixer_scan_kernel(
     x, x_stride = _rows(x)
     src, src_stride = (None, 0) if source is None else _rows(source.to(torch.float32))
     f32 = dict(dtype=torch.float32)
-    taps = conv_weight.to(**f32).permute(2, 0, 1).contiguous()  # (K, G, P)
-    block = _build["block"]
-    padded = -(-(rank + 2 * n_state) // block) * block
-    wxt = F.pad(x_proj_weight.to(**f32).transpose(1, 2), (0, padded - rank - 2 * n_state)).contiguous()  # (G, P, CP)
-    wdt = dt_proj_weight.to(**f32).reshape(groups, per_group, rank).transpose(-1, -2).contiguous()  # (G, R, P)
-    a_t = A.to(**f32).reshape(groups, per_group, n_state).transpose(-1, -2).contiguous()  # (G, N, P)
-    conv_bias, dt_bias = (t.to(**f32).reshape(groups, per_group).contiguous() for t in (conv_bias, dt_bias))
-    D = None if D is None else D.to(**f32).reshape(groups, per_group).contiguous()
+    if prepared is None:
+        prepared = prepare_mixer_weights(conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, norm_weight, norm_bias)
+    elif (norm_weight is None) != (prepared.norm_weight is None):
+        raise ValueError("the prepared weights and the arguments disagree on the output norm")
+    taps, conv_bias, wxt, wdt, a_t, dt_bias, D = prepared[:7]
+    padded = wxt.shape[-1]
     index = index.contiguous()
     h = torch.zeros(batch * groups, n_state, per_group, **f32)
     if merge:
         out = torch.empty(members, batch, length, per_group, **f32)
         zr, z_stride = _rows(z.to(**f32))
-        nw, nb = (None, None) if norm_weight is None else (t.to(**f32).reshape(members, per_group).contiguous() for t in (norm_weight, norm_bias))
+        nw, nb = prepared.norm_weight, prepared.norm_bias
         merge_args = [groups // members, out.data_ptr(), zr.data_ptr(), z_stride, None if nw is None else nw.data_ptr(), None if nb is None else nb.data_ptr(), float(eps)]
         y, items = out, batch * members
     else:
