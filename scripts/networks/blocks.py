@@ -7,7 +7,17 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-from .rewrites import channels_last, fold_batch_norm, fold_batch_norm_before, is_channels_last, rewrites_apply, upsample_conv
+from .packed_conv import inference_conv2d
+from .rewrites import (
+    channels_last,
+    fold_batch_norm,
+    fold_batch_norm_before,
+    interleave_phases,
+    is_channels_last,
+    rewrites_apply,
+    upsample_conv,
+    upsample_conv_kernel,
+)
 
 __all__ = [
     "pointwise_conv",
@@ -85,18 +95,39 @@ class DilatedGatedConvBlock(nn.Module):
         return x + p1 + p2 + self.pyramid_conv(p2)
 
     def _forward_rewritten(self, x: torch.Tensor) -> torch.Tensor:
-        """The same at inference with fewer passes: the gate's BatchNorm folded into its 1x1 convolution, the
-        activations, the gating product and the residual sums in place on fresh outputs."""
+        """The same at inference with fewer passes: the gate's BatchNorm folded into its 1x1 convolution (kept), the
+        activations, the gating product and the residual sums in place on fresh outputs; in 2D the 3x3 convolutions
+        with kept oneDNN weights and the activations fused into them (:func:`inference_conv2d`)."""
         slope = self.act.negative_slope
-        gate = fold_batch_norm_before(self.gate.weight, self.gate.bias, self.norm_gate)
+        gate = self._folded_gate()
         g = pointwise(x, *gate) if gate is not None else pointwise_conv(self.gate, self.norm_gate(x))
-        u = F.leaky_relu_(self.query(self.norm_query(x)), slope).mul_(F.leaky_relu_(g, slope))
-        v = F.leaky_relu_(self.dilated(self.norm_mid(u)), slope)
+        u = self._conv(self.query, "query", self.norm_query(x), slope).mul_(F.leaky_relu_(g, slope))
+        v = self._conv(self.dilated, "dilated", self.norm_mid(u), slope)
         if not self.pyramid:
             return v.add_(x)
-        p1 = self.pyramid_conv(F.leaky_relu_(self.norm_out(v), slope))
-        p2 = self.pyramid_conv(p1)
-        return (x + p1).add_(p2).add_(self.pyramid_conv(p2))
+        p1 = self._conv(self.pyramid_conv, "pyramid", F.leaky_relu_(self.norm_out(v), slope))
+        p2 = self._conv(self.pyramid_conv, "pyramid", p1)
+        return (x + p1).add_(p2).add_(self._conv(self.pyramid_conv, "pyramid", p2))
+
+    def _folded_gate(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The gate's 1x1 weight and bias with its BatchNorm folded in, kept until a parameter or statistic changes."""
+        norm = self.norm_gate
+        sources = [self.gate.weight, self.gate.bias, *(t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None)]
+        key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
+        kept = self.__dict__.get("_folded_gate_kept")
+        if kept is None or kept[0] != key:
+            kept = self._folded_gate_kept = (key, fold_batch_norm_before(self.gate.weight, self.gate.bias, norm))
+        return kept[1]
+
+    def _conv(self, conv: nn.Module, tag: str, x: torch.Tensor, slope: float | None = None) -> torch.Tensor:
+        """``conv(x)`` (then LeakyReLU with ``slope``): with kept weights in 2D, the module itself otherwise."""
+        if x.dim() == 4:
+            return inference_conv2d(
+                self, tag, x, lambda: (conv.weight, conv.bias), [conv.weight, conv.bias], padding=conv.padding,
+                dilation=conv.dilation, negative_slope=slope,
+            )  # fmt: skip
+        y = conv(x)
+        return y if slope is None else F.leaky_relu_(y, slope)
 
 
 class CrossModalChannelAttention(nn.Module):
@@ -188,6 +219,15 @@ class FullResolutionRefinement(nn.Module):
                 image = channels_last(image)  # both convolutions then return h's layout
             channels = h.shape[1]
             weight = self.mix.weight
+            if h.dim() == 4:  # kept oneDNN weights (inference_conv2d)
+                sources = [self.mix.weight, self.mix.bias]
+                mixed = inference_conv2d(self, "mix_h", h, lambda: (weight[:, :channels], self.mix.bias), sources, padding=1)
+                mixed = mixed.add_(inference_conv2d(self, "mix_image", image, lambda: (weight[:, channels:], None), sources, padding=1))
+                out = inference_conv2d(
+                    self, "out", F.leaky_relu_(mixed, self.act.negative_slope), lambda: (self.out.weight, self.out.bias),
+                    [self.out.weight, self.out.bias], padding=1,
+                )  # fmt: skip
+                return out.add_(h)
             mixed = self.mix._conv_forward(h, weight[:, :channels], self.mix.bias)
             mixed = mixed.add_(self.mix._conv_forward(image, weight[:, channels:], None))  # fresh tensors: in place
             return self.out(F.leaky_relu_(mixed, self.act.negative_slope)).add_(h)
@@ -262,10 +302,36 @@ class UpStage(nn.Module):
                 continue
             upsample = names[i] == "up"
             i += 2 if upsample else 1
-            weight, bias = self.conv.weight, self.conv.bias
-            folded = fold_batch_norm(weight, bias, self.norm) if names[i : i + 1] == ("norm",) else None
-            if folded is not None:
-                weight, bias = folded
-                i += 1
+            fold = names[i : i + 1] == ("norm",) and fold_batch_norm(self.conv.weight, self.conv.bias, self.norm) is not None
+            i += 1 if fold else 0
+            if x.dim() == 4:  # kept oneDNN weights, and the activation fused where it comes next
+                slope = self._fusable_slope() if names[i : i + 1] == ("act",) else None
+                i += 1 if slope is not None else 0
+                x = self._conv2d_kept(x, upsample, fold, slope)
+                continue
+            weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, self.norm) if fold else (self.conv.weight, self.conv.bias)
             x = upsample_conv(x, weight, bias) if upsample else self.conv._conv_forward(x, weight, bias)
         return x
+
+    def _fusable_slope(self) -> float | None:
+        """The negative slope of the activation as a LeakyReLU (0 for ReLU), None for any other activation."""
+        if isinstance(self.act, nn.LeakyReLU):
+            return float(self.act.negative_slope)
+        return 0.0 if isinstance(self.act, nn.ReLU) else None
+
+    def _conv2d_kept(self, x: torch.Tensor, upsample: bool, fold: bool, slope: float | None) -> torch.Tensor:
+        """The 2D conv (after "up": the phase convolution of :func:`upsample_conv`; with ``fold``: the norm folded in)
+        with kept weights (:func:`inference_conv2d`), then ``leaky_relu(., slope)`` fused when a slope is given
+        (it commutes with the interleaving of the phases)."""
+        norm = self.norm
+        sources = [self.conv.weight, self.conv.bias]
+        if fold:
+            sources += [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
+
+        def weights():
+            weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, norm) if fold else (self.conv.weight, self.conv.bias)
+            return upsample_conv_kernel(weight, bias) if upsample else (weight, bias)
+
+        tag = f"conv{'_up' if upsample else ''}{'_norm' if fold else ''}"
+        y = inference_conv2d(self, tag, x, weights, sources, padding=1, negative_slope=slope)
+        return interleave_phases(y, self.conv.out_channels) if upsample else y

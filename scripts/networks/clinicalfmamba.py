@@ -21,6 +21,7 @@ from .blocks import (
     UpStage,
 )
 from .mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
+from .packed_conv import inference_conv2d
 from .rewrites import channels_last, conv3_by_matmul, conv3_by_matmul_fits, conv3_then_down2, rewrites_apply
 
 __all__ = ["ClinicalFMamba"]
@@ -217,6 +218,9 @@ class ClinicalFMamba(nn.Module):
         for i, (down, block) in enumerate(zip(self.downsamples, self.encoder_blocks)):
             if i == 0 and rewrite:  # down(stem(x)) as one convolution of the image
                 f = block(channels_last(conv3_then_down2(x, self.stem, down)))
+                continue
+            if rewrite and f.dim() == 4:  # kept oneDNN weights (inference_conv2d)
+                f = block(inference_conv2d(down, "down", f, lambda d=down: (d.weight, d.bias), [down.weight, down.bias], stride=down.stride))
                 continue
             f = block(down(f))
         grid = f.shape[2:]

@@ -19,7 +19,7 @@ from torch import nn
 __all__ = [
     "channels_last",
     "is_channels_last",
-    "compose_conv3_and_down2", "conv3_by_matmul", "conv3_by_matmul_fits", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "inference_rewrites", "rewrites_apply", "upsample_conv"]
+    "compose_conv3_and_down2", "conv3_by_matmul", "conv3_by_matmul_fits", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "inference_rewrites", "interleave_phases", "rewrites_apply", "upsample_conv", "upsample_conv_kernel"]
 
 _enabled = True
 
@@ -95,9 +95,19 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Every output phase (one of 2^d offsets on the fine grid) is a 2^d-tap convolution of the coarse input, so
     one convolution with 2^d * O outputs and 2^d-tap kernels (4/9 of the multiply-adds in 2D, 8/27 in 3D) gives
-    all phases; they are interleaved into the fine grid. x: (B, C, *S) -> (B, O, *(2 S)).
+    all phases (:func:`upsample_conv_kernel`); they are interleaved into the fine grid (:func:`interleave_phases`).
+    x: (B, C, *S) -> (B, O, *(2 S)).
     """
     dims = x.dim() - 2
+    kernel, phase_bias = upsample_conv_kernel(weight, bias)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    return interleave_phases(conv(x, kernel, phase_bias, padding=1), weight.shape[0])
+
+
+def upsample_conv_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The phase convolution of :func:`upsample_conv`: weight (O, C, 3, ..) -> (2^d O, C, 2, ..) and bias (2^d O,),
+    to be applied to the coarse input with padding 1."""
+    dims = weight.dim() - 2
     out_channels = weight.shape[0]
     kernel = weight  # (O, C, 3, ..): each spatial axis becomes (phase, 2 taps); phase 0 sees input p-1 and p, phase 1 p and p+1
     for axis in range(dims):  # layout before: (phase_0 .. phase_{axis-1}, O, C, tap_0 .. tap_{axis-1}, 3, ..)
@@ -105,20 +115,25 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         phase0, phase1 = torch.stack([w0, w1 + w2], 2 * axis + 2), torch.stack([w0 + w1, w2], 2 * axis + 2)
         kernel = torch.stack([phase0, phase1], axis)
     kernel = kernel.reshape(2**dims * out_channels, *kernel.shape[dims + 1 :])  # (2^d O, C, 2, ..)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    phases = conv(x, kernel, None if bias is None else bias.repeat(2**dims), padding=1)  # (B, 2^d O, *(S + 1))
-    size, batch = x.shape[2:], x.shape[0]
-    fine = itertools.chain.from_iterable((s, 2) for s in size)
+    return kernel, None if bias is None else bias.repeat(2**dims)
+
+
+def interleave_phases(phases: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """The phase convolution's output (B, 2^d O, *(S + 1)) interleaved into the fine grid (B, O, *(2 S)), in the
+    memory layout it came in."""
+    dims = phases.dim() - 2
+    size, batch = [s - 1 for s in phases.shape[2:]], phases.shape[0]
+    fine = list(itertools.chain.from_iterable((s, 2) for s in size))
     if is_channels_last(phases):  # channels-last in, channels-last out: interleave rows of O channels
         phases = phases.movedim(1, -1).view(batch, *phases.shape[2:], *([2] * dims), out_channels)
-        out = x.new_empty(batch, *fine, out_channels)
+        out = phases.new_empty(batch, *fine, out_channels)
         for phase in itertools.product((0, 1), repeat=dims):
             target = (slice(None), *itertools.chain.from_iterable((slice(None), p) for p in phase), slice(None))
             source = (slice(None), *(slice(p, p + s) for p, s in zip(phase, size)), *phase, slice(None))
             out[target] = phases[source]
         return out.view(batch, *(2 * s for s in size), out_channels).movedim(-1, 1)
     phases = phases.view(batch, *([2] * dims), out_channels, *phases.shape[2:])
-    out = x.new_empty(batch, out_channels, *fine)
+    out = phases.new_empty(batch, out_channels, *fine)
     for phase in itertools.product((0, 1), repeat=dims):
         target = (slice(None), slice(None), *itertools.chain.from_iterable((slice(None), p) for p in phase))
         source = (slice(None), *phase, slice(None), *(slice(p, p + s) for p, s in zip(phase, size)))
