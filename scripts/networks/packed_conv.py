@@ -91,6 +91,12 @@ def inference_conv2d(
     _, weight, bias, packed = entry
     if packed is not None:
         attr, scalars = ("none", []) if negative_slope is None else ("leaky_relu", [float(negative_slope)])
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, 1, attr, scalars, "")
+        try:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, 1, attr, scalars, "")
+        except RuntimeError as exc:  # an internal operator whose signature changed: the plain path from now on
+            _logger.warning("oneDNN convolution with a kept weight failed, using F.conv2d (%s)", exc)
+            _state["available"] = False
+            cache.clear()
+            bias = None if bias is None else bias.to(x.dtype)
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
     return y if negative_slope is None else F.leaky_relu_(y, negative_slope)

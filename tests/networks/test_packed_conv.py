@@ -101,3 +101,24 @@ def test_float32_network_with_kept_weights_equals_plain_layers_and_unpacked_path
             set_packed_conv(True)
     assert (packed - plain).abs().max() <= 1e-5
     assert (packed - unpacked).abs().max() <= 1e-6
+
+
+def test_a_failing_onednn_call_falls_back_to_conv2d(monkeypatch, caplog):
+    import scripts.networks.packed_conv as packed_conv
+
+    owner = nn.Module()
+    x = channels_last(randn(1, 4, 6, 6))
+    weight, bias = randn(3, 4, 3, 3, seed=1), randn(3, seed=2)
+
+    def broken(*args):
+        raise RuntimeError("unexpected arguments")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", broken)
+    monkeypatch.setitem(packed_conv._state, "available", None)
+    try:
+        with torch.inference_mode():
+            out = inference_conv2d(owner, "c", x, lambda: (weight, bias), [weight, bias], padding=1)
+        assert torch.allclose(out, F.conv2d(x, weight, bias, padding=1), rtol=1e-5, atol=1e-5)
+        assert not packed_conv.packed_conv_available() and "using F.conv2d" in caplog.text
+    finally:
+        packed_conv._state["available"] = None  # checked afresh for the other tests
