@@ -9,12 +9,15 @@ from torch import nn
 
 from .packed_conv import inference_conv2d
 from .rewrites import (
+    batch_norm_tensors,
     channels_last,
     fold_batch_norm,
     fold_batch_norm_before,
+    foldable_batch_norm,
     interleave_phases,
     is_channels_last,
     rewrites_apply,
+    source_versions,
     upsample_conv,
     upsample_conv_kernel,
 )
@@ -111,12 +114,10 @@ class DilatedGatedConvBlock(nn.Module):
 
     def _folded_gate(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The gate's 1x1 weight and bias with its BatchNorm folded in, kept until a parameter or statistic changes."""
-        norm = self.norm_gate
-        sources = [self.gate.weight, self.gate.bias, *(t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None)]
-        key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
+        key = source_versions([self.gate.weight, self.gate.bias, *batch_norm_tensors(self.norm_gate)])
         kept = self.__dict__.get("_folded_gate_kept")
         if kept is None or kept[0] != key:
-            kept = self._folded_gate_kept = (key, fold_batch_norm_before(self.gate.weight, self.gate.bias, norm))
+            kept = self._folded_gate_kept = (key, fold_batch_norm_before(self.gate.weight, self.gate.bias, self.norm_gate))
         return kept[1]
 
     def _conv(self, conv: nn.Module, tag: str, x: torch.Tensor, slope: float | None = None) -> torch.Tensor:
@@ -302,16 +303,20 @@ class UpStage(nn.Module):
                 continue
             upsample = names[i] == "up"
             i += 2 if upsample else 1
-            fold = names[i : i + 1] == ("norm",) and fold_batch_norm(self.conv.weight, self.conv.bias, self.norm) is not None
+            fold = names[i : i + 1] == ("norm",) and foldable_batch_norm(self.norm)
             i += 1 if fold else 0
             if x.dim() == 4:  # kept oneDNN weights, and the activation fused where it comes next
                 slope = self._fusable_slope() if names[i : i + 1] == ("act",) else None
                 i += 1 if slope is not None else 0
                 x = self._conv2d_kept(x, upsample, fold, slope)
                 continue
-            weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, self.norm) if fold else (self.conv.weight, self.conv.bias)
+            weight, bias = self._conv_weights(fold)
             x = upsample_conv(x, weight, bias) if upsample else self.conv._conv_forward(x, weight, bias)
         return x
+
+    def _conv_weights(self, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conv's weight and bias, with the following BatchNorm folded in when ``fold``."""
+        return fold_batch_norm(self.conv.weight, self.conv.bias, self.norm) if fold else (self.conv.weight, self.conv.bias)
 
     def _fusable_slope(self) -> float | None:
         """The negative slope of the activation as a LeakyReLU (0 for ReLU), None for any other activation."""
@@ -323,13 +328,10 @@ class UpStage(nn.Module):
         """The 2D conv (after "up": the phase convolution of :func:`upsample_conv`; with ``fold``: the norm folded in)
         with kept weights (:func:`inference_conv2d`), then ``leaky_relu(., slope)`` fused when a slope is given
         (it commutes with the interleaving of the phases)."""
-        norm = self.norm
-        sources = [self.conv.weight, self.conv.bias]
-        if fold:
-            sources += [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
+        sources = [self.conv.weight, self.conv.bias, *(batch_norm_tensors(self.norm) if fold else [])]
 
         def weights():
-            weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, norm) if fold else (self.conv.weight, self.conv.bias)
+            weight, bias = self._conv_weights(fold)
             return upsample_conv_kernel(weight, bias) if upsample else (weight, bias)
 
         tag = f"conv{'_up' if upsample else ''}{'_norm' if fold else ''}"

@@ -30,6 +30,7 @@ from scripts.ssm.compiled import (
     prepare_mixer_weights,
 )
 
+from .rewrites import source_versions
 from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
 
 __all__ = ["CrossMambaBlock", "DirectionalMamba", "MemberLayerNorm", "ResidualMambaBlock", "member_linear"]
@@ -213,7 +214,7 @@ class DirectionalMamba(nn.Module):
         norm = self.norm if merge is not None and "norm_weight" in merge else None
         params = [self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D]
         params += [norm.weight, norm.bias] if norm is not None else []
-        key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
+        key = source_versions(params)
         if self._kernel_weights is None or self._kernel_weights[0] != key:
             weights = prepare_mixer_weights(
                 *self._conv_parameters(), self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A, self.D,

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rewrites import source_versions
+
 __all__ = ["inference_conv2d", "packed_conv_available", "set_packed_conv"]
 
 _logger = logging.getLogger(__name__)
@@ -49,10 +51,6 @@ def _pair(v: int | Sequence[int]) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(s) for s in v]
 
 
-def _key(sources: Sequence[torch.Tensor], x: torch.Tensor) -> tuple:
-    return tuple((id(t), t.data_ptr(), t._version) for t in sources), tuple(x.shape)
-
-
 def inference_conv2d(
     owner: nn.Module, tag: str, x: torch.Tensor, weights: WeightFn, sources: Sequence[torch.Tensor],
     stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
@@ -71,7 +69,7 @@ def inference_conv2d(
         and x.shape[1] > 1 and x.stride(1) == 1
     )  # fmt: skip
     cache = owner.__dict__.setdefault("_inference_conv_weights", {})
-    key = (fast, _key(sources, x))
+    key = (fast, source_versions(sources), tuple(x.shape))
     entry = cache.get(tag)
     if entry is None or entry[0] != key:
         weight, bias = weights()

@@ -19,7 +19,7 @@ from torch import nn
 __all__ = [
     "channels_last",
     "is_channels_last",
-    "compose_conv3_and_down2", "conv3_by_matmul", "conv3_by_matmul_fits", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "inference_rewrites", "interleave_phases", "rewrites_apply", "upsample_conv", "upsample_conv_kernel"]
+    "batch_norm_tensors", "compose_conv3_and_down2", "conv3_by_matmul", "conv3_by_matmul_fits", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "foldable_batch_norm", "inference_rewrites", "interleave_phases", "rewrites_apply", "source_versions", "upsample_conv", "upsample_conv_kernel"]
 
 _enabled = True
 
@@ -40,10 +40,27 @@ def rewrites_apply(module: nn.Module) -> bool:
     return _enabled and not module.training and not torch.is_grad_enabled()
 
 
+def source_versions(tensors) -> tuple:
+    """A key that changes when any of ``tensors`` is replaced or updated in place: identity, storage, version counter
+    (bumped by optimiser steps and ``load_state_dict``) and dtype of each. Inference caches of derived weights use it."""
+    return tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
+def batch_norm_tensors(norm: nn.Module) -> list[torch.Tensor]:
+    """The affine parameters and running statistics a BatchNorm fold reads (those that exist)."""
+    return [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
+
+
+def foldable_batch_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a BatchNorm in eval mode with running statistics (an affine map :func:`batch_norm_affine`
+    can give)."""
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training and norm.running_mean is not None
+
+
 def batch_norm_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(scale, shift) with ``norm(x) = scale * x + shift`` per channel, for a BatchNorm in eval mode with running
     statistics; None for anything else."""
-    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_mean is None:
+    if not foldable_batch_norm(norm):
         return None
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:

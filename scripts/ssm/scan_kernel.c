@@ -600,8 +600,8 @@ static inline __attribute__((always_inline)) void mixer_scan_f32_range(int64_t L
 
 /* mixer_scan_f32_range with the channel count P, the state size N and the delta rank R as compile-time constants for
  * the shipped networks' mixers (2D: P 256, N 8 or 16, R 8; 3D: P 128, N 8, R 4), so that the loops over channels,
- * states and ranks unroll and their operands stay in registers; other shapes run the generic code. One standalone
- * mixer call: 10.5 -> 7.4 ms on one thread (docs/performance.md, session 9). */
+ * states and ranks unroll and their operands stay in registers; other shapes run the generic code. One
+ * single-modality mixer call: 9.2 -> 7.6 ms on one thread (docs/performance.md, session 9). */
 static void mixer_scan_f32_items(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
                                  const float *x, int64_t x_stride, const int64_t *index, const float *taps,
                                  const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
