@@ -49,20 +49,41 @@ from scripts.ssm import (
     set_scan_backend,
 )
 
-__all__ = ["matmul_rate", "network_flops", "paired_floor_ratio", "time_call", "volume_probe", "network_3d_from_config"]
+__all__ = ["cpu_description", "matmul_rate", "network_flops", "paired_floor_ratio", "time_call", "volume_probe", "network_3d_from_config"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU as the floor ratio depends on it: model name, family/model/stepping, widest vector ISA, logical CPUs.
+
+    The ratio is against the machine's own GEMM rate, so it differs between CPUs whose vector units differ (an Intel
+    core with two 512-bit FMA ports against an AMD Zen 4 core that splits 512-bit work over 256-bit units).
+    ``cpuinfo`` is the text of ``/proc/cpuinfo`` (read when None); elsewhere the platform's processor name.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    cpus = cpuinfo.count("\nprocessor") + cpuinfo.startswith("processor")
+    details = []
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']} model {fields['model']} stepping {fields.get('stepping', '?')}")
+    details += [isa] if isa else []
+    details += [f"{cpus} logical CPU{'s' * (cpus != 1)}"] if cpus else []
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def time_call(fn, repeats: int = 3, warmup: int = 1) -> float:
@@ -340,7 +361,7 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
         print(f"{name:<58} {value}", flush=True)
 
     allocator = "glibc mmap threshold raised" if tune_allocator() else "default allocator"
-    report("machine", f"{_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {allocator}")
+    report("machine", f"{cpu_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {allocator}")
     rate = matmul_rate()
     report("float32 matmul rate (2048^3 GEMM)", f"{rate / 1e9:.1f} GFLOP/s")
 
