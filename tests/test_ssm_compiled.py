@@ -2,6 +2,7 @@
 
 import logging
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -648,6 +649,7 @@ def test_kernel_cache_key_and_switch(tmp_path, monkeypatch):
     cc = compiled._find_compiler()
     assert compiled._cache_key(a, cc, False) != compiled._cache_key(b, cc, False)  # the source
     assert compiled._cache_key(a, cc, False) != compiled._cache_key(a, cc, True)  # the OpenMP choice
+    assert compiled._cache_key(a, cc, False) != compiled._cache_key(a, cc, False, "x86-64-v3")  # the -march target
     assert compiled._cache_key(a, cc, False) == compiled._cache_key(a, cc, False)
     monkeypatch.setenv("CLINICALFMAMBA_KERNEL_CACHE", "0")
     assert compiled.kernel_cache_dir() is None
@@ -674,3 +676,48 @@ def test_kernel_self_check_passes_in_fresh_processes():
     for _ in range(6):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
         assert out.returncode == 0 and out.stdout.strip() == "None", out.stdout + out.stderr
+
+
+def test_kernel_arch_comes_from_the_environment_and_is_checked(monkeypatch, caplog):
+    monkeypatch.delenv(compiled.ARCH_ENV_VAR, raising=False)
+    assert compiled.kernel_arch() == "native"
+    monkeypatch.setenv(compiled.ARCH_ENV_VAR, " x86-64-v3 ")
+    assert compiled.kernel_arch() == "x86-64-v3"
+    monkeypatch.setenv(compiled.ARCH_ENV_VAR, "native -O0")  # one -march value, never extra flags
+    with pytest.raises(ValueError, match=compiled.ARCH_ENV_VAR):
+        compiled.kernel_arch()
+    if compiled._find_compiler() is None:
+        return
+    with caplog.at_level(logging.WARNING, logger="scripts.ssm.compiled"):
+        info = fresh_build(monkeypatch)  # the build reports it and the fast scan runs
+    assert not info["available"] and compiled.ARCH_ENV_VAR in info["error"]
+    assert any(compiled.ARCH_ENV_VAR in r.getMessage() for r in caplog.records)
+
+
+#: -march targets without AVX-512 and the SIMD width (floats) the kernels use there: the AVX2 and SSE2 code paths,
+#: which this machine's default (native) build does not run when it has AVX-512
+PORTABLE_TARGETS = {"x86-64-v3": 8, "x86-64": 4}
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march targets need an x86-64 CPU")
+@pytest.mark.parametrize("arch", sorted(PORTABLE_TARGETS))
+def test_portable_builds_pass_every_kernel_test(arch):
+    # every kernel test of this file and of the backward's, against the reference, with the kernels built for a CPU
+    # without AVX-512 (in a fresh process: the build is once per process)
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import scripts.ssm.compiled as c; i = c.compiled_scan_info(); "
+        "print(i['available'], c._build.get('block'), ' '.join(i['flags'] or []), i['error'])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root), compiled.ARCH_ENV_VAR: arch}
+    info = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    available, width, *flags = info.stdout.split()
+    assert available == "True" and width == str(PORTABLE_TARGETS[arch]) and f"-march={arch}" in flags, info.stdout + info.stderr
+    files = ["tests/test_ssm_compiled.py", "tests/test_ssm_compiled_grad.py"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files, "-k", "not portable_builds and not self_check_passes"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=1200,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]

@@ -71,6 +71,9 @@ __all__ = [
 #: seconds the C compiler may take before the build is abandoned (then the ``fast`` path is used)
 COMPILE_TIMEOUT = float(os.environ.get("CLINICALFMAMBA_COMPILE_TIMEOUT", "60"))
 _SOURCE = Path(__file__).with_name("scan_kernel.c")
+#: environment variable naming the target the kernels are built for (GCC/Clang ``-march``): ``native`` (default),
+#: or for example ``x86-64-v3`` (AVX2 + FMA, no AVX-512) or ``x86-64`` (SSE2) to build and test the portable paths
+ARCH_ENV_VAR = "CLINICALFMAMBA_KERNEL_ARCH"
 
 _logger = logging.getLogger(__name__)
 _lock = threading.RLock()  # re-entered by the self-check
@@ -128,12 +131,24 @@ def kernel_cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clinicalfmamba"
 
 
-def _cache_key(source: Path, compiler: str, openmp: bool) -> str:
-    """Hash of everything the library depends on: the source, the compiler binary, the OpenMP choice and this
-    CPU's model and instruction-set flags (the build uses ``-march=native``: never load one built elsewhere)."""
+def kernel_arch() -> str:
+    """The ``-march`` target of the kernel build: ``$CLINICALFMAMBA_KERNEL_ARCH``, default ``native`` (this CPU).
+
+    Another target builds the code paths of other machines on this one: ``x86-64-v3`` the AVX2 paths (no AVX-512
+    instructions), ``x86-64`` the SSE2 baseline; the tests run the kernels built so against the reference.
+    """
+    arch = os.environ.get(ARCH_ENV_VAR, "").strip() or "native"
+    if not all(c.isalnum() or c in "-_.+" for c in arch):
+        raise ValueError(f"{ARCH_ENV_VAR}={arch!r} is not a -march value (letters, digits, '-', '_', '.', '+')")
+    return arch
+
+
+def _cache_key(source: Path, compiler: str, openmp: bool, arch: str = "native") -> str:
+    """Hash of everything the library depends on: the source, the compiler binary, the OpenMP choice, the ``-march``
+    target and this CPU's model and instruction-set flags (``-march=native``: never load one built elsewhere)."""
     digest = hashlib.sha256(source.read_bytes())
     stat = os.stat(compiler)
-    digest.update(f"{compiler}|{stat.st_size}|{stat.st_mtime_ns}|{openmp}|{sys.platform}|{platform.machine()}".encode())
+    digest.update(f"{compiler}|{stat.st_size}|{stat.st_mtime_ns}|{openmp}|{arch}|{sys.platform}|{platform.machine()}".encode())
     try:
         with open("/proc/cpuinfo") as info:
             digest.update("".join(sorted({line for line in info if line.startswith(("model name", "flags"))})).encode())
@@ -150,8 +165,9 @@ def _compile(source: Path, output: str, openmp: bool = False) -> tuple[str, list
     compiler = _find_compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
+    arch = kernel_arch()
     cache = kernel_cache_dir()
-    cached = None if cache is None else cache / f"scan_kernel_{_cache_key(source, compiler, openmp)}"
+    cached = None if cache is None else cache / f"scan_kernel_{_cache_key(source, compiler, openmp, arch)}"
     if cached is not None and cached.with_suffix(".so").is_file() and cached.with_suffix(".json").is_file():
         try:
             flags = json.loads(cached.with_suffix(".json").read_text())["flags"]
@@ -161,8 +177,10 @@ def _compile(source: Path, output: str, openmp: bool = False) -> tuple[str, list
             pass  # unreadable entry: build again
     base = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno", "-Wno-psabi"] + (["-fopenmp"] if openmp else [])
     errors = []
-    for arch in (["-march=native"], []):  # -march=native: the library is built for, and used on, this machine
-        flags = base + arch
+    # -march=native: the library is built for, and used on, this machine; an explicit target has no fallback (a build
+    # for another target than asked would test the wrong code)
+    for march in ([f"-march={arch}"], []) if arch == "native" else ([f"-march={arch}"],):
+        flags = base + march
         proc = subprocess.run(
             [compiler, *flags, str(source), "-o", output, "-lm"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT
         )
@@ -638,6 +656,8 @@ def mixer_scan_kernel(
         raise ValueError("the prepared weights and the arguments disagree on the output norm")
     taps, conv_bias, wxt, wdt, a_t, dt_bias, D = prepared[:7]
     padded = wxt.shape[-1]
+    if padded % _load()["block"]:
+        raise ValueError(f"prepared weights padded to {padded} columns, not a multiple of this kernel build's {_load()['block']}")
     index = index.contiguous()
     h = torch.zeros(batch * groups, n_state, per_group, **f32)
     if merge:

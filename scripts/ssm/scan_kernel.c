@@ -43,7 +43,13 @@
 #include <string.h>
 
 #ifndef W
+#if defined(__AVX512F__)
 #define W 16
+#elif defined(__AVX__)
+#define W 8
+#else
+#define W 4
+#endif
 #endif
 #define NMAX 64
 #define KMAX 16 /* causal convolution width */
@@ -175,9 +181,27 @@ static inline vf vexp_exact_input(vf x) {
     return scaled_exp2((vf)_mm512_add_ps(_mm512_sub_ps(hi, n), lo), n);
 }
 #else
-#define EXP2_SCALE 1.0f
-#define vexp2 vexp
-#define vexp2_decay vexp
+/* 2^t without AVX-512 (AVX2, SSE2, NEON: plain vector extensions): t clamped to [-127, 128], split into
+ * k = floor(t) (truncation, one less where that rounded up) and r = t - k in [0, 1) (exact), 2^r by the degree-6 fit
+ * of vexp2_decay above and 2^k put into the exponent field. Below -126 the result is 0 (2^-127 and smaller are
+ * denormals, flushed by the float32 kernels anyway); 128 gives +inf; NaN stays NaN (the clamps keep it, the
+ * polynomial carries it). About half the instructions of the Cephes vexp, which also rounds and clamps twice. */
+#define EXP2_SCALE 1.44269504088896341f
+static inline vf vexp2_decay(vf t) {
+    vf x = blend(t < -127.0f, splat(-127.0f), t);
+    x = blend(x > 128.0f, splat(128.0f), x);
+    vi k = __builtin_convertvector(x, vi);
+    k += (vi)(__builtin_convertvector(k, vf) > x); /* truncated up (x < 0, not an integer): one less */
+    const vf r = x - __builtin_convertvector(k, vf);
+    vf p = splat(2.1702254889532924e-4f);
+    p = p * r + 1.2439688434824347e-3f;
+    p = p * r + 9.678840637207031e-3f;
+    p = p * r + 5.5483341217041016e-2f;
+    p = p * r + 2.4022983014583588e-1f;
+    p = p * r + 6.931470036506653e-1f;
+    p = p * r + 1.0f;
+    return p * (vf)((k + 127) << 23);
+}
 #define vexp_exact_input vexp
 #endif
 
