@@ -383,7 +383,10 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
         report(f"scan fwd+bwd L={length}: reference loop (selective_scan_ref)", f"{t_ref:.2f} s -> {speedups}")
 
     info = compiled_scan_info()
-    report("compiled scan kernel: first-call build + self-check", f"{info['seconds']:.2f} s" if info["available"] else f"unavailable ({info['error']})")
+    report(
+        "compiled scan kernel: first-call build + self-check",
+        f"{info['seconds']:.2f} s ({info['isa']}, {info['simd_width']} floats per vector)" if info["available"] else f"unavailable ({info['error']})",
+    )
     if info["available"]:
         inputs = [t.detach() for t in scan_inputs(1024)]
         with torch.inference_mode():

@@ -267,6 +267,10 @@ def test_kernel_builds_where_a_c_compiler_exists():
     # keeps a broken build or self-check from turning every kernel test above into a silent skip
     # (without a compiler the fast backend serves: tested by the fallback tests below)
     assert compiled._find_compiler() is None or compiled_scan_available(), compiled_scan_info()["error"]
+    info = compiled_scan_info()
+    if info["available"]:  # the vector width follows the instruction set (16 floats only with 512-bit registers)
+        widths = {"AVX-512": 16, "AVX2+FMA": 8, "AVX": 8, "SSE2": 4, "NEON": 4, "generic": 4}
+        assert widths.get(info["isa"]) == info["simd_width"], info
 
 
 @needs_kernel
@@ -694,9 +698,9 @@ def test_kernel_arch_comes_from_the_environment_and_is_checked(monkeypatch, capl
     assert any(compiled.ARCH_ENV_VAR in r.getMessage() for r in caplog.records)
 
 
-#: -march targets without AVX-512 and the SIMD width (floats) the kernels use there: the AVX2 and SSE2 code paths,
+#: -march targets without AVX-512, the SIMD width (floats) and instruction set the kernels use there: the AVX2 and SSE2 code paths,
 #: which this machine's default (native) build does not run when it has AVX-512
-PORTABLE_TARGETS = {"x86-64-v3": 8, "x86-64": 4}
+PORTABLE_TARGETS = {"x86-64-v3": (8, "AVX2+FMA"), "x86-64": (4, "SSE2")}
 
 
 @needs_kernel
@@ -708,12 +712,14 @@ def test_portable_builds_pass_every_kernel_test(arch):
     root = Path(__file__).resolve().parents[1]
     code = (
         "import scripts.ssm.compiled as c; i = c.compiled_scan_info(); "
-        "print(i['available'], c._build.get('block'), ' '.join(i['flags'] or []), i['error'])"
+        "print(i['available'], i['simd_width'], i['isa'], ' '.join(i['flags'] or []), i['error'])"
     )
     env = {**os.environ, "PYTHONPATH": str(root), compiled.ARCH_ENV_VAR: arch}
     info = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    available, width, *flags = info.stdout.split()
-    assert available == "True" and width == str(PORTABLE_TARGETS[arch]) and f"-march={arch}" in flags, info.stdout + info.stderr
+    available, width, isa, *flags = info.stdout.split()
+    expected_width, expected_isa = PORTABLE_TARGETS[arch]
+    assert available == "True" and f"-march={arch}" in flags, info.stdout + info.stderr
+    assert (int(width), isa) == (expected_width, expected_isa), info.stdout
     files = ["tests/test_ssm_compiled.py", "tests/test_ssm_compiled_grad.py"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files, "-k", "not portable_builds and not self_check_passes"],

@@ -254,6 +254,7 @@ def _load() -> dict:
                 nmax=int(lib.scan_nmax()),
                 tnmax=int(lib.scan_tnmax()),
                 block=int(lib.scan_width()),
+                isa=_isa(lib),
                 kmax=int(lib.scan_kmax()),
                 pmax=int(lib.scan_pmax()),
                 fused_pmax=int(lib.scan_fused_pmax()),
@@ -272,6 +273,12 @@ def _load() -> dict:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return _build
+
+
+def _isa(lib: ctypes.CDLL) -> str:
+    """The vector instruction set the library's float32 kernels use (``AVX-512``, ``AVX2+FMA``, ``SSE2``, ``NEON``...)."""
+    lib.scan_isa.restype = ctypes.c_char_p
+    return lib.scan_isa().decode()
 
 
 def _self_check() -> None:
@@ -377,7 +384,8 @@ def compiled_scan_available() -> bool:
 
 def compiled_scan_info() -> dict:
     """Build report: ``available``, ``seconds`` (first-call build + self-check), ``compiler``, ``flags``, ``openmp``
-    (threads shared with PyTorch's OpenMP runtime), ``error``."""
+    (threads shared with PyTorch's OpenMP runtime), ``isa`` and ``simd_width`` (the vector instruction set the float32
+    kernels use and their vectors' length in floats), ``error``."""
     info = _load()
     return {
         "available": info["lib"] is not None,
@@ -385,6 +393,8 @@ def compiled_scan_info() -> dict:
         "compiler": info.get("compiler"),
         "flags": info.get("flags"),
         "openmp": info.get("openmp", False),
+        "isa": info.get("isa"),
+        "simd_width": info.get("block"),
         "error": info.get("error"),
     }
 

@@ -1002,5 +1002,21 @@ int scan_fused_pmax(void) { return FUSED_PMAX; }
 int scan_xmax(void) { return XMAX; }
 int scan_tnmax(void) { return TNMAX; }
 int scan_width(void) { return W; }
+/* The vector instruction set the float32 kernels were built for (compiled_scan_info()["isa"]). */
+const char *scan_isa(void) {
+#if defined(__AVX512F__)
+    return "AVX-512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "AVX2+FMA";
+#elif defined(__AVX__)
+    return "AVX";
+#elif defined(__SSE2__)
+    return "SSE2";
+#elif defined(__ARM_NEON)
+    return "NEON";
+#else
+    return "generic";
+#endif
+}
 int scan_kmax(void) { return KMAX; }
 int scan_pmax(void) { return PMAX; }
