@@ -3,8 +3,9 @@
 Reproducibility and resume (see ``configs/train.json``): every epoch draws its data order and augmentation
 from a seed derived from ``(seed, epoch, rank)`` (:class:`EpochSeed`), and checkpoints are written at epoch
 boundaries only, so a run resumed from the checkpoint of epoch ``e`` repeats epochs ``e + 1, ...`` exactly as
-an uninterrupted run would (bitwise on CPU). :func:`latest_checkpoint` finds the newest readable checkpoint of
-a run folder; :func:`check_run_dir` refuses to start a fresh run over a folder that already holds one.
+an uninterrupted run would (bitwise on CPU). :class:`ResumeCheckpoint` keeps one resume file per run folder,
+replaced atomically after every epoch; :func:`latest_checkpoint` finds the newest readable checkpoint of a run
+folder; :func:`check_run_dir` refuses to start a fresh run over a folder that already holds one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 import os
 import random
 import re
+import shlex
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -32,19 +35,25 @@ from scripts.data import load_datalist
 
 __all__ = [
     "CHECKPOINT_PATTERN",
+    "RESUME_FILENAME",
     "EpochLog",
     "EpochSeed",
+    "ResumeCheckpoint",
     "TrainingProgressBar",
     "check_run_dir",
     "epoch_seed",
     "fusion_datalist",
     "latest_checkpoint",
+    "parameter_groups",
+    "record_command",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: file names of the epoch checkpoints written by ``CheckpointSaver(save_interval=1)`` (ignite naming)
 CHECKPOINT_PATTERN = re.compile(r"^(?:.*_)?checkpoint_epoch=(\d+)\.pt$")
+#: the one resume checkpoint of a run folder, overwritten after every epoch (:class:`ResumeCheckpoint`)
+RESUME_FILENAME = "resume.pt"
 
 
 def fusion_datalist(
@@ -79,31 +88,46 @@ def _epoch_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
-    """The newest readable epoch checkpoint (``checkpoint_epoch=N.pt``) in ``ckpt_dir``, or ``None``.
+def _checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint file was written after (its trainer state), or ``None`` if it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt file
+        logger.warning("skipping unreadable checkpoint %s: %s", path, e)
+        return None
+    trainer = state.get("trainer") if isinstance(state, Mapping) else None
+    if isinstance(trainer, Mapping) and "epoch" in trainer:
+        return int(trainer["epoch"])
+    if isinstance(trainer, Mapping) and trainer.get("epoch_length"):  # ignite stores the iteration count
+        return int(trainer.get("iteration", 0)) // int(trainer["epoch_length"])
+    return _epoch_of(path) or 0
 
-    A file that cannot be loaded (e.g. cut short by a kill while it was written) is skipped with a warning and
-    the next older one is used.
+
+def _run_checkpoints(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name == RESUME_FILENAME or _epoch_of(p) is not None]
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The newest readable checkpoint of a run folder (``resume.pt`` or ``checkpoint_epoch=N.pt``), or ``None``.
+
+    Checkpoints are ordered by the epoch stored in them. A file that cannot be loaded (e.g. cut short by a kill
+    while it was written) is skipped with a warning and the next older one is used.
     """
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         logger.info("no checkpoint to resume from: %s does not exist; starting from scratch", folder)
         return None
-    candidates = sorted((p for p in folder.iterdir() if _epoch_of(p) is not None), key=_epoch_of, reverse=True)
-    for path in candidates:
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or corrupt file
-            logger.warning("skipping unreadable checkpoint %s: %s", path, e)
-            continue
-        logger.info("resuming from %s", path)
-        return str(path)
-    logger.info("no checkpoint to resume from in %s; starting from scratch", folder)
-    return None
+    readable = [(epoch, path) for path in _run_checkpoints(folder) if (epoch := _checkpoint_epoch(path)) is not None]
+    if not readable:
+        logger.info("no checkpoint to resume from in %s; starting from scratch", folder)
+        return None
+    epoch, path = max(readable, key=lambda item: (item[0], item[1].name == RESUME_FILENAME))
+    logger.info("resuming from %s (after epoch %d)", path, epoch)
+    return str(path)
 
 
 def check_run_dir(ckpt_dir: str | os.PathLike, resume_from: str | None = None) -> None:
-    """Refuse a fresh run (``resume_from is None``) in a folder that holds epoch checkpoints of another run.
+    """Refuse a fresh run (``resume_from is None``) in a folder that holds checkpoints of another run.
 
     Raises:
         FileExistsError: naming the folder and the two ways out (resume, or another folder).
@@ -111,12 +135,89 @@ def check_run_dir(ckpt_dir: str | os.PathLike, resume_from: str | None = None) -
     folder = Path(ckpt_dir)
     if resume_from is not None or not folder.is_dir():
         return
-    found = sorted(p.name for p in folder.iterdir() if _epoch_of(p) is not None)
+    found = sorted(p.name for p in _run_checkpoints(folder))
     if found:
         raise FileExistsError(
             f"{folder} already holds training checkpoints ({', '.join(found)}); pass --resume true to continue "
             "that run, or choose a new --output_dir (or --ckpt_dir) to start a fresh one"
         )
+
+
+class ResumeCheckpoint:
+    """Write everything needed to resume to one file, ``resume.pt`` in ``save_dir``, after every epoch.
+
+    The file is replaced atomically (written beside it, then renamed), so a kill while saving leaves the previous
+    epoch's checkpoint intact. Its keys are those of ``save_dict``, each holding that object's ``state_dict()``, as
+    MONAI's ``CheckpointLoader`` reads them.
+
+    Args:
+        save_dir: the run folder.
+        save_dict: name -> object with ``state_dict()`` (network, optimizer, scheduler, engines, best saver).
+        filename: the file name in ``save_dir``.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, save_dict: Mapping[str, Any], filename: str = RESUME_FILENAME):
+        self.path = Path(save_dir) / filename
+        self.save_dict = dict(save_dict)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        state = {}
+        for name, obj in self.save_dict.items():
+            module = getattr(obj, "module", obj) if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+            state[name] = module.state_dict()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def parameter_groups(
+    network: torch.nn.Module, lr: float, lr_multipliers: Mapping[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: parameters named with a prefix of ``lr_multipliers`` learn at ``lr * factor``.
+
+    The first group holds every other parameter at ``lr`` (the rate the epoch log reports). A prefix that matches
+    no parameter (e.g. ``"selection."`` for a network built without the source-selection output) adds no group.
+
+    Args:
+        network: the network (a ``DistributedDataParallel`` wrapper's ``module.`` prefix is ignored).
+        lr: base learning rate.
+        lr_multipliers: parameter-name prefix -> learning-rate factor, e.g. ``{"selection.": 10.0}``.
+    """
+    multipliers = dict(lr_multipliers or {})
+    groups: dict[str, list[torch.nn.Parameter]] = {prefix: [] for prefix in multipliers}
+    base: list[torch.nn.Parameter] = []
+    for name, param in network.named_parameters():
+        name = name.removeprefix("module.")
+        prefix = next((p for p in multipliers if name.startswith(p)), None)
+        (base if prefix is None else groups[prefix]).append(param)
+    out: list[dict[str, Any]] = [{"params": base, "lr": lr}]
+    out += [{"params": params, "lr": lr * multipliers[p]} for p, params in groups.items() if params]
+    return out
+
+
+def record_command(output_dir: str | os.PathLike, argv: Sequence[str] | None = None) -> Path:
+    """Append the command that started (or resumed) a run to ``output_dir/command.txt``, with the UTC time.
+
+    ``python -m monai.bundle`` runs are written as such (``sys.argv[0]`` is MONAI's ``__main__.py``).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py"):
+        program = "python -m monai.bundle"
+    else:
+        program = shlex.quote(argv[0]) if argv else "python"
+    line = " ".join([program, *(shlex.quote(a) for a in argv[1:])])
+    path = Path(output_dir) / "command.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n{line}\n")
+    return path
 
 
 def _rank() -> int:

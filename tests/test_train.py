@@ -4,8 +4,9 @@ A handful of 80 x 80 PNG pairs (grey CT-like and colour PET-like partners, so th
 written to a temporary folder with a ``pairs.csv`` ``split`` column, as in the Harvard copy; training uses
 64 x 64 crops of a tiny ClinicalFMamba. Covered: the workflow properties, a 3-epoch run (loss decreases,
 checkpoints, best model, per-epoch log with validation metrics, TensorBoard), a run killed in the middle of an
-epoch and resumed from the command line (bitwise equal to the uninterrupted run), the fresh-run guard, the
-default Harvard split datalists, and the 2-process gloo DistributedDataParallel run under ``torchrun``.
+epoch and resumed from the command line from its one ``resume.pt`` (bitwise equal to the uninterrupted run), the
+fresh-run guard, the optimizer's parameter groups, the default Harvard split datalists, and the 2-process gloo
+DistributedDataParallel run under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -169,9 +170,8 @@ def reference_run(data: Path, tmp_path_factory) -> Path:
 def test_train_writes_checkpoints_log_and_metrics(reference_run: Path) -> None:
     out = reference_run
     names = {p.name for p in out.iterdir()}
-    expected = {"model.pt", f"checkpoint_epoch={EPOCHS - 1}.pt", f"checkpoint_epoch={EPOCHS}.pt", "training_log.csv"}
-    assert expected <= names
-    assert f"checkpoint_epoch={EPOCHS - 2}.pt" not in names  # the last two epoch checkpoints are kept
+    assert {"model.pt", "resume.pt", "training_log.csv"} <= names
+    assert not any(n.startswith("checkpoint_epoch") or n.endswith(".tmp") for n in names)  # one resume file
     assert any(n.startswith("events.out.tfevents") for n in names)
 
     rows = _rows(out)
@@ -188,7 +188,7 @@ def test_train_writes_checkpoints_log_and_metrics(reference_run: Path) -> None:
     best = max(rows, key=lambda r: float(r["val_qabf"]))
     assert int(rows[-1]["best_epoch"]) == int(best["epoch"])
 
-    ckpt = torch.load(out / f"checkpoint_epoch={EPOCHS}.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer", "validator", "best_saver"} <= set(ckpt)
     assert ckpt["trainer"]["iteration"] == EPOCHS * 3 and ckpt["lr_scheduler"]["last_epoch"] == EPOCHS
     from scripts.networks import ClinicalFMamba
@@ -218,15 +218,18 @@ def test_resume_after_a_kill_is_bitwise_equal(data: Path, reference_run: Path, t
     with pytest.raises(Exception) as info:
         wf.run()
     assert any(isinstance(e, Killed) for e in _causes(info.value))
-    assert sorted(p.name for p in out.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt"]
+    killed = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    assert killed["trainer"]["iteration"] == 3  # the end of epoch 1, the last finished one
 
     args = _args_file(tmp_path / "args.json", [TRAIN], data, out, resume=True)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--args_file", str(args)]
     proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=_cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "resuming from" in proc.stdout + proc.stderr
+    command = (out / "command.txt").read_text().splitlines()
+    assert command[-1].startswith("python -m monai.bundle run --args_file ") and str(args) in command[-1]
 
-    for name in (f"checkpoint_epoch={EPOCHS}.pt", "model.pt"):
+    for name in ("resume.pt", "model.pt"):
         expected = torch.load(reference_run / name, map_location="cpu", weights_only=True)
         got = torch.load(out / name, map_location="cpu", weights_only=True)
         _assert_same_state(expected, got, name)
@@ -245,11 +248,11 @@ def test_resume_switches(data: Path, reference_run: Path, tmp_path: Path) -> Non
     wf = _workflow(data, tmp_path / "empty", resume=True)
     assert wf.parser.get_parsed_content("resume_from") is None
     assert wf.parser.get_parsed_content("train#checkpoint_loader") is None
-    # --resume true: the newest epoch checkpoint
+    # --resume true: the run's resume file
     wf = _workflow(data, reference_run, resume=True)
-    assert Path(wf.parser.get_parsed_content("resume_from")).name == f"checkpoint_epoch={EPOCHS}.pt"
+    assert Path(wf.parser.get_parsed_content("resume_from")).name == "resume.pt"
     # --resume_from PATH: that checkpoint, into another run folder
-    path = str(reference_run / f"checkpoint_epoch={EPOCHS - 1}.pt")
+    path = str(reference_run / "resume.pt")
     wf = _workflow(data, tmp_path / "other", resume_from=path)
     assert wf.parser.get_parsed_content("train#checkpoint_loader").load_path == path
 
@@ -309,12 +312,12 @@ def test_multi_gpu_config_runs_two_gloo_processes(data: Path, tmp_path: Path) ->
     proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     names = {p.name for p in out.iterdir()}
-    assert {"model.pt", "checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "training_log.csv"} <= names
+    assert {"model.pt", "resume.pt", "training_log.csv"} <= names
     # only rank 0 logs: one TensorBoard file for the trainer and one for the validator
     assert len([n for n in names if n.startswith("events.out.tfevents")]) == 2
     rows = _rows(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2] and all(np.isfinite(float(r["val_qabf"])) for r in rows)
-    ckpt = torch.load(out / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved without the DDP wrapper
     # 6 training pairs over 2 ranks in batches of 2: 2 iterations per epoch and rank
     assert ckpt["trainer"]["iteration"] == 4
@@ -333,3 +336,33 @@ def test_latest_checkpoint_skips_a_truncated_file(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="--resume true"):
         check_run_dir(tmp_path)
     check_run_dir(tmp_path, resume_from=str(tmp_path / "checkpoint_epoch=10.pt"))
+    # a resume.pt is ordered by the epoch stored in it; a truncated one falls back to the epoch checkpoints
+    torch.save({"model": {}, "trainer": {"iteration": 36, "epoch_length": 3}}, tmp_path / "resume.pt")
+    assert Path(latest_checkpoint(tmp_path)).name == "resume.pt"
+    torch.save({"model": {}, "trainer": {"epoch": 9}}, tmp_path / "resume.pt")
+    assert Path(latest_checkpoint(tmp_path)).name == "checkpoint_epoch=10.pt"
+    (tmp_path / "resume.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert Path(latest_checkpoint(tmp_path)).name == "checkpoint_epoch=10.pt"
+
+
+def test_parameter_groups_scale_the_selection_learning_rate(data: Path, tmp_path: Path) -> None:
+    """train.json's optimizer: the source-selection output learns at 10x; a network without it has one group."""
+    net = {**TINY_NET, "refine": True, "source_selection": True}
+    wf = _workflow(data, tmp_path / "a", network_def=net)
+    network, optimizer = wf.parser.get_parsed_content("network"), wf.parser.get_parsed_content("optimizer")
+    selection = {id(p) for p in network.selection.parameters()}
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.005, 0.05])
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == selection
+    assert len(optimizer.param_groups[0]["params"]) + len(selection) == len(list(network.parameters()))
+    scheduler = wf.parser.get_parsed_content("lr_scheduler")
+    assert scheduler.base_lrs == pytest.approx([0.005, 0.05])  # each group decays from its own rate
+    wf = _workflow(data, tmp_path / "b", network_def={**TINY_NET, "source_selection": False})
+    assert len(wf.parser.get_parsed_content("optimizer").param_groups) == 1
+
+
+def test_paper_overlay_builds_the_published_network() -> None:
+    """configs/train_paper.json (candidate (a) of docs/evaluation_protocol.md) only switches the additions off."""
+    files = [str(TRAIN), str(BUNDLE_ROOT / "configs" / "train_paper.json")]
+    parser = ConfigWorkflow(config_file=files, workflow_type="train", bundle_root=str(BUNDLE_ROOT)).parser
+    net = parser.get_parsed_content("network_def")
+    assert net.refine is None and net.selection is None

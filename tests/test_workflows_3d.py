@@ -77,7 +77,7 @@ def test_3d_training_config_trains_validates_and_saves(tmp_path):
     assert all(np.isfinite(float(r["train_loss"])) for r in rows)
     ssim = float(rows[-1]["val_ssim"])  # 3D SSIM(F, A) + SSIM(F, B) of the validation volume
     assert 0.0 < ssim <= 2.0
-    assert (out / "model.pt").is_file() and (out / "checkpoint_epoch=2.pt").is_file()
+    assert (out / "model.pt").is_file() and (out / "resume.pt").is_file()
     state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     net = ClinicalFMamba(**{k: v for k, v in TINY_3D.items() if k != "_target_"})
     net.load_state_dict(state, strict=True)  # the best-model file is the network's state dict
