@@ -9,6 +9,13 @@ Quick use::
 Definitions, scales and pitfalls: ``docs/metrics.md``.
 """
 
+from .characterisation import (
+    edge_overshoot_fraction,
+    gradient_magnitude,
+    max_copy_fraction,
+    mean_abs_to_max,
+    source_copy_fraction,
+)
 from .fmi import FMI_FEATURES, fmi, fmi_features, matlab_sobel_edges
 from .fsim import FSIM_T1, FSIM_T2, fsim, fsim_clinicalfmamba, scharr_uint16_magnitude
 from .information import (
@@ -26,6 +33,7 @@ from .profiles import (
     MetricSpec,
     available_profiles,
     cddfuse_profile,
+    characterisation_profile,
     clinicalfmamba_profile,
     compute_metrics,
     default_profile,
@@ -50,6 +58,13 @@ __all__ = [
     "default_profile",
     "cddfuse_profile",
     "clinicalfmamba_profile",
+    "characterisation_profile",
+    # pixel-level behaviour (not quality scores)
+    "source_copy_fraction",
+    "max_copy_fraction",
+    "mean_abs_to_max",
+    "edge_overshoot_fraction",
+    "gradient_magnitude",
     # single-image statistics
     "entropy",
     "unique_value_entropy",

@@ -12,6 +12,8 @@ including how the two sources are combined (sum or mean). Profiles:
   ``cddfuse_legacy`` (or ``ssim_data_range=2.0``) reproduces the SSIM of its pinned scikit-image.
 * ``clinicalfmamba`` - the ClinicalFMamba paper's code: [0, 1] floats, F clamped, not quantised;
   PSNR / SSIM / FSIM / MI / NMI averaged over sources, EN over unique float values.
+* ``characterisation`` - not quality scores: how F relates to its sources on the foreground (copies of a source,
+  of the max rule, distance to the max rule, edges stronger than both sources'), on the ``default`` 8-bit scale.
 
 ``docs/metrics.md`` lists every definition; ``FusionProfile.describe()`` returns them for reports.
 """
@@ -24,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from sklearn.metrics import mutual_info_score
 
+from . import characterisation as chz
 from .fmi import fmi
 from .fsim import fsim, fsim_clinicalfmamba
 from .information import entropy, mutual_information, normalized_mutual_information, unique_value_entropy
@@ -44,6 +47,7 @@ __all__ = [
     "default_profile",
     "cddfuse_profile",
     "clinicalfmamba_profile",
+    "characterisation_profile",
 ]
 
 MetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
@@ -318,6 +322,29 @@ def clinicalfmamba_profile() -> FusionProfile:
     )
 
 
+def characterisation_profile() -> FusionProfile:
+    """Pixel-level behaviour of a fusion method on the 8-bit scale (``scripts.metrics.characterisation``)."""
+    fg = f"foreground = max(A, B) > {chz.FOREGROUND_LEVEL:g}"
+    metrics = {
+        "copy_source": MetricSpec(chz.source_copy_fraction, f"share of foreground pixels with F == A or F == B; {fg}"),
+        "copy_max": MetricSpec(chz.max_copy_fraction, f"share of foreground pixels with F == max(A, B); {fg}"),
+        "abs_to_max": MetricSpec(chz.mean_abs_to_max, f"mean |F - max(A, B)| over the foreground (grey levels); {fg}"),
+        "edge_overshoot": MetricSpec(
+            chz.edge_overshoot_fraction,
+            f"share of foreground pixels with Sobel |grad F| > max(|grad A|, |grad B|) + {chz.EDGE_MARGIN:g} grey "
+            f"levels per pixel (mirrored borders); {fg}",
+        ),
+    }
+    return FusionProfile(
+        name="characterisation",
+        scale="F clipped to [0,1], x255, rounded (8-bit, no stretch); A, B likewise; 0-255 float64",
+        prepare=_quantize_all,
+        metrics=metrics,
+        default_metrics=tuple(metrics),
+        default_metrics_3d=tuple(metrics),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # registry and entry point
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +377,7 @@ register_profile("default", default_profile)
 register_profile("cddfuse", cddfuse_profile)
 register_profile("cddfuse_legacy", lambda **kw: cddfuse_profile(ssim_data_range=2.0, **kw))
 register_profile("clinicalfmamba", clinicalfmamba_profile)
+register_profile("characterisation", characterisation_profile)
 
 
 def compute_metrics(
