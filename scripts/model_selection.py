@@ -256,7 +256,9 @@ def score_split(
     scratch = Path(work_dir) if work_dir is not None else root / "eval" / f"model_selection_{split}"
     common = {"split": split, "figure_cases": 0, **override}
     per_method: dict[str, dict[str, tuple[list[dict], list[str]]]] = {p: {} for p in profiles}
-    runs = [(c.name, {f"clinicalfmamba_def#{k}": v for k, v in c.network.items()}, str(c.weights(root))) for c in candidates]
+    runs = [
+        (c.name, {f"clinicalfmamba_def#{k}": v for k, v in c.network.items()}, str(c.weights(root))) for c in candidates
+    ]
     runs += [(b, {}, None) for b in baselines]
     for name, net_override, weights in runs:
         method = NETWORK_METHOD if weights else name

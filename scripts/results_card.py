@@ -43,7 +43,9 @@ def _cell(summary: Mapping[str, Any], method: str, task: str, metric: str) -> st
     return format_mean_std(cell["mean"], std)
 
 
-def _table(summary: Mapping[str, Any], metrics: Sequence[str], labels: Mapping[str, str], bold: str | None) -> list[str]:
+def _table(
+    summary: Mapping[str, Any], metrics: Sequence[str], labels: Mapping[str, str], bold: str | None
+) -> list[str]:
     methods = list(summary)
     lines = ["| task | method | n | " + " | ".join(metrics) + " |", "| --- | --- | ---: |" + " ---: |" * len(metrics)]
     for task in [t for t in TASKS if any(t in summary[m] for m in methods)]:
@@ -80,7 +82,8 @@ def render(results_dir: Path) -> str:
     """The generated block (without the markers) from the records under ``results_dir``."""
     selection = _load(results_dir / "val" / "selection.json")
     val = _load(results_dir / "val" / "summary_cddfuse.json")
-    test = {p: _load(results_dir / "test" / f"summary_{p}.json") for p in ("cddfuse", "clinicalfmamba", "characterisation")}
+    profiles = ("cddfuse", "clinicalfmamba", "characterisation")
+    test = {p: _load(results_dir / "test" / f"summary_{p}.json") for p in profiles}
     if selection is None or val is None:
         return (
             "The networks trained under [the evaluation protocol](evaluation_protocol.md) have not been scored yet: "
@@ -114,8 +117,11 @@ def render(results_dir: Path) -> str:
     if test["cddfuse"] is None:
         lines += ["#### Test split", "", "Not scored yet: the test split is scored once, after the selection.", ""]
         return "\n".join(lines).rstrip("\n")
-    published = {"cddfuse_published": {t: {"n": 0, **{m: {"mean": v, "std": None} for m, v in CDDFUSE_PUBLISHED[t].items()}}
-                                       for t in TASKS}}
+    published = {
+        "cddfuse_published": {
+            t: {"n": 0, **{m: {"mean": v, "std": None} for m, v in CDDFUSE_PUBLISHED[t].items()}} for t in TASKS
+        }
+    }
     lines += [
         "#### Test split (scored once)",
         "",
@@ -130,8 +136,8 @@ def render(results_dir: Path) -> str:
         lines += [*_table(test["clinicalfmamba"]["methods"], CLINICALFMAMBA, labels, chosen), ""]
     if test["characterisation"] is not None:
         lines += [
-            "Pixel-level behaviour (`characterisation` profile; not quality scores): share of foreground pixels equal to "
-            "a source (`copy_source`) and to max(MRI, other) (`copy_max`), mean |F - max| in grey levels "
+            "Pixel-level behaviour (`characterisation` profile; not quality scores): share of foreground pixels "
+            "equal to a source (`copy_source`) and to max(MRI, other) (`copy_max`), mean |F - max| in grey levels "
             "(`abs_to_max`), share of foreground pixels with an edge stronger than in both sources (`edge_overshoot`):",
             "",
             *_table(test["characterisation"]["methods"], CHARACTERISATION, labels, chosen),

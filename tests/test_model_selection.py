@@ -100,7 +100,10 @@ def _candidate(root: Path, name: str, **switches) -> Candidate:
 
 def test_score_split_writes_consistent_records_once(tmp_path: Path) -> None:
     data = _pairs(tmp_path / "data")
-    candidates = [_candidate(tmp_path, "paper", refine=False, source_selection=False), _candidate(tmp_path, "selection", refine=True, source_selection=True)]
+    candidates = [
+        _candidate(tmp_path, "paper", refine=False, source_selection=False),
+        _candidate(tmp_path, "selection", refine=True, source_selection=True),
+    ]
     out = tmp_path / "results" / "val"
     result = score_split(
         "val", output_dir=out, candidates=candidates, bundle_root=BUNDLE_ROOT, work_dir=tmp_path / "work",

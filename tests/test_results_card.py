@@ -62,7 +62,8 @@ def test_render_from_records(tmp_path: Path) -> None:
     assert "`paper`: epoch 57 of 60 (validation Q^AB/F 0.610)" in text
     assert "| CT-MRI | **selection: with additions** | 3 | 2.000 ± 0.500 | 3.000 ± 0.500 |" in text
     assert "Not scored yet" in text
-    assert "CT-MRI: targets missed (above max on 1/2 of Q^AB/F, SF; above mean on 8/8; at or above CDDFuse on 0/8)" in text
+    expected = "CT-MRI: targets missed (above max on 1/2 of Q^AB/F, SF; above mean on 8/8; at or above CDDFuse on 0/8)"
+    assert expected in text
 
     _records(tmp_path / "full", with_test=True)
     text = render(tmp_path / "full")
