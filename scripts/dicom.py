@@ -14,7 +14,10 @@ Writing: ``fused.nii.gz`` (float32 in [0, 1], SimpleITK, geometry of the referen
 ``fused_dicom/`` (:func:`write_derived_series`): a new series in the reference study with
 
 - new Series Instance UID and SOP Instance UIDs, Study Instance UID and Frame of Reference UID kept;
-- ImageType ``DERIVED\\SECONDARY``; SOP class and modality of the reference (MR or CT image storage);
+- ImageType ``DERIVED\\SECONDARY\\OTHER\\FUSION``; IOD (:func:`output_iod`): an MR reference gives MR Image
+  Storage (Modality MR), any other reference Secondary Capture Image Storage (Modality OT), so that fused
+  values are never labelled as CT numbers; the value scale is recorded in a Real World Value Mapping item
+  (stored 0..4095 -> fused intensity 0..1, unitless) as well as in DerivationDescription;
 - per slice ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness,
   SpacingBetweenSlices and SliceLocation copied from the reference slice;
 - SeriesDescription and DerivationDescription naming the method and both sources;
@@ -25,6 +28,9 @@ Writing: ``fused.nii.gz`` (float32 in [0, 1], SimpleITK, geometry of the referen
   attributes the source lacks are written empty, never invented); no private tags;
 - pixels: the fused image scaled to 0-4095 as 16-bit unsigned integers (12 bits stored), window
   2048/4096. The NIfTI file keeps the unquantised values.
+
+The derived series adds no error to those of its reference input under ``dciodvfy`` (dicom3tools);
+``tests/test_dicom_conformance.py`` checks it for an MR and a CT reference.
 
 Command line (from the bundle root)::
 
@@ -52,17 +58,28 @@ import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from torch import nn
 
 __all__ = [
+    "IMAGE_TYPE",
     "METHODS",
+    "STORED_MAX",
     "DicomSeries",
     "fuse_series",
     "fuse_volumes",
     "load_fusion_network",
     "main",
+    "output_iod",
+    "patient_orientation",
     "read_series",
+    "value_mapping",
     "write_derived_series",
     "write_nifti",
 ]
@@ -73,7 +90,8 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("clinicalfmamba", "mean", "max", "laplacian")
 _METHOD_NAMES = {"clinicalfmamba": "ClinicalFMamba", "mean": "mean", "max": "max", "laplacian": "Laplacian pyramid"}
 STORED_MAX = 4095  # fused [0, 1] -> 0..4095 (12 bits stored in 16)
-_OUTPUT_CLASSES = {MRImageStorage: "MR", CTImageStorage: "CT"}
+# value 3 "OTHER": a defined term of the MR Image IOD (required there); value 4 names the derivation
+IMAGE_TYPE = ["DERIVED", "SECONDARY", "OTHER", "FUSION"]
 
 # attributes copied from the reference series: (keyword, written empty when the source lacks it = DICOM type 2)
 _PATIENT = [
@@ -87,9 +105,12 @@ _STUDY = [
     ("StudyID", True), ("AccessionNumber", True), ("IssuerOfAccessionNumberSequence", False), ("StudyDescription", False),
 ]  # fmt: skip
 _SERIES = [
-    ("SpecificCharacterSet", False), ("Modality", False), ("BodyPartExamined", False), ("PatientPosition", False),
-    ("Laterality", False), ("FrameOfReferenceUID", False), ("PositionReferenceIndicator", True),
+    ("SpecificCharacterSet", False), ("BodyPartExamined", False), ("PatientPosition", False),
+    ("FrameOfReferenceUID", False), ("PositionReferenceIndicator", True),
 ]  # fmt: skip
+# copied as they are in the reference, empty values included, and absent when absent there (type 2C: the
+# condition, e.g. a paired body part for Laterality, is the reference's to state)
+_AS_IN_SOURCE = ["Laterality", "ImageLaterality"]
 _PLANE = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "SliceLocation"]
 _ACQUISITION = {
     "MR": [
@@ -97,7 +118,6 @@ _ACQUISITION = {
         ("SequenceName", False), ("RepetitionTime", False), ("EchoTime", True), ("EchoTrainLength", True),
         ("InversionTime", False), ("FlipAngle", False), ("MagneticFieldStrength", False), ("ImagedNucleus", False),
     ],
-    "CT": [("KVP", True), ("AcquisitionNumber", True)],
 }  # fmt: skip
 
 
@@ -422,6 +442,42 @@ def _copy(target: Dataset, source: Dataset, keywords: Sequence[tuple[str, bool]]
             setattr(target, keyword, "")  # required but unknown: empty, never invented
 
 
+def output_iod(reference: Dataset) -> tuple[str, str]:
+    """(SOP Class UID, Modality) of the derived series for a reference slice header.
+
+    An MR reference gives a derived MR image (MR Image IOD: geometry, MR acquisition attributes of the
+    reference); any other reference (CT, PET, ...) gives a Secondary Capture image with Modality ``OT``, so
+    that fused values are never labelled as CT numbers (Hounsfield units) or as another modality's quantity.
+    """
+    if str(reference.get("SOPClassUID", "")) == MRImageStorage:
+        return MRImageStorage, "MR"
+    return SecondaryCaptureImageStorage, "OT"
+
+
+def value_mapping(method: str) -> Dataset:
+    """One Real World Value Mapping item: stored 0..4095 -> fused intensity 0..1 (unitless, UCUM ``1``)."""
+    units = Dataset()
+    units.CodeValue, units.CodingSchemeDesignator, units.CodeMeaning = "1", "UCUM", "no units"
+    item = Dataset()
+    item.RealWorldValueFirstValueMapped, item.RealWorldValueLastValueMapped = 0, STORED_MAX
+    item.RealWorldValueIntercept, item.RealWorldValueSlope = 0.0, 1.0 / STORED_MAX
+    item.LUTExplanation = f"fused intensity in [0, 1] ({_METHOD_NAMES.get(method, method)})"[:64]
+    item.LUTLabel = "FUSED_INTENSITY"
+    item.MeasurementUnitsCodeSequence = DicomSequence([units])
+    return item
+
+
+def patient_orientation(orientation: Sequence[float]) -> list[str]:
+    """PatientOrientation (row, column direction) from ImageOrientationPatient, e.g. ``["L", "P"]``; an oblique
+    direction lists up to three letters, most significant first."""
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x / +y, -y / +z, -z in LPS
+    values = []
+    for vector in (np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)):
+        order = np.argsort(-np.abs(vector), kind="stable")
+        values.append("".join(letters[i][0 if vector[i] > 0 else 1] for i in order if abs(vector[i]) > 1e-3)[:3])
+    return values
+
+
 def _instance_refs(datasets: Sequence[Dataset]) -> DicomSequence:
     """(ReferencedSOPClassUID, ReferencedSOPInstanceUID) items, one per dataset."""
     items = []
@@ -471,13 +527,7 @@ def write_derived_series(
     """
     if fused.shape != reference.volume.shape:
         raise ValueError(f"fused volume {fused.shape} does not match the reference series {reference.volume.shape}")
-    sop_class = str(reference.header("SOPClassUID", ""))
-    if sop_class not in _OUTPUT_CLASSES:
-        raise ValueError(
-            f"{reference.path}: reference series SOP class {sop_class} is not MR or CT image storage; "
-            "the derived series copies the reference's SOP class"
-        )
-    modality = _OUTPUT_CLASSES[sop_class]
+    sop_class, modality = output_iod(reference.datasets[0])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if any(output_dir.iterdir()):
@@ -491,7 +541,7 @@ def write_derived_series(
         f"Slice-wise image fusion ({name}, ClinicalFMamba MONAI bundle {_bundle_version()}) of series "
         f"{reference.header('SeriesInstanceUID')} ({reference.header('Modality', '')}, {reference.description!r}) "
         f"and {other.header('SeriesInstanceUID')} ({other.header('Modality', '')}, {other.description!r}); "
-        f"pixel values = fused intensity in [0, 1] x {STORED_MAX}"
+        f"pixel values = fused intensity in [0, 1] x {STORED_MAX}, unitless (Real World Value Mapping)"
     )[:1024]
     if series_number is None:
         ref_number = reference.header("SeriesNumber", None)
@@ -510,8 +560,8 @@ def write_derived_series(
     files = []
     for index, source in enumerate(reference.datasets):
         ds = Dataset()
-        _copy(ds, source, _PATIENT + _STUDY + _SERIES + _ACQUISITION[modality])
-        for keyword in _PLANE:
+        _copy(ds, source, _PATIENT + _STUDY + _SERIES + _ACQUISITION.get(modality, []))
+        for keyword in _PLANE + _AS_IN_SOURCE:
             if keyword in source:
                 setattr(ds, keyword, source[keyword].value)
         ds.SOPClassUID = sop_class
@@ -525,7 +575,11 @@ def write_derived_series(
         ds.Manufacturer = ""
         ds.SoftwareVersions = f"ClinicalFMamba MONAI bundle {_bundle_version()}"[:64]
         ds.InstanceNumber = index + 1
-        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.ImageType = IMAGE_TYPE
+        if modality == "OT":  # Secondary Capture: SC Equipment and SC Image modules; plane attributes kept as above
+            ds.ConversionType = "WSD"  # workstation
+            ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
+            ds.PatientOrientation = patient_orientation(reference.orientation)
         ds.DerivationDescription = derivation
         ds.BurnedInAnnotation = "NO"
         if lossy:
@@ -545,8 +599,7 @@ def write_derived_series(
         ds.Rows, ds.Columns = int(pixels.shape[1]), int(pixels.shape[2])
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.WindowCenter, ds.WindowWidth = (STORED_MAX + 1) // 2, STORED_MAX + 1
-        if modality == "CT":  # type 1 in the CT image module
-            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+        ds.RealWorldValueMappingSequence = DicomSequence([value_mapping(method)])
         ds.PixelData = np.ascontiguousarray(pixels[index]).tobytes()
 
         ds.file_meta = FileMetaDataset()

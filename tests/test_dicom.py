@@ -144,7 +144,7 @@ def test_fuse_series_round_trip_with_network(pair):
     assert len(new_sops) == 2 and not new_sops & ({d.SOPInstanceUID for d in sources} | ct_uids)
     for out, src in zip(outputs, sources):
         assert out.StudyInstanceUID == pair["study"] and out.FrameOfReferenceUID == pair["frame"]
-        assert list(out.ImageType) == ["DERIVED", "SECONDARY"]
+        assert list(out.ImageType) == ["DERIVED", "SECONDARY", "OTHER", "FUSION"]
         assert out.SOPClassUID == MRImageStorage and out.Modality == "MR"
         for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices"):
             assert out[key].value == src[key].value, key
