@@ -641,8 +641,9 @@ def fuse_series(
     check_patient: bool = True,
     spatial_dims: int = 2,
     roi_size: Sequence[int] = (64, 64, 64),
+    outputs: Sequence[str] = ("nifti", "dicom"),
 ) -> dict[str, Any]:
-    """Fuse a reference (MRI) series with another series; write ``<name>.nii.gz`` and ``<name>_dicom/``.
+    """Fuse a reference (MRI) series with another series; write ``<name>.nii.gz`` and/or ``<name>_dicom/``.
 
     Args:
         mri_dir, other_dir: folders of the reference series (network channel 0) and the other modality.
@@ -663,13 +664,18 @@ def fuse_series(
         check_patient: refuse series whose PatientID or PatientName differ.
         spatial_dims: 2 fuses slice by slice with a 2D network; 3 fuses the whole volume with a 3D network
             (``configs/inference_3d.json``, ``models/model_3d.pt``), window by window of ``roi_size``.
+        outputs: which outputs to write, ``nifti`` and/or ``dicom``.
 
     Returns:
-        ``{"nifti": Path, "dicom": Path, "files": [Path, ...], "series_uid": str, "slices": int}``.
+        ``{"nifti": Path, "dicom": Path, "files": [Path, ...], "series_uid": str, "slices": int}``; an output
+        not asked for is ``None`` (``files`` empty, ``series_uid`` ``None``).
     """
+    unknown = set(outputs) - {"nifti", "dicom"}
+    if unknown or not outputs:
+        raise ValueError(f"outputs must be nifti and/or dicom, got {list(outputs)}")
     output_dir = Path(output_dir)
     nifti_path, dicom_dir = output_dir / f"{name}.nii.gz", output_dir / f"{name}_dicom"
-    existing = [p for p in (nifti_path, dicom_dir) if p.exists()]
+    existing = [p for p, kind in ((nifti_path, "nifti"), (dicom_dir, "dicom")) if kind in outputs and p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(map(str, existing))} already exist(s); pass overwrite=True (--overwrite) to replace")
 
@@ -708,20 +714,33 @@ def fuse_series(
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=f".{name}.partial-") as tmp:
         staged = Path(tmp)
-        write_nifti(fused, mri, staged / nifti_path.name)
-        files = write_derived_series(
-            fused, mri, other, staged / dicom_dir.name, method, series_number, uid_prefix, per_slice_sources=not differences
-        )
+        files = []
+        if "nifti" in outputs:
+            write_nifti(fused, mri, staged / nifti_path.name)
+        if "dicom" in outputs:
+            files = write_derived_series(
+                fused, mri, other, staged / dicom_dir.name, method, series_number, uid_prefix, per_slice_sources=not differences
+            )
         if overwrite:
-            if dicom_dir.exists():
+            if dicom_dir.exists() and "dicom" in outputs:
                 shutil.rmtree(dicom_dir)
-            nifti_path.unlink(missing_ok=True)
-        (staged / nifti_path.name).replace(nifti_path)
-        (staged / dicom_dir.name).replace(dicom_dir)
+            if "nifti" in outputs:
+                nifti_path.unlink(missing_ok=True)
+        if "nifti" in outputs:
+            (staged / nifti_path.name).replace(nifti_path)
+        if "dicom" in outputs:
+            (staged / dicom_dir.name).replace(dicom_dir)
     files = [dicom_dir / f.name for f in files]
-    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    logger.info("fused %d slices with %s -> %s and %s (series %s)", len(files), method, nifti_path, dicom_dir, series_uid)
-    return {"nifti": nifti_path, "dicom": dicom_dir, "files": files, "series_uid": series_uid, "slices": len(files)}
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID) if files else None
+    written = [str(p) for p, kind in ((nifti_path, "nifti"), (dicom_dir, "dicom")) if kind in outputs]
+    logger.info("fused %d slices with %s -> %s (series %s)", fused.shape[0], method, " and ".join(written), series_uid)
+    return {
+        "nifti": nifti_path if "nifti" in outputs else None,
+        "dicom": dicom_dir if "dicom" in outputs else None,
+        "files": files,
+        "series_uid": series_uid,
+        "slices": int(fused.shape[0]),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

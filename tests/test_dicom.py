@@ -13,79 +13,24 @@ import pytest
 import SimpleITK as sitk
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from scripts.baselines import MeanFusion
 from scripts.dicom import _normalise, fuse_series, fuse_volume_3d, fuse_volumes, load_fusion_network, read_series
 from scripts.networks import ClinicalFMamba
+
+from dicom_series import GEOMETRY, PATIENT, write_series  # tests/ helper
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = BUNDLE_ROOT / "docs" / "samples" / "CT-MRI"
 TINY = dict(features=(8, 8, 16), depth=1, decoder_depth=1, d_state=4, swap_d_state=4)
 SLICE_IDS = ("34012", "34016")  # two real Harvard MRI/CT pairs, at half resolution, stacked as a 2-slice volume
 
-# an oblique, anisotropic grid: rotation about two axes, row/column spacing 0.9/0.8 mm, slices 3.5 mm apart
-_a, _b = np.deg2rad(12.0), np.deg2rad(-7.0)
-_R = np.array([[np.cos(_a), -np.sin(_a), 0], [np.sin(_a), np.cos(_a), 0], [0, 0, 1]]) @ np.array(
-    [[1, 0, 0], [0, np.cos(_b), -np.sin(_b)], [0, np.sin(_b), np.cos(_b)]]
-)
-GEOMETRY = dict(row=_R[:, 0], col=_R[:, 1], origin=np.array([-100.5, -120.25, 30.0]), pixel_spacing=(0.9, 0.8), step=3.5)
-PATIENT = dict(PatientName="Doe^Jane", PatientID="P-0042", PatientBirthDate="19700101", PatientSex="F")
-
 
 def _volume(modality: str) -> np.ndarray:
     """(2, 128, 128) uint8: the two slices, 2x2 block-averaged (keeps the network tests fast)."""
     slices = [np.asarray(Image.open(SAMPLES / modality / f"{i}.png").convert("L"), dtype=np.float32) for i in SLICE_IDS]
     return np.stack([s.reshape(128, 2, 128, 2).mean((1, 3)).round().astype(np.uint8) for s in slices])
-
-
-def write_series(
-    folder: Path,
-    volume: np.ndarray,
-    modality: str,
-    study_uid: str,
-    frame_uid: str,
-    patient: dict | None = None,
-    geometry: dict | None = None,
-    description: str = "",
-    series_number: int = 3,
-) -> str:
-    """Write (Z, Y, X) ``volume`` as a single-frame MR or CT series (files in reverse slice order); returns its UID."""
-    g = {**GEOMETRY, **(geometry or {})}
-    normal = np.cross(g["row"], g["col"])
-    series_uid = generate_uid()
-    folder.mkdir(parents=True)
-    for k, plane in enumerate(volume):
-        ds = Dataset()
-        for key, value in (PATIENT if patient is None else patient).items():
-            setattr(ds, key, value)
-        ds.SOPClassUID = MRImageStorage if modality == "MR" else CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240102", "101010", "ACC1", "S1"
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = modality, series_number, k + 1, description
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*g["row"], *g["col"])]
-        ds.ImagePositionPatient = [round(float(v), 4) for v in g["origin"] + k * g["step"] * normal]
-        ds.PixelSpacing = list(g["pixel_spacing"])
-        ds.SliceThickness, ds.SpacingBetweenSlices = 3.0, g["step"]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = plane.shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        if modality == "MR":
-            ds.ScanningSequence, ds.SequenceVariant, ds.EchoTime, ds.RepetitionTime = "SE", "NONE", 20, 500
-            stored = plane.astype(np.uint16) * 4
-        else:  # CT: stored values with a -1024 intercept
-            ds.RescaleIntercept, ds.RescaleSlope, ds.KVP = -1024, 1, 120
-            stored = plane.astype(np.uint16) * 8
-        ds.PixelData = stored.astype(np.uint16).tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        pydicom.dcmwrite(folder / f"slice_{len(volume) - k}.dcm", ds, enforce_file_format=True)
-    (folder / "README.txt").write_text("not DICOM; must be skipped")
-    return series_uid
 
 
 @pytest.fixture
