@@ -344,8 +344,9 @@ def run_batch(
     studies = sorted(p for p in studies_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not studies:
         raise FileNotFoundError(f"{studies_dir}: no study subfolders found")
-    if output_dir.resolve() in {s.resolve() for s in studies} or output_dir.resolve() == studies_dir.resolve():
-        raise ValueError(f"{output_dir}: the output folder must not be the studies folder or one of its studies")
+    resolved = output_dir.resolve()
+    if resolved == studies_dir.resolve() or studies_dir.resolve() in resolved.parents:
+        raise ValueError(f"{output_dir}: the output folder must not be inside the studies folder {studies_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.glob(f".*{_PARTIAL}*"):  # left by a killed run: incomplete by construction
         if stale.is_dir():

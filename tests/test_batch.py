@@ -212,3 +212,30 @@ def test_interrupted_run_leaves_no_partial_study_and_resumes(tmp_path, shared_da
     assert not _partials(out)
     assert "3 studies: 2 done, 1 skipped, 0 failed" in again.stderr
     assert "studies: 100%" in again.stderr and "3/3" in again.stderr  # tqdm progress bar
+
+
+TINY_3D = dict(spatial_dims=3, features=(4, 8, 8), depth=1, channel_exchange=False, pyramid=False, decoder_depth=0, d_state=4)
+
+
+def test_3d_fusion_of_dicom_and_nifti_studies(tmp_path, shared_data):
+    studies = tmp_path / "studies"
+    _dicom_study(studies / "dicom", shared_data / "harvard", PAIR_IDS[0])
+    brats = next(p for p in sorted((shared_data / "brats2015_sample" / "train").iterdir()) if p.is_dir())
+    _nifti_study(studies / "nifti", brats)
+    torch.manual_seed(0)
+    net = ClinicalFMamba(**TINY_3D).eval()
+    results = run_batch(studies, tmp_path / "out", RULES, network=net, spatial_dims=3, roi_size=(64, 64, 8), progress=False)
+    assert [(r.study, r.status) for r in results] == [("dicom", "done"), ("nifti", "done")], [r.error for r in results]
+    expected = fuse_nifti(studies / "nifti" / "T1c_crop.nii.gz", studies / "nifti" / "Flair_crop.nii.gz",
+                          tmp_path / "direct.nii.gz", net, spatial_dims=3, roi_size=(64, 64, 8))  # fmt: skip
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "nifti" / "fused.nii.gz")))
+    np.testing.assert_allclose(got, sitk.GetArrayFromImage(sitk.ReadImage(str(expected))), atol=1e-6)
+    assert got.shape == (4, 64, 64)
+    assert read_series(tmp_path / "out" / "dicom" / "fused_dicom").volume.shape == (2, 64, 64)
+
+
+def test_output_folder_inside_the_studies_folder_is_refused(tmp_path):
+    (tmp_path / "studies" / "s1").mkdir(parents=True)
+    with pytest.raises(ValueError, match="must not be inside the studies folder"):
+        run_batch(tmp_path / "studies", tmp_path / "studies" / "out", network=MeanFusion(), progress=False)
+    assert main([str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o"), "--method", "mean"]) == 1

@@ -7,15 +7,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage, generate_uid
 
 from scripts.baselines import MeanFusion
 from scripts.dicom import STORED_MAX, fuse_series, patient_orientation
 
+from dicom_series import write_series  # tests/ helper
+
 DCIODVFY = shutil.which("dciodvfy")
+SAMPLES = Path(__file__).resolve().parents[1] / "docs" / "samples" / "CT-MRI"
 
 
 def _errors(path: Path) -> set[str]:
@@ -66,6 +71,22 @@ def test_derived_series_adds_no_dciodvfy_error(tmp_path, name, sop_class, modali
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "FrameOfReferenceUID"):
         assert out[keyword].value == src[keyword].value, keyword
     assert ("Laterality" in out) == ("Laterality" in src)
+
+
+@pytest.mark.parametrize("reference", ["MR", "CT"])
+def test_oblique_multi_slice_series_adds_no_dciodvfy_error(tmp_path, reference):
+    """An oblique two-slice MR/CT pair (built from the embedded samples): every derived slice, MR or CT reference."""
+    study, frame = generate_uid(), generate_uid()
+    for modality, folder in (("MR", "MRI"), ("CT", "CT")):
+        planes = [np.asarray(Image.open(p).convert("L"))[::4, ::4] for p in sorted((SAMPLES / folder).glob("*.png"))[:2]]
+        write_series(tmp_path / modality, np.stack(planes), modality, study, frame, description=f"{modality} series")
+    other = "CT" if reference == "MR" else "MR"
+    result = fuse_series(tmp_path / reference, tmp_path / other, tmp_path / "out", network=MeanFusion(), method="mean")
+    inputs = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in (tmp_path / reference).glob("*.dcm")}
+    assert len(result["files"]) == 2
+    for derived in result["files"]:
+        source = inputs[str(pydicom.dcmread(derived).SourceImageSequence[0].ReferencedSOPInstanceUID)]
+        assert not _errors(derived) - _errors(source), derived
 
 
 def test_patient_orientation_letters():
