@@ -36,6 +36,7 @@ import fnmatch
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -352,6 +353,8 @@ def run_batch(
         if stale.is_dir():
             logger.info("removing %s, the partial output of an interrupted run", stale)
             shutil.rmtree(stale)
+    for stale in output_dir.glob(".summary.csv.*.tmp"):
+        stale.unlink()
     rules = rules or PairingRules()
     if network is None:
         network = load_fusion_network(method, weights, config_file, spatial_dims=spatial_dims)
@@ -399,6 +402,10 @@ def run_batch(
     return results
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m scripts.batch STUDIES_DIR --output_dir OUT [options]``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m scripts.batch", description=__doc__.split("\n\n")[0])
@@ -430,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: like Ctrl-C (no partial study left)
     rules = PairingRules(
         args.reference_modality, args.other_modality, args.reference_description, args.other_description,
         args.reference_file, args.other_file,
@@ -448,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.study}: {r.error}", file=sys.stderr)

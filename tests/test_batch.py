@@ -159,7 +159,7 @@ def test_ambiguous_series_and_nifti_to_dicom_are_named(studies, tmp_path):
     assert "a NIfTI study cannot give a DICOM series" in nifti[-1].error
 
 
-# runs the CLI with fuse_series slowed down after study_b's outputs are staged, so that SIGINT lands mid-study
+# runs the CLI with fuse_series slowed down after study_b's outputs are staged, so that a signal lands mid-study
 _SLOW_CLI = textwrap.dedent(
     """
     import sys, time
@@ -177,7 +177,8 @@ _SLOW_CLI = textwrap.dedent(
 )
 
 
-def test_interrupted_run_leaves_no_partial_study_and_resumes(tmp_path, shared_data):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_leaves_no_partial_study_and_resumes(tmp_path, shared_data, signum):
     harvard = shared_data / "harvard"
     studies = tmp_path / "studies"
     for name, ids in zip(("study_a", "study_b", "study_c"), PAIR_IDS):
@@ -192,7 +193,7 @@ def test_interrupted_run_leaves_no_partial_study_and_resumes(tmp_path, shared_da
         staged = _partials(out)
         assert len(staged) == 1 and staged[0].name.startswith(".study_b.partial-")
         assert (staged[0] / "fused.nii.gz").is_file()  # outputs exist, but only in the hidden staging folder
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
