@@ -122,7 +122,8 @@ def _matches(text: str, patterns: Sequence[str]) -> bool:
 
 def _series_label(items: list[tuple[Path, Any]]) -> str:
     ds = items[0][1]
-    return f"{ds.get('Modality', '?')} {str(ds.get('SeriesDescription', '') or '')!r} ({ds.SeriesInstanceUID}, {len(items)} images)"
+    description = str(ds.get("SeriesDescription", "") or "")
+    return f"{ds.get('Modality', '?')} {description!r} ({ds.SeriesInstanceUID}, {len(items)} images)"
 
 
 def find_dicom_pair(study: Path, rules: PairingRules) -> tuple[str, str, dict[str, str]]:
@@ -147,7 +148,9 @@ def find_dicom_pair(study: Path, rules: PairingRules) -> tuple[str, str, dict[st
             and str(items[0][1].get("Modality", "")).upper() in {m.upper() for m in modalities}
             and _matches(str(items[0][1].get("SeriesDescription", "") or ""), descriptions)
         ]
-        wanted = f"Modality {'/'.join(modalities)} and SeriesDescription matching {' or '.join(map(repr, descriptions))}"
+        wanted = (
+            f"Modality {'/'.join(modalities)} and SeriesDescription matching {' or '.join(map(repr, descriptions))}"
+        )
         if len(candidates) == 1:
             return candidates[0]
         listing = "; ".join(_series_label(items) for items in series.values())
@@ -155,7 +158,9 @@ def find_dicom_pair(study: Path, rules: PairingRules) -> tuple[str, str, dict[st
             raise ValueError(f"{study}: no {role} series ({wanted}); series found: {listing}")
         option = "--reference-description" if role == "reference" else "--other-description / --other-modality"
         found = "; ".join(_series_label(series[uid]) for uid in candidates)
-        raise ValueError(f"{study}: {len(candidates)} candidate {role} series ({wanted}): {found}; narrow them with {option}")
+        raise ValueError(
+            f"{study}: {len(candidates)} candidate {role} series ({wanted}): {found}; narrow them with {option}"
+        )
 
     reference = pick("reference", rules.reference_modalities, rules.reference_descriptions, None)
     other = pick("other", rules.other_modalities, rules.other_descriptions, reference)
@@ -177,7 +182,11 @@ def find_nifti_pair(study: Path, rules: PairingRules) -> tuple[Path, Path]:
     def pick(role: str, patterns: Sequence[str]) -> Path:
         found = [p for p in files if _matches(p.name, patterns)]
         if len(found) != 1:
-            names = ", ".join(p.name for p in found) if found else f"none (NIfTI files: {', '.join(p.name for p in files) or 'none'})"
+            names = (
+                ", ".join(p.name for p in found)
+                if found
+                else f"none (NIfTI files: {', '.join(p.name for p in files) or 'none'})"
+            )
             option = "--reference-file" if role == "reference" else "--other-file"
             raise ValueError(
                 f"{study}: expected one {role} NIfTI file matching {' or '.join(map(repr, patterns))}, found {names}; "
@@ -187,7 +196,9 @@ def find_nifti_pair(study: Path, rules: PairingRules) -> tuple[Path, Path]:
 
     reference, other = pick("reference", rules.reference_files), pick("other", rules.other_files)
     if reference == other:
-        raise ValueError(f"{study}: {reference.name} matches both the reference and the other patterns; make them distinct")
+        raise ValueError(
+            f"{study}: {reference.name} matches both the reference and the other patterns; make them distinct"
+        )
     return reference, other
 
 
@@ -197,8 +208,10 @@ def _read_volume(path: Path) -> sitk.Image:
     except RuntimeError as exc:
         raise ValueError(f"{path}: cannot read the NIfTI file ({str(exc).strip().splitlines()[-1]})") from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: a single-channel 3D volume is needed, got {image.GetDimension()}D with "
-                         f"{image.GetNumberOfComponentsPerPixel()} channel(s)")  # fmt: skip
+        raise ValueError(
+            f"{path}: a single-channel 3D volume is needed, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} channel(s)"
+        )
     return image
 
 
@@ -277,23 +290,39 @@ def _outputs(folder: Path, output_dir: Path) -> list[str]:
 
 
 def _fuse_study(
-    study: Path, staging: Path, result: StudyResult, rules: PairingRules, fmt: str, outputs: Sequence[str],
-    network: nn.Module, options: dict[str, Any],
-) -> None:  # fmt: skip
+    study: Path,
+    staging: Path,
+    result: StudyResult,
+    rules: PairingRules,
+    fmt: str,
+    outputs: Sequence[str],
+    network: nn.Module,
+    options: dict[str, Any],
+) -> None:
     """Fuse one study into ``staging``; fills ``result.inputs``."""
     if fmt == "dicom":
         reference_uid, other_uid, labels = find_dicom_pair(study, rules)
         result.inputs = [f"reference: {labels['reference']}", f"other: {labels['other']}"]
         fuse_series(
-            study, study, staging, network=network, mri_series=reference_uid, other_series=other_uid,
-            outputs=outputs, **options,
-        )  # fmt: skip
+            study,
+            study,
+            staging,
+            network=network,
+            mri_series=reference_uid,
+            other_series=other_uid,
+            outputs=outputs,
+            **options,
+        )
     else:
         if "dicom" in outputs:
-            raise ValueError(f"{study}: a NIfTI study cannot give a DICOM series (outputs {', '.join(outputs)}); use --outputs nifti")
+            raise ValueError(
+                f"{study}: a NIfTI study cannot give a DICOM series (outputs {', '.join(outputs)}); use --outputs nifti"
+            )
         reference, other = find_nifti_pair(study, rules)
         result.inputs = [f"reference: {reference.relative_to(study)}", f"other: {other.relative_to(study)}"]
-        nifti_options = {k: options[k] for k in ("spatial_dims", "normalise", "resample", "roi_size", "batch_size", "device")}
+        nifti_options = {
+            k: options[k] for k in ("spatial_dims", "normalise", "resample", "roi_size", "batch_size", "device")
+        }
         fuse_nifti(reference, other, staging / "fused.nii.gz", network, **nifti_options)
 
 
@@ -322,7 +351,8 @@ def run_batch(
 
     Args:
         rules: how the two inputs of a study are found (:class:`PairingRules`).
-        input_format: ``auto`` (NIfTI if the study holds ``.nii``/``.nii.gz`` files, else DICOM), ``dicom`` or ``nifti``.
+        input_format: ``auto`` (NIfTI if the study holds ``.nii``/``.nii.gz`` files, else DICOM), ``dicom`` or
+            ``nifti``.
         outputs: ``nifti`` and/or ``dicom``; default both for DICOM studies, NIfTI for NIfTI studies.
         method, network, weights, config_file, spatial_dims, roi_size, normalise, resample, device, batch_size,
             uid_prefix, check_patient: as in :func:`scripts.dicom.fuse_series`; the network is loaded once.
@@ -360,9 +390,16 @@ def run_batch(
         network = load_fusion_network(method, weights, config_file, spatial_dims=spatial_dims)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = dict(
-        method=method, spatial_dims=spatial_dims, roi_size=roi_size, normalise=normalise, resample=resample,
-        device=device, batch_size=batch_size, uid_prefix=uid_prefix, check_patient=check_patient,
-    )  # fmt: skip
+        method=method,
+        spatial_dims=spatial_dims,
+        roi_size=roi_size,
+        normalise=normalise,
+        resample=resample,
+        device=device,
+        batch_size=batch_size,
+        uid_prefix=uid_prefix,
+        check_patient=check_patient,
+    )
 
     results: list[StudyResult] = []
     summary = output_dir / "summary.csv"
@@ -411,16 +448,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("studies_dir", help="folder with one subfolder per study (DICOM series or NIfTI volumes)")
     parser.add_argument("--output_dir", "--output-dir", required=True, help="OUT/<study>/ per study, OUT/summary.csv")
-    parser.add_argument("--format", default="auto", choices=("auto", "dicom", "nifti"), help="input format of the studies")
-    parser.add_argument("--outputs", nargs="+", choices=("nifti", "dicom"), help="default: nifti and dicom (DICOM studies)")
+    parser.add_argument(
+        "--format", default="auto", choices=("auto", "dicom", "nifti"), help="input format of the studies"
+    )
+    parser.add_argument(
+        "--outputs", nargs="+", choices=("nifti", "dicom"), help="default: nifti and dicom (DICOM studies)"
+    )
     rules = PairingRules()
     parser.add_argument("--reference-modality", nargs="+", default=list(rules.reference_modalities))
     parser.add_argument("--other-modality", nargs="+", default=list(rules.other_modalities))
-    parser.add_argument("--reference-description", nargs="+", default=list(rules.reference_descriptions),
-                        help="SeriesDescription pattern(s) of the reference series (shell patterns, case-insensitive)")  # fmt: skip
+    parser.add_argument(
+        "--reference-description",
+        nargs="+",
+        default=list(rules.reference_descriptions),
+        help="SeriesDescription pattern(s) of the reference series (shell patterns, case-insensitive)",
+    )
     parser.add_argument("--other-description", nargs="+", default=list(rules.other_descriptions))
-    parser.add_argument("--reference-file", nargs="+", default=list(rules.reference_files),
-                        help="NIfTI file-name pattern(s) of the reference volume")  # fmt: skip
+    parser.add_argument(
+        "--reference-file",
+        nargs="+",
+        default=list(rules.reference_files),
+        help="NIfTI file-name pattern(s) of the reference volume",
+    )
     parser.add_argument("--other-file", nargs="+", default=list(rules.other_files))
     parser.add_argument("--method", default="clinicalfmamba", choices=METHODS)
     parser.add_argument("--weights", help="ClinicalFMamba checkpoint (default models/model.pt; 3D models/model_3d.pt)")
@@ -439,19 +488,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: like Ctrl-C (no partial study left)
     rules = PairingRules(
-        args.reference_modality, args.other_modality, args.reference_description, args.other_description,
-        args.reference_file, args.other_file,
-    )  # fmt: skip
+        args.reference_modality,
+        args.other_modality,
+        args.reference_description,
+        args.other_description,
+        args.reference_file,
+        args.other_file,
+    )
     try:
         results = run_batch(
-            args.studies_dir, args.output_dir, rules, args.format, args.outputs, method=args.method,
-            weights=args.weights, config_file=args.config, spatial_dims=args.spatial_dims, roi_size=args.roi_size,
-            normalise=args.normalise, resample=args.resample, device=args.device, batch_size=args.batch_size,
-            uid_prefix=args.uid_prefix, check_patient=not args.allow_patient_mismatch, fail_fast=args.fail_fast,
+            args.studies_dir,
+            args.output_dir,
+            rules,
+            args.format,
+            args.outputs,
+            method=args.method,
+            weights=args.weights,
+            config_file=args.config,
+            spatial_dims=args.spatial_dims,
+            roi_size=args.roi_size,
+            normalise=args.normalise,
+            resample=args.resample,
+            device=args.device,
+            batch_size=args.batch_size,
+            uid_prefix=args.uid_prefix,
+            check_patient=not args.allow_patient_mismatch,
+            fail_fast=args.fail_fast,
             progress=not args.no_progress,
-        )  # fmt: skip
+        )
     except KeyboardInterrupt:
-        print(f"interrupted: finished studies are kept; run the same command again to resume ({args.output_dir})", file=sys.stderr)
+        print(
+            f"interrupted: finished studies are kept; run the same command again to resume ({args.output_dir})",
+            file=sys.stderr,
+        )
         return 130
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -719,7 +719,7 @@ def fuse_series(
             write_nifti(fused, mri, staged / nifti_path.name)
         if "dicom" in outputs:
             files = write_derived_series(
-                fused, mri, other, staged / dicom_dir.name, method, series_number, uid_prefix, per_slice_sources=not differences
+                fused, mri, other, staged / dicom_dir.name, method, series_number, uid_prefix, not differences
             )
         if overwrite:
             if dicom_dir.exists() and "dicom" in outputs:

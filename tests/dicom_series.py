@@ -16,7 +16,9 @@ _a, _b = np.deg2rad(12.0), np.deg2rad(-7.0)
 _R = np.array([[np.cos(_a), -np.sin(_a), 0], [np.sin(_a), np.cos(_a), 0], [0, 0, 1]]) @ np.array(
     [[1, 0, 0], [0, np.cos(_b), -np.sin(_b)], [0, np.sin(_b), np.cos(_b)]]
 )
-GEOMETRY = dict(row=_R[:, 0], col=_R[:, 1], origin=np.array([-100.5, -120.25, 30.0]), pixel_spacing=(0.9, 0.8), step=3.5)
+GEOMETRY = dict(
+    row=_R[:, 0], col=_R[:, 1], origin=np.array([-100.5, -120.25, 30.0]), pixel_spacing=(0.9, 0.8), step=3.5
+)
 PATIENT = dict(PatientName="Doe^Jane", PatientID="P-0042", PatientBirthDate="19700101", PatientSex="F")
 
 
@@ -44,7 +46,12 @@ def write_series(
         ds.SOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240102", "101010", "ACC1", "S1"
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = modality, series_number, k + 1, description
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = (
+            modality,
+            series_number,
+            k + 1,
+            description,
+        )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImageOrientationPatient = [round(float(v), 6) for v in (*g["row"], *g["col"])]
         ds.ImagePositionPatient = [round(float(v), 4) for v in g["origin"] + k * g["step"] * normal]
@@ -61,7 +68,10 @@ def write_series(
             stored = plane.astype(np.uint16) * 8
         ds.PixelData = stored.astype(np.uint16).tobytes()
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+            ds.SOPClassUID,
+            ds.SOPInstanceUID,
+        )
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         pydicom.dcmwrite(folder / f"slice_{len(volume) - k}.dcm", ds, enforce_file_format=True)
     (folder / "README.txt").write_text("not DICOM; must be skipped")

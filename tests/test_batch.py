@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from dicom_series import write_series  # tests/ helper
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from scripts.batch import PairingRules, find_dicom_pair, fuse_nifti, main, run_batch
 from scripts.baselines import MeanFusion
+from scripts.batch import PairingRules, find_dicom_pair, fuse_nifti, main, run_batch
 from scripts.dicom import read_series
 from scripts.networks import ClinicalFMamba
-
-from dicom_series import GEOMETRY, write_series  # tests/ helper
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(features=(8, 8, 16), depth=1, decoder_depth=1, d_state=4, swap_d_state=4)
@@ -39,18 +37,41 @@ def _volume(harvard: Path, modality: str, ids: tuple[str, ...]) -> np.ndarray:
     return np.stack([s.reshape(64, 4, 64, 4).mean((1, 3)).round().astype(np.uint8) for s in slices])
 
 
-def _dicom_study(root: Path, harvard: Path, ids: tuple[str, ...], other: bool = True, other_geometry: dict | None = None,
-                 extra_mr: bool = False) -> Path:  # fmt: skip
+def _dicom_study(
+    root: Path,
+    harvard: Path,
+    ids: tuple[str, ...],
+    other: bool = True,
+    other_geometry: dict | None = None,
+    extra_mr: bool = False,
+) -> Path:
     """One study folder: an MR series 'T2 axial' and (unless ``other`` is False) a CT series 'CT head'."""
     study, frame = generate_uid(), generate_uid()
     write_series(root / "series_01", _volume(harvard, "MRI", ids), "MR", study, frame, description="T2 axial")
     if extra_mr:  # a second MR series: the reference is then picked by its SeriesDescription
-        write_series(root / "series_03", _volume(harvard, "MRI", ids)[:, ::-1], "MR", study, frame, description="T1 sag", series_number=5)
+        write_series(
+            root / "series_03",
+            _volume(harvard, "MRI", ids)[:, ::-1],
+            "MR",
+            study,
+            frame,
+            description="T1 sag",
+            series_number=5,
+        )
     if other:
         volume = _volume(harvard, "CT", ids)
         if other_geometry:
             volume = volume[:, ::2, ::2]
-        write_series(root / "series_02", volume, "CT", study, frame, geometry=other_geometry, description="CT head", series_number=4)
+        write_series(
+            root / "series_02",
+            volume,
+            "CT",
+            study,
+            frame,
+            geometry=other_geometry,
+            description="CT head",
+            series_number=4,
+        )
     return root
 
 
@@ -77,7 +98,9 @@ def studies(tmp_path: Path, shared_data: Path) -> Path:
     return root
 
 
-RULES = PairingRules(reference_descriptions=("*T2*",), other_modalities=("CT",), reference_files=("t1c*",), other_files=("flair*",))
+RULES = PairingRules(
+    reference_descriptions=("*T2*",), other_modalities=("CT",), reference_files=("t1c*",), other_files=("flair*",)
+)
 
 
 def _summary(out: Path) -> dict[str, dict[str, str]]:
@@ -104,17 +127,28 @@ def test_mixed_good_and_bad_studies_then_resume(studies, tmp_path):
     assert {k: v["status"] for k, v in rows.items()} == {r.study: r.status for r in results}
     assert "no other series (Modality CT" in rows["study_c_missing"]["error"]
     assert "series found: MR 'T2 axial'" in rows["study_c_missing"]["error"]
-    assert "is not on the voxel grid" in rows["study_d_geometry"]["error"] and "--resample" in rows["study_d_geometry"]["error"]
+    assert (
+        "is not on the voxel grid" in rows["study_d_geometry"]["error"]
+        and "--resample" in rows["study_d_geometry"]["error"]
+    )
     assert "'T2 axial'" in rows["study_b"]["inputs"] and "'CT head'" in rows["study_b"]["inputs"]
     assert rows["study_e_nifti"]["inputs"] == "reference: T1c_crop.nii.gz; other: Flair_crop.nii.gz"
     assert rows["study_a"]["outputs"] == "study_a/fused.nii.gz; study_a/fused_dicom"
     assert rows["study_e_nifti"]["outputs"] == "study_e_nifti/fused.nii.gz"
-    assert sorted(p.name for p in out.iterdir()) == ["study_a", "study_b", "study_e_nifti", "summary.csv"]  # stale partial gone
+    assert sorted(p.name for p in out.iterdir()) == [
+        "study_a",
+        "study_b",
+        "study_e_nifti",
+        "summary.csv",
+    ]  # stale partial gone
 
     # study_b: the T2 series (not the T1 one) is the reference of the derived series, on its grid
     derived = read_series(out / "study_b" / "fused_dicom")
     reference_uid, other_uid, _ = find_dicom_pair(studies / "study_b", RULES)
-    assert {item.SeriesInstanceUID for item in derived.datasets[0].ReferencedSeriesSequence} == {reference_uid, other_uid}
+    assert {item.SeriesInstanceUID for item in derived.datasets[0].ReferencedSeriesSequence} == {
+        reference_uid,
+        other_uid,
+    }
     t2 = read_series(studies / "study_b", reference_uid)
     np.testing.assert_allclose(derived.origin, t2.origin, atol=1e-3)
     np.testing.assert_allclose(derived.spacing, t2.spacing, atol=1e-4)
@@ -122,8 +156,12 @@ def test_mixed_good_and_bad_studies_then_resume(studies, tmp_path):
     assert fused.shape == (2, 64, 64) and 0.0 <= fused.min() and fused.max() <= 1.0
 
     # NIfTI study: same values as fusing the pair directly, reference geometry kept
-    expected = fuse_nifti(studies / "study_e_nifti" / "T1c_crop.nii.gz", studies / "study_e_nifti" / "Flair_crop.nii.gz",
-                          tmp_path / "direct.nii.gz", net)  # fmt: skip
+    expected = fuse_nifti(
+        studies / "study_e_nifti" / "T1c_crop.nii.gz",
+        studies / "study_e_nifti" / "Flair_crop.nii.gz",
+        tmp_path / "direct.nii.gz",
+        net,
+    )
     got, ref = sitk.ReadImage(str(out / "study_e_nifti" / "fused.nii.gz")), sitk.ReadImage(str(expected))
     np.testing.assert_allclose(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(ref), atol=1e-6)
     source = sitk.ReadImage(str(studies / "study_e_nifti" / "T1c_crop.nii.gz"))
@@ -132,14 +170,33 @@ def test_mixed_good_and_bad_studies_then_resume(studies, tmp_path):
 
     # re-run through the CLI entry point: finished studies are skipped (untouched), failed ones fail again -> exit 1
     first_uid = pydicom.dcmread(out / "study_a" / "fused_dicom" / "IM00001.dcm").SeriesInstanceUID
-    argv = [str(studies), "--output_dir", str(out), "--method", "mean", "--device", "cpu", "--no-progress",
-            "--reference-description", "*T2*", "--other-modality", "CT", "--reference-file", "t1c*", "--other-file", "flair*"]  # fmt: skip
+    argv = [
+        str(studies),
+        "--output_dir",
+        str(out),
+        "--method",
+        "mean",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--reference-description",
+        "*T2*",
+        "--other-modality",
+        "CT",
+        "--reference-file",
+        "t1c*",
+        "--other-file",
+        "flair*",
+    ]
     assert main(argv) == 1
     rows = _summary(out)
     assert {k: v["status"] for k, v in rows.items()} == {
-        "study_a": "skipped", "study_b": "skipped", "study_c_missing": "failed", "study_d_geometry": "failed",
+        "study_a": "skipped",
+        "study_b": "skipped",
+        "study_c_missing": "failed",
+        "study_d_geometry": "failed",
         "study_e_nifti": "skipped",
-    }  # fmt: skip
+    }
     assert pydicom.dcmread(out / "study_a" / "fused_dicom" / "IM00001.dcm").SeriesInstanceUID == first_uid
 
     # with --resample the mismatched study goes through on the next run; the others stay as they were
@@ -151,8 +208,9 @@ def test_mixed_good_and_bad_studies_then_resume(studies, tmp_path):
 def test_ambiguous_series_and_nifti_to_dicom_are_named(studies, tmp_path):
     with pytest.raises(ValueError, match=r"study_b: 2 candidate reference series .*T1 sag.*--reference-description"):
         find_dicom_pair(studies / "study_b", PairingRules())
-    results = run_batch(studies, tmp_path / "out", RULES, outputs=["dicom"], network=MeanFusion(), progress=False,
-                        fail_fast=True)  # fmt: skip
+    results = run_batch(
+        studies, tmp_path / "out", RULES, outputs=["dicom"], network=MeanFusion(), progress=False, fail_fast=True
+    )
     assert [r.status for r in results] == ["done", "done", "failed"]  # fail-fast stops at the first failure
     assert sorted(p.name for p in (tmp_path / "out" / "study_a").iterdir()) == ["fused_dicom"]
     nifti = run_batch(studies, tmp_path / "out", RULES, outputs=["dicom"], network=MeanFusion(), progress=False)
@@ -186,8 +244,14 @@ def test_interrupted_run_leaves_no_partial_study_and_resumes(tmp_path, shared_da
     out = tmp_path / "out"
     argv = [str(studies), "--output_dir", str(out), "--method", "mean", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT)}
-    process = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, *argv], cwd=BUNDLE_ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CLI, *argv],
+        cwd=BUNDLE_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().strip() == "STAGED", process.stderr.read()
         staged = _partials(out)
@@ -205,17 +269,24 @@ def test_interrupted_run_leaves_no_partial_study_and_resumes(tmp_path, shared_da
     uid_a = pydicom.dcmread(out / "study_a" / "fused_dicom" / "IM00001.dcm").SeriesInstanceUID
 
     with_bar = [a for a in argv if a != "--no-progress"]
-    again = subprocess.run([sys.executable, "-m", "scripts.batch", *with_bar], cwd=BUNDLE_ROOT, capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "scripts.batch", *with_bar], cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr
-    assert {k: v["status"] for k, v in _summary(out).items()} == {"study_a": "skipped", "study_b": "done", "study_c": "done"}
+    assert {k: v["status"] for k, v in _summary(out).items()} == {
+        "study_a": "skipped",
+        "study_b": "done",
+        "study_c": "done",
+    }
     assert pydicom.dcmread(out / "study_a" / "fused_dicom" / "IM00001.dcm").SeriesInstanceUID == uid_a
     assert not _partials(out)
     assert "3 studies: 2 done, 1 skipped, 0 failed" in again.stderr
     assert "studies: 100%" in again.stderr and "3/3" in again.stderr  # tqdm progress bar
 
 
-TINY_3D = dict(spatial_dims=3, features=(4, 8, 8), depth=1, channel_exchange=False, pyramid=False, decoder_depth=0, d_state=4)
+TINY_3D = dict(
+    spatial_dims=3, features=(4, 8, 8), depth=1, channel_exchange=False, pyramid=False, decoder_depth=0, d_state=4
+)
 
 
 def test_3d_fusion_of_dicom_and_nifti_studies(tmp_path, shared_data):
@@ -225,10 +296,18 @@ def test_3d_fusion_of_dicom_and_nifti_studies(tmp_path, shared_data):
     _nifti_study(studies / "nifti", brats)
     torch.manual_seed(0)
     net = ClinicalFMamba(**TINY_3D).eval()
-    results = run_batch(studies, tmp_path / "out", RULES, network=net, spatial_dims=3, roi_size=(64, 64, 8), progress=False)
+    results = run_batch(
+        studies, tmp_path / "out", RULES, network=net, spatial_dims=3, roi_size=(64, 64, 8), progress=False
+    )
     assert [(r.study, r.status) for r in results] == [("dicom", "done"), ("nifti", "done")], [r.error for r in results]
-    expected = fuse_nifti(studies / "nifti" / "T1c_crop.nii.gz", studies / "nifti" / "Flair_crop.nii.gz",
-                          tmp_path / "direct.nii.gz", net, spatial_dims=3, roi_size=(64, 64, 8))  # fmt: skip
+    expected = fuse_nifti(
+        studies / "nifti" / "T1c_crop.nii.gz",
+        studies / "nifti" / "Flair_crop.nii.gz",
+        tmp_path / "direct.nii.gz",
+        net,
+        spatial_dims=3,
+        roi_size=(64, 64, 8),
+    )
     got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "nifti" / "fused.nii.gz")))
     np.testing.assert_allclose(got, sitk.GetArrayFromImage(sitk.ReadImage(str(expected))), atol=1e-6)
     assert got.shape == (4, 64, 64)

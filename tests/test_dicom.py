@@ -12,14 +12,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from dicom_series import GEOMETRY, PATIENT, write_series  # tests/ helper
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from scripts.baselines import MeanFusion
 from scripts.dicom import _normalise, fuse_series, fuse_volume_3d, fuse_volumes, load_fusion_network, read_series
 from scripts.networks import ClinicalFMamba
-
-from dicom_series import GEOMETRY, PATIENT, write_series  # tests/ helper
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = BUNDLE_ROOT / "docs" / "samples" / "CT-MRI"

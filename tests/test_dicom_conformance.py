@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_series import write_series  # tests/ helper
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage, generate_uid
 
 from scripts.baselines import MeanFusion
 from scripts.dicom import STORED_MAX, fuse_series, patient_orientation
-
-from dicom_series import write_series  # tests/ helper
 
 DCIODVFY = shutil.which("dciodvfy")
 SAMPLES = Path(__file__).resolve().parents[1] / "docs" / "samples" / "CT-MRI"
@@ -78,7 +77,9 @@ def test_oblique_multi_slice_series_adds_no_dciodvfy_error(tmp_path, reference):
     """An oblique two-slice MR/CT pair (built from the embedded samples): every derived slice, MR or CT reference."""
     study, frame = generate_uid(), generate_uid()
     for modality, folder in (("MR", "MRI"), ("CT", "CT")):
-        planes = [np.asarray(Image.open(p).convert("L"))[::4, ::4] for p in sorted((SAMPLES / folder).glob("*.png"))[:2]]
+        planes = [
+            np.asarray(Image.open(p).convert("L"))[::4, ::4] for p in sorted((SAMPLES / folder).glob("*.png"))[:2]
+        ]
         write_series(tmp_path / modality, np.stack(planes), modality, study, frame, description=f"{modality} series")
     other = "CT" if reference == "MR" else "MR"
     result = fuse_series(tmp_path / reference, tmp_path / other, tmp_path / "out", network=MeanFusion(), method="mean")
