@@ -48,6 +48,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from torch import nn
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from scripts.dicom import (
     METHODS,
@@ -421,6 +422,7 @@ def run_batch(
             _fuse_study(study, staging, result, rules, fmt, wanted, network, options)
             staging.rename(final)
             result.status, result.outputs = "done", _outputs(final, output_dir)
+            logger.info("study %s done: %s", study.name, ", ".join(result.outputs))
         except KeyboardInterrupt:
             result.status, result.error = "interrupted", "interrupted; nothing written (run again to resume)"
             raise
@@ -496,26 +498,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.other_file,
     )
     try:
-        results = run_batch(
-            args.studies_dir,
-            args.output_dir,
-            rules,
-            args.format,
-            args.outputs,
-            method=args.method,
-            weights=args.weights,
-            config_file=args.config,
-            spatial_dims=args.spatial_dims,
-            roi_size=args.roi_size,
-            normalise=args.normalise,
-            resample=args.resample,
-            device=args.device,
-            batch_size=args.batch_size,
-            uid_prefix=args.uid_prefix,
-            check_patient=not args.allow_patient_mismatch,
-            fail_fast=args.fail_fast,
-            progress=not args.no_progress,
-        )
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            results = run_batch(
+                args.studies_dir,
+                args.output_dir,
+                rules,
+                args.format,
+                args.outputs,
+                method=args.method,
+                weights=args.weights,
+                config_file=args.config,
+                spatial_dims=args.spatial_dims,
+                roi_size=args.roi_size,
+                normalise=args.normalise,
+                resample=args.resample,
+                device=args.device,
+                batch_size=args.batch_size,
+                uid_prefix=args.uid_prefix,
+                check_patient=not args.allow_patient_mismatch,
+                fail_fast=args.fail_fast,
+                progress=not args.no_progress,
+            )
     except KeyboardInterrupt:
         print(
             f"interrupted: finished studies are kept; run the same command again to resume ({args.output_dir})",
