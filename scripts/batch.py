@@ -411,8 +411,7 @@ def run_batch(
         results.append(result)
         final = output_dir / study.name
         if final.exists():
-            result.status, result.outputs = "skipped", _outputs(final, output_dir)
-            result.error = "already fused (output folder exists)"
+            result.status, result.outputs = "skipped", _outputs(final, output_dir)  # fused by an earlier run
             _write_summary(summary, results)
             continue
         staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{study.name}{_PARTIAL}"))
