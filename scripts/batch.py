@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -203,30 +202,15 @@ def find_nifti_pair(study: Path, rules: PairingRules) -> tuple[Path, Path]:
     return reference, other
 
 
-def _read_volume(path: Path) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: cannot read the NIfTI file ({str(exc).strip().splitlines()[-1]})") from exc
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+def _load_volume(loader: Any, path: Path) -> Any:
+    """One NIfTI file as a ``(1, X, Y, Z)`` MetaTensor through the workflows' own loader (errors name the file)."""
+    image = loader.load(path)
+    if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(
-            f"{path}: a single-channel 3D volume is needed, got {image.GetDimension()}D with "
-            f"{image.GetNumberOfComponentsPerPixel()} channel(s)"
+            f"{path}: a single-channel 3D volume is needed, got shape {tuple(image.shape[1:])} with {image.shape[0]} "
+            "channel(s)"
         )
     return image
-
-
-def _grid_differences(ref: sitk.Image, other: sitk.Image) -> list[str]:
-    diffs = []
-    if ref.GetSize() != other.GetSize():
-        diffs.append(f"size {other.GetSize()} != {ref.GetSize()}")
-    if not np.allclose(ref.GetSpacing(), other.GetSpacing(), rtol=1e-3, atol=1e-3):
-        diffs.append(f"spacing {other.GetSpacing()} != {ref.GetSpacing()} mm")
-    if not np.allclose(ref.GetDirection(), other.GetDirection(), atol=1e-4):
-        diffs.append("direction differs")
-    if not np.allclose(ref.GetOrigin(), other.GetOrigin(), atol=1e-2):
-        diffs.append(f"origin {other.GetOrigin()} != {ref.GetOrigin()}")
-    return diffs
 
 
 def fuse_nifti(
@@ -243,29 +227,40 @@ def fuse_nifti(
 ) -> Path:
     """Fuse two NIfTI volumes on one voxel grid (or resampled onto the reference's) -> ``output`` (float32 in [0, 1]).
 
-    The same steps as the DICOM path: per-volume scaling to [0, 1] (``normalise``, default ``volume`` in 2D and
-    ``percentile`` in 3D), then :func:`scripts.dicom.fuse_volumes` (2D, slice by slice along the third axis) or
-    :func:`scripts.dicom.fuse_volume_3d`; the output has the reference's geometry.
+    Reading, grid check and resampling are the inference workflow's (:class:`scripts.transforms.LoadPaird`:
+    truncated files and NaN/Inf voxels are refused; :func:`scripts.data.geometry_differences`; MONAI
+    ``ResampleToMatch``). Then the DICOM path's steps: per-volume scaling to [0, 1] (``normalise``, default
+    ``volume`` in 2D and ``percentile`` in 3D) and :func:`scripts.dicom.fuse_volumes` (2D, slice by slice along
+    the third voxel axis) or :func:`scripts.dicom.fuse_volume_3d`. The output has the reference's header and affine.
     """
-    ref_image, other_image = _read_volume(reference), _read_volume(other)
-    differences = _grid_differences(ref_image, other_image)
+    import nibabel as nib
+
+    from scripts.data import geometry_differences
+    from scripts.transforms import LoadPaird, _resample_onto
+
+    loader = LoadPaird(("reference", "other"))
+    ref_image, other_image = _load_volume(loader, reference), _load_volume(loader, other)
+    differences = geometry_differences(ref_image.affine, other_image.affine)
+    if ref_image.shape != other_image.shape:
+        differences.insert(0, f"size {tuple(other_image.shape[1:])} != {tuple(ref_image.shape[1:])}")
     if differences:
         if not resample:
             raise ValueError(
                 f"{other} is not on the voxel grid of {reference}: {'; '.join(differences)}. "
                 "Pass --resample to resample it onto the reference grid"
             )
-        other_image = sitk.Resample(other_image, ref_image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        other_image = _resample_onto(other_image, ref_image)
     normalise = normalise or ("volume" if spatial_dims == 2 else "percentile")
-    a = _normalise(sitk.GetArrayFromImage(ref_image), normalise)  # (Z, Y, X)
-    b = _normalise(sitk.GetArrayFromImage(other_image), normalise)
+    a, b = (_normalise(img[0].numpy().transpose(2, 1, 0), normalise) for img in (ref_image, other_image))  # (Z, Y, X)
     if spatial_dims == 3:
         fused = fuse_volume_3d(a, b, network, roi_size, device=device)
     else:
         fused = fuse_volumes(a, b, network, batch_size, device)
-    image = sitk.GetImageFromArray(fused.astype(np.float32))
-    image.CopyInformation(ref_image)
-    sitk.WriteImage(image, str(output))
+    source = nib.load(reference)
+    image = nib.Nifti1Image(fused.transpose(2, 1, 0).astype(np.float32), source.affine, header=source.header.copy())
+    image.set_data_dtype(np.float32)
+    image.header.set_slope_inter(None, None)
+    nib.save(image, str(output))
     return output
 
 

@@ -319,3 +319,19 @@ def test_output_folder_inside_the_studies_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="must not be inside the studies folder"):
         run_batch(tmp_path / "studies", tmp_path / "studies" / "out", network=MeanFusion(), progress=False)
     assert main([str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o"), "--method", "mean"]) == 1
+
+
+def test_nifti_study_with_nan_voxels_fails_alone(tmp_path, shared_data):
+    brats = next(p for p in sorted((shared_data / "brats2015_sample" / "train").iterdir()) if p.is_dir())
+    studies = tmp_path / "studies"
+    _nifti_study(studies / "bad", brats)
+    _nifti_study(studies / "good", brats)
+    image = sitk.ReadImage(str(studies / "bad" / "Flair_crop.nii.gz"))
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, :3] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(studies / "bad" / "Flair_crop.nii.gz"))
+    results = run_batch(studies, tmp_path / "out", RULES, network=MeanFusion(), progress=False)
+    assert [(r.study, r.status) for r in results] == [("bad", "failed"), ("good", "done")]
+    assert "bad/Flair_crop.nii.gz: 3 of 16384 voxels are NaN or infinite" in results[0].error
