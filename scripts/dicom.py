@@ -515,7 +515,8 @@ def write_derived_series(
 
     Args:
         fused: the fused volume on ``reference``'s grid, slices in ``reference.datasets`` order.
-        reference, other: the source series (``reference`` gives geometry, patient, study, SOP class).
+        reference, other: the source series (``reference`` gives geometry, patient, study and, through
+            :func:`output_iod`, the output class: MR for an MR reference, Secondary Capture otherwise).
         output_dir: a new or empty folder; one file per slice, ``IM00001.dcm``, ... .
         method: fusion method name, used in SeriesDescription and DerivationDescription.
         series_number: SeriesNumber of the new series; default the reference's + 1000 (empty if it has none).
