@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,8 @@ def test_interrupted_run_leaves_no_partial_study_and_resumes(tmp_path, shared_da
         stderr=subprocess.PIPE,
         text=True,
     )
+    watchdog = threading.Timer(240, process.kill)  # a hung child must not hang the test run
+    watchdog.start()
     try:
         assert process.stdout.readline().strip() == "STAGED", process.stderr.read()
         staged = _partials(out)
@@ -260,6 +263,7 @@ def test_interrupted_run_leaves_no_partial_study_and_resumes(tmp_path, shared_da
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130, stderr
