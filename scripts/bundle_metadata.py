@@ -44,7 +44,9 @@ RECORDS = {
     "cddfuse": "training/harvard2d_selection/test_cddfuse.md",
     "clinicalfmamba": "training/harvard2d_selection/test_clinicalfmamba.md",
 }
-TEST_DATA = "Harvard Whole Brain Atlas test split (docs/data/harvard_pairs.csv): 176 pairs, CT-MRI 21, PET-MRI 82, SPECT-MRI 73"
+TEST_DATA = (
+    "Harvard Whole Brain Atlas test split (docs/data/harvard_pairs.csv): 176 pairs, CT-MRI 21, PET-MRI 82, SPECT-MRI 73"
+)
 # requirement names with a metadata field of their own
 OWN_FIELDS = {"torch", "monai", "numpy"}
 _NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?(?:e-?\d+)?)\s*(?:±|$)")
@@ -60,7 +62,7 @@ def read_summary_table(path: str | Path) -> dict[str, dict[str, float]]:
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip().startswith("|")]
     header = next((i for i, ln in enumerate(lines) if re.match(r"^\|\s*task\s*\|\s*n\s*\|", ln)), None)
     if header is None:
-        raise ValueError(f"{path}: no '| task | n | ...' summary table (expected a scripts.evaluate summary_<profile>.md)")
+        raise ValueError(f"{path}: no '| task | n | ...' summary table (scripts.evaluate's summary_<profile>.md)")
     names = [c.strip() for c in lines[header].strip("|").split("|")][2:]
     table: dict[str, dict[str, float]] = {}
     for line in lines[header + 2 :]:

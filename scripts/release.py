@@ -138,7 +138,7 @@ def build_release(
     sum_path = output / f"{zip_path.name}.sha256"
     existing = [str(p) for p in (zip_path, sum_path) if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} exists; remove it or pass --overwrite true")
+        raise FileExistsError(f"{', '.join(existing)}: already there; remove it or pass --overwrite true")
     files = bundle_files(root)
     weights = [f for f in files if f.startswith("models/") and f.endswith(WEIGHT_SUFFIXES)]
     output.mkdir(parents=True, exist_ok=True)
@@ -159,12 +159,15 @@ def build_release(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="dist", help="folder of the archive (default: dist)")
-    parser.add_argument("--name", default=BUNDLE_NAME, help=f"bundle name, the zip's top folder (default {BUNDLE_NAME})")
-    parser.add_argument("--weights_url", default=None, help="serve the weights from here: large_files.yml, no .pt in the zip")
+    parser.add_argument("--name", default=BUNDLE_NAME, help=f"bundle name, the zip's top folder ({BUNDLE_NAME})")
+    parser.add_argument(
+        "--weights_url", default=None, help="base URL of the weights: large_files.yml instead of .pt files in the zip"
+    )
     parser.add_argument("--overwrite", default="false", choices=["true", "false"], help="replace an existing archive")
     args = parser.parse_args(argv)
     try:
-        zip_path, sum_path = build_release(args.output, BUNDLE_ROOT, args.name, args.weights_url, args.overwrite == "true")
+        overwrite = args.overwrite == "true"
+        zip_path, sum_path = build_release(args.output, BUNDLE_ROOT, args.name, args.weights_url, overwrite)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
