@@ -141,3 +141,33 @@ def test_verify_metadata_passes(bundle: Path) -> None:
     if not SCHEMA.is_file():
         pytest.skip(f"schema not found at {SCHEMA} (CI has ../shared beside the clone)")
     verify_metadata(meta_file=str(bundle / "metadata.json"), filepath=str(SCHEMA))
+
+
+def test_ckpt_export_writes_the_runtime_packages_into_model_ts(tmp_path: Path) -> None:
+    """``monai.bundle ckpt_export`` copies the parsed metadata into the TorchScript file: no mamba-ssm there either."""
+    import torch
+    from monai.bundle import ckpt_export
+    from monai.data import load_net_with_metadata
+
+    from scripts.networks import ClinicalFMamba
+
+    tiny = {"features": [8, 8, 16], "depth": 1, "decoder_depth": 1, "d_state": 4, "swap_d_state": 4}
+    torch.manual_seed(0)
+    net = ClinicalFMamba(spatial_dims=2, refine=True, source_selection=True, **tiny)
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(tmp_path / "model.pt"),
+        key_in_ckpt="model",
+        meta_file=str(ROOT / "metadata.json"),
+        config_file=[str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "export.json")],
+        use_trace=True,
+        input_shape=[1, 2, 32, 32],
+        bundle_root=str(ROOT),
+        **{f"network_def#{k}": v for k, v in tiny.items()},
+    )
+    _, meta, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    expected = json.loads((ROOT / "metadata.json").read_text())["required_packages_version"]
+    assert meta["required_packages_version"] == expected
+    assert "optional_packages_version" not in meta and "mamba-ssm" not in meta["required_packages_version"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow, download_large_files
 from PIL import Image
 
@@ -67,6 +68,7 @@ def _serve(folder: Path) -> Iterator[str]:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the extracted bundle imports its own scripts
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # same arithmetic as the repo's run in this process
     return env
 
 
