@@ -5,9 +5,9 @@ MONAI Label read it there). ``eval_metrics`` is never typed by hand: it is rende
 tables that ``python -m scripts.evaluate`` writes (``summary_<profile>.md``: ``| task | n | METRIC ... |`` rows of
 ``mean ± sd``), so a new evaluation of new weights is one command away from the metadata::
 
-    python -m scripts.bundle_metadata                      # default records (RECORDS), rewrite both copies
-    python -m scripts.bundle_metadata --records cddfuse=runs/eval/summary_cddfuse.md --data "..."
-    python -m scripts.bundle_metadata --check              # exit 1 if the metadata differs from the records
+    python -m scripts.bundle_metadata --records cddfuse=runs/eval/summary_cddfuse.md --data "..."  # new records
+    python -m scripts.bundle_metadata                      # re-read the records named in eval_metrics["source"]
+    python -m scripts.bundle_metadata --check              # exit 1 if the metadata differs from its records
 
 ``required_packages_version`` must list the runtime packages of ``requirements.txt`` (besides torch, MONAI and
 numpy, which have their own fields) at versions that satisfy it; :func:`check_required_packages` says which
@@ -140,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--records", nargs="+", metavar="PROFILE=FILE", help="summary_<profile>.md files, relative to the root"
     )
-    parser.add_argument("--data", default=TEST_DATA, help="what the records scored")
+    parser.add_argument("--data", default=None, help="what the records scored (default: as in the metadata)")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the metadata is stale")
     args = parser.parse_args(argv)
     root = Path(args.root)
-    records = dict(r.split("=", 1) for r in args.records) if args.records else RECORDS
     meta = json.loads((root / "metadata.json").read_text(encoding="utf-8"))
-    expected = eval_metrics_from_records(records, root, args.data)
+    current = meta.get("eval_metrics") or {}
+    records = dict(r.split("=", 1) for r in args.records) if args.records else current.get("source", RECORDS)
+    expected = eval_metrics_from_records(records, root, args.data or current.get("data", TEST_DATA))
     if args.check:
         problems = check_required_packages(meta, root / "requirements.txt")
         if meta.get("eval_metrics") != expected:

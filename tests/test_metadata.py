@@ -113,6 +113,15 @@ def test_check_command_passes_here_and_fails_on_stale_metadata(tmp_path: Path, c
     assert "eval_metrics differ from the records" in err and "not a real, identical copy" in err
     assert main(["--root", str(root)]) == 0  # rewrite from the records: both copies agree again
     assert main(["--check", "--root", str(root)]) == 0
+    # new weights, new records: named once, then --check and rewrites follow eval_metrics["source"]
+    (root / "eval").mkdir()
+    table = "| task | n | Qabf |\n| --- | --- | ---: |\n| all | 3 | 0.8 ± 0.1 |\n"
+    (root / "eval" / "summary_cddfuse.md").write_text(table)
+    assert main(["--root", str(root), "--records", "cddfuse=eval/summary_cddfuse.md", "--data", "three pairs"]) == 0
+    assert main(["--check", "--root", str(root)]) == 0
+    meta = json.loads((root / "configs" / "metadata.json").read_text())["eval_metrics"]
+    assert meta["source"] == {"cddfuse": "eval/summary_cddfuse.md"} and meta["data"] == "three pairs"
+    assert meta["cddfuse"] == {"all": {"Qabf": 0.8}} and "clinicalfmamba" not in meta
 
 
 def _record_files(root: Path) -> list[str]:
