@@ -1,11 +1,12 @@
 """Bundle metadata upkeep: ``eval_metrics`` from the committed evaluation records, and consistency checks.
 
 ``metadata.json`` is the one source; ``configs/metadata.json`` is a byte-identical copy (MONAI tools and
-MONAI Label read it there). ``eval_metrics`` is never typed by hand: it is rendered from the per-task summary
-tables that ``python -m scripts.evaluate`` writes (``summary_<profile>.md``: ``| task | n | METRIC ... |`` rows of
-``mean ± sd``), so a new evaluation of new weights is one command away from the metadata::
+MONAI Label read it there). ``eval_metrics`` is never typed by hand: it is rendered from the evaluation records,
+the per-task summaries that ``python -m scripts.evaluate`` writes (``summary_<profile>.md``: ``| task | n | METRIC
+... |`` rows of ``mean ± sd``) or that ``python -m scripts.model_selection`` writes (``summary_<profile>.json``, one
+method chosen with ``#METHOD``), so a new evaluation of new weights is one command away from the metadata::
 
-    python -m scripts.bundle_metadata --records cddfuse=runs/eval/summary_cddfuse.md --data "..."  # new records
+    python -m scripts.bundle_metadata --records cddfuse=docs/results/test/summary_cddfuse.json#METHOD --data "..."
     python -m scripts.bundle_metadata                      # re-read the records named in eval_metrics["source"]
     python -m scripts.bundle_metadata --check              # exit 1 if the metadata differs from its records
 
@@ -34,6 +35,7 @@ __all__ = [
     "TEST_DATA",
     "check_required_packages",
     "eval_metrics_from_records",
+    "read_record",
     "read_summary_table",
     "write_metadata",
 ]
@@ -81,14 +83,34 @@ def read_summary_table(path: str | Path) -> dict[str, dict[str, float]]:
     return table
 
 
+def read_record(spec: str, root: str | Path = BUNDLE_ROOT) -> dict[str, dict[str, float]]:
+    """Per-task means of one record, named relative to ``root``: ``FILE.md`` (a ``scripts.evaluate`` summary
+    markdown) or ``FILE.json#METHOD`` (a ``scripts.model_selection`` ``summary_<profile>.json``, one method's rows).
+
+    Raises:
+        ValueError: naming the file, for a JSON record without ``#METHOD`` or without that method.
+    """
+    rel, _, method = spec.partition("#")
+    path = Path(root) / rel
+    if path.suffix.lower() != ".json":
+        return read_summary_table(path)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if method not in record:
+        raise ValueError(f"{path}: name the method as {rel}#METHOD, one of {sorted(record)}")
+    return {
+        task: {k: float(v["mean"]) for k, v in cells.items() if isinstance(v, Mapping) and v.get("mean") is not None}
+        for task, cells in record[method].items()
+    }
+
+
 def eval_metrics_from_records(
     records: Mapping[str, str] = RECORDS, root: str | Path = BUNDLE_ROOT, data: str = TEST_DATA
 ) -> dict:
     """The ``eval_metrics`` entry: for each profile ``{task: {metric: mean over pairs}}``, with data and sources."""
     metrics: dict = {"data": data, "statistic": "mean over pairs per task (and over all pairs: 'all')"}
     metrics["source"] = dict(records)
-    for profile, rel in records.items():
-        metrics[profile] = read_summary_table(Path(root) / rel)
+    for profile, spec in records.items():
+        metrics[profile] = read_record(spec, root)
     return metrics
 
 
@@ -138,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=str(BUNDLE_ROOT), help="bundle root (holds metadata.json)")
     parser.add_argument(
-        "--records", nargs="+", metavar="PROFILE=FILE", help="summary_<profile>.md files, relative to the root"
+        "--records",
+        nargs="+",
+        metavar="PROFILE=FILE",
+        help="summary_<profile>.md, or summary_<profile>.json#METHOD, relative to the root",
     )
     parser.add_argument("--data", default=None, help="what the records scored (default: as in the metadata)")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the metadata is stale")

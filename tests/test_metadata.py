@@ -15,6 +15,7 @@ from scripts.bundle_metadata import (
     check_required_packages,
     eval_metrics_from_records,
     main,
+    read_record,
     read_summary_table,
 )
 
@@ -71,8 +72,8 @@ def test_eval_metrics_are_the_records() -> None:
     meta = json.loads((ROOT / "metadata.json").read_text())
     metrics = meta["eval_metrics"]
     assert metrics == eval_metrics_from_records(metrics["source"], ROOT, metrics["data"])
-    for profile, rel in metrics["source"].items():
-        table = read_summary_table(ROOT / rel)
+    for profile, spec in metrics["source"].items():
+        table = read_record(spec, ROOT)
         assert set(table) == {"CT-MRI", "PET-MRI", "SPECT-MRI", "all"}
         assert metrics[profile]["CT-MRI"] == table["CT-MRI"]
     assert set(metrics["cddfuse"]["all"]) == {"EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM"}
@@ -95,6 +96,17 @@ def test_read_summary_table_values_and_errors(tmp_path: Path) -> None:
     bad.write_text("| task | n | EN |\n| --- | --- | --- |\n| CT-MRI | 2 | n/a |\n")
     with pytest.raises(ValueError, match=r"bad\.md: task 'CT-MRI', metric 'EN'"):
         read_summary_table(bad)
+
+
+def test_read_record_takes_one_method_of_a_model_selection_summary(tmp_path: Path) -> None:
+    record = {
+        "candidate_a": {"CT-MRI": {"n": 2, "Qabf": {"mean": 0.6, "std": 0.1}, "MI": {"mean": None, "std": None}}},
+        "max": {"CT-MRI": {"n": 2, "Qabf": {"mean": 0.5, "std": 0.1}}},
+    }
+    (tmp_path / "summary_cddfuse.json").write_text(json.dumps(record))
+    assert read_record("summary_cddfuse.json#candidate_a", tmp_path) == {"CT-MRI": {"Qabf": 0.6}}
+    with pytest.raises(ValueError, match=r"summary_cddfuse\.json#METHOD, one of \['candidate_a', 'max'\]"):
+        read_record("summary_cddfuse.json", tmp_path)
 
 
 def test_check_command_passes_here_and_fails_on_stale_metadata(tmp_path: Path, capsys) -> None:
@@ -125,7 +137,8 @@ def test_check_command_passes_here_and_fails_on_stale_metadata(tmp_path: Path, c
 
 
 def _record_files(root: Path) -> list[str]:
-    return list(json.loads((root / "metadata.json").read_text())["eval_metrics"]["source"].values())
+    sources = json.loads((root / "metadata.json").read_text())["eval_metrics"]["source"].values()
+    return [spec.partition("#")[0] for spec in sources]
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=["fusion", "companion"])
