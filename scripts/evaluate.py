@@ -132,7 +132,9 @@ def evaluation_datalist(
     return items
 
 
-def fusion_method(method: str, network: nn.Module | None = None, ckpt_path: PathLike | None = None) -> nn.Module:
+def fusion_method(
+    method: str, network: nn.Module | None = None, ckpt_path: PathLike | None = None, allow_untrained: bool = False
+) -> nn.Module:
     """The fusion module for a method name.
 
     Args:
@@ -140,6 +142,7 @@ def fusion_method(method: str, network: nn.Module | None = None, ckpt_path: Path
         network: the network module, used for ``"clinicalfmamba"``.
         ckpt_path: its trained weights, which must exist for ``"clinicalfmamba"`` (the workflow's ``network``
             entry loads them, as in ``configs/inference.json``).
+        allow_untrained: evaluate the network without weights (random initialisation, reported as UNTRAINED).
 
     Returns:
         an ``nn.Module`` mapping ``image`` ``(B, 2, *spatial)`` in [0, 1] to ``(B, 1, *spatial)`` in [0, 1].
@@ -151,10 +154,11 @@ def fusion_method(method: str, network: nn.Module | None = None, ckpt_path: Path
         raise ValueError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
     if network is None:
         raise ValueError("method 'clinicalfmamba' needs the network ('clinicalfmamba_def' is missing or disabled)")
-    if ckpt_path is None or not Path(ckpt_path).is_file():
+    if (ckpt_path is None or not Path(ckpt_path).is_file()) and not allow_untrained:
         raise FileNotFoundError(
             f"method 'clinicalfmamba' needs trained weights, but the checkpoint {ckpt_path} was not found; "
-            f"pass --ckpt_path FILE, or evaluate a baseline with --method {'|'.join(BASELINES)}"
+            f"pass --ckpt_path FILE, evaluate a baseline with --method {'|'.join(BASELINES)}, or pass "
+            "--allow_untrained true to score the network's random initialisation knowingly"
         )
     return network
 
