@@ -39,6 +39,7 @@ __all__ = [
     "check_override_keys",
     "guard_run",
     "install_error_hook",
+    "traceback_wanted",
     "user_message",
 ]
 
@@ -93,11 +94,20 @@ def _target_parameters(target: Any) -> tuple[list[str], bool] | None:
         obj = locate(f"{name}.{target}") if isinstance(name, str) else locate(target)
         if obj is None:
             return None
-        params = inspect.signature(obj).parameters.values()
+        signatures = [inspect.signature(obj)]
+        if inspect.isclass(obj) and obj.__module__.startswith("scripts."):
+            # the bundle's own subclasses pass **kwargs on to their parent: follow them to the class that takes them
+            inits = [k.__dict__["__init__"] for k in obj.__mro__[1:] if "__init__" in k.__dict__]
+            signatures += [inspect.signature(f) for f in inits if (getattr(f, "__module__", "") or "").startswith("scripts.")]
     except Exception:  # noqa: BLE001 - unknown target: MONAI will report it when it instantiates
         return None
-    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+    names: list[str] = []
+    for signature in signatures:
+        params = signature.parameters.values()
+        names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names, False
+    return names, len(signatures) == 1  # only **kwargs that reach a class outside the bundle are open-ended
 
 
 def _lookup(config: Any, key: str) -> list[str] | None:
@@ -306,12 +316,13 @@ def user_message(err: BaseException) -> str | None:
     return None
 
 
-def _traceback_wanted() -> bool:
+def traceback_wanted() -> bool:
+    """Whether the environment asks for full tracebacks (``CLINICALFMAMBA_TRACEBACK=1``)."""
     return os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
-    message = None if _traceback_wanted() else user_message(exc)
+    message = None if traceback_wanted() else user_message(exc)
     if message is None:
         sys.__excepthook__(exc_type, exc, tb)
         return
