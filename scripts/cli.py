@@ -98,7 +98,8 @@ def _target_parameters(target: Any) -> tuple[list[str], bool] | None:
         if inspect.isclass(obj) and obj.__module__.startswith("scripts."):
             # the bundle's own subclasses pass **kwargs on to their parent: follow them to the class that takes them
             inits = [k.__dict__["__init__"] for k in obj.__mro__[1:] if "__init__" in k.__dict__]
-            signatures += [inspect.signature(f) for f in inits if (getattr(f, "__module__", "") or "").startswith("scripts.")]
+            own = [f for f in inits if (getattr(f, "__module__", "") or "").startswith("scripts.")]
+            signatures += [inspect.signature(f) for f in own]
     except Exception:  # noqa: BLE001 - unknown target: MONAI will report it when it instantiates
         return None
     names: list[str] = []
@@ -110,6 +111,10 @@ def _target_parameters(target: Any) -> tuple[list[str], bool] | None:
     return names, len(signatures) == 1  # only **kwargs that reach a class outside the bundle are open-ended
 
 
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}{ID_SEP}{key}" if prefix else key
+
+
 def _lookup(config: Any, key: str) -> list[str] | None:
     """``None`` when ``key`` (``a#b#c``) names an id of ``config`` or a keyword its component takes; else the
     known ids at the level where the lookup failed (full ids, for the suggestion)."""
@@ -117,7 +122,6 @@ def _lookup(config: Any, key: str) -> list[str] | None:
     node = config
     for depth, part in enumerate(parts):
         prefix = ID_SEP.join(parts[:depth])
-        full = (lambda k: f"{prefix}{ID_SEP}{k}") if prefix else (lambda k: k)
         if isinstance(node, Mapping):
             if part in node:
                 node = node[part]
@@ -130,12 +134,12 @@ def _lookup(config: Any, key: str) -> list[str] | None:
                 if signature is None or signature[1] or part in signature[0]:
                     return None  # a keyword the component takes (or one that cannot be checked)
                 known += [p for p in signature[0] if p not in known]
-            return [full(k) for k in known]
+            return [_join(prefix, k) for k in known]
         if isinstance(node, list):
             if part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
                 continue
-            return [full(str(i)) for i in range(len(node))]
+            return [_join(prefix, str(i)) for i in range(len(node))]
         return [prefix] if prefix else []  # a value (string, number, expression) has no sub-ids
     return None
 
@@ -147,7 +151,7 @@ def _all_ids(config: Any, prefix: str = "", limit: int = 5000) -> list[str]:
         pre, node = stack.pop()
         items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
         for k, v in items:
-            sub = f"{pre}{ID_SEP}{k}" if pre else str(k)
+            sub = _join(pre, str(k))
             ids.append(sub)
             stack.append((sub, v))
     return ids
