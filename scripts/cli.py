@@ -10,7 +10,9 @@
   ends the process with one ``error: ...`` line and exit status 1 instead of MONAI's double
   ``Failed to instantiate component`` traceback. The traceback is logged at DEBUG, and printed in full with
   the environment variable ``CLINICALFMAMBA_TRACEBACK=1``. Other exceptions (bugs) keep their traceback.
-- :func:`guard_run`: both, for ``python -m monai.bundle run``; every config calls it first in ``initialize``.
+- :func:`guard_run`: both, for ``python -m monai.bundle run`` (and ``ckpt_export`` / ``onnx_export``): every
+  config calls it first in ``initialize`` (``configs/export.json``, whose commands run no ``initialize``, through
+  ``network_def``'s ``_requires_``; the companion bundle's ``study.json`` once the root bundle is importable).
   In other processes (a ``ConfigWorkflow`` built in Python, tests) it does nothing: the caller passes its
   overrides as keyword arguments and sees the exceptions itself.
 """
