@@ -160,7 +160,10 @@ def _supported(path: Path) -> bool:
 
 
 def datalist_from_folder(
-    root: PathLike, reference_dirs: Sequence[str] = REFERENCE_DIRS, strict: bool = True
+    root: PathLike,
+    reference_dirs: Sequence[str] = REFERENCE_DIRS,
+    strict: bool = True,
+    errors: list[tuple[dict[str, str], str]] | None = None,
 ) -> list[dict[str, str]]:
     """Pairs found under ``root`` in the Harvard layout.
 
@@ -172,6 +175,8 @@ def datalist_from_folder(
         root: folder to search recursively.
         reference_dirs: names of the folders that hold the reference (channel 0) images.
         strict: raise on a reference image without a partner instead of skipping it.
+        errors: if given, a reference image without a partner is appended here as ``(entry, reason)`` instead
+            (and the folder may hold no complete pair).
 
     Returns:
         list of ``{"mri", "other", "task", "id"}`` dicts sorted by task then id.
@@ -203,10 +208,13 @@ def datalist_from_folder(
                     )
             if not found:
                 msg = f"{ref_file}: no partner file '{pair_id}.*' in the sibling folders {[s.name for s in siblings]}"
-                if strict:
+                if errors is not None:
+                    errors.append(({"mri": str(ref_file.resolve()), "id": pair_id, "task": ""}, msg))
+                elif strict:
                     raise FileNotFoundError(msg)
-                logger.warning("%s; skipped", msg)
-    if not items:
+                else:
+                    logger.warning("%s; skipped", msg)
+    if not items and not errors:
         raise ValueError(
             f"no image pairs found under {root_path}: expected <dir>/**/{'|'.join(reference_dirs)}/<id>.<ext> with a "
             f"sibling modality folder holding <id>.<ext> (extensions {', '.join(_ALL_EXTENSIONS)})"
@@ -247,9 +255,25 @@ def _filter_split(rows: list[dict[str, Any]], split: str | Sequence[str] | None,
     return [r for r in rows if str(r.get("split", "")).strip() in splits]
 
 
-def _finish(rows: Iterable[Mapping[str, Any]], base_dir: Path, source: str) -> list[dict[str, str]]:
-    items = [_normalise_item(r, base_dir, source, i) for i, r in enumerate(rows)]
-    if not items:
+def _finish(
+    rows: Iterable[Mapping[str, Any]],
+    base_dir: Path,
+    source: str,
+    errors: list[tuple[dict[str, str], str]] | None = None,
+) -> list[dict[str, str]]:
+    """Normalised entries; with ``errors`` a bad entry (missing file or path) is appended there as ``(entry,
+    reason)`` instead of raising, like a bad pair."""
+    items = []
+    rows = list(rows)
+    for i, r in enumerate(rows):
+        try:
+            items.append(_normalise_item(r, base_dir, source, i))
+        except (FileNotFoundError, ValueError) as e:
+            if errors is None:
+                raise
+            entry = {str(k): str(v) for k, v in r.items()} if isinstance(r, Mapping) else {"entry": str(r)}
+            errors.append(({**entry, "id": str(entry.get("id") or entry.get("pair_id") or f"entry {i}")}, str(e)))
+    if not rows:
         raise ValueError(f"empty datalist: {source} lists no image pairs (after filtering)")
     return items
 
@@ -275,7 +299,9 @@ def brats_datalist(root: PathLike, reference: str = "Flair", other: str = "T1c")
     return rows
 
 
-def datalist_from_csv(path: PathLike, split: str | Sequence[str] | None = None) -> list[dict[str, str]]:
+def datalist_from_csv(
+    path: PathLike, split: str | Sequence[str] | None = None, errors: list[tuple[dict[str, str], str]] | None = None
+) -> list[dict[str, str]]:
     """Pairs from a CSV file: columns ``mri``, ``other`` (or ``image``), optional ``task``, ``id``, ``split``.
 
     ``pair_id`` is accepted for ``id`` (the Harvard ``pairs.csv`` column).
@@ -283,6 +309,7 @@ def datalist_from_csv(path: PathLike, split: str | Sequence[str] | None = None) 
     Args:
         path: the CSV file; relative paths inside it are resolved against its folder.
         split: keep only rows whose ``split`` column equals this value (or one of these values).
+        errors: collect bad rows (missing files) here instead of raising (see :func:`load_datalist`).
     """
     csv_path = Path(path).expanduser()
     if not csv_path.is_file():
@@ -296,11 +323,14 @@ def datalist_from_csv(path: PathLike, split: str | Sequence[str] | None = None) 
             rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     except (UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{csv_path}: not a readable UTF-8 CSV datalist ({e})") from e
-    return _finish(_filter_split(rows, split, str(csv_path)), csv_path.parent, str(csv_path))
+    return _finish(_filter_split(rows, split, str(csv_path)), csv_path.parent, str(csv_path), errors)
 
 
 def datalist_from_json(
-    path: PathLike, key: str = "testing", split: str | Sequence[str] | None = None
+    path: PathLike,
+    key: str = "testing",
+    split: str | Sequence[str] | None = None,
+    errors: list[tuple[dict[str, str], str]] | None = None,
 ) -> list[dict[str, str]]:
     """Pairs from a JSON file: a list of dicts, or a Decathlon-style dict whose ``key`` entry is that list.
 
@@ -308,6 +338,7 @@ def datalist_from_json(
         path: the JSON file; relative paths inside it are resolved against its folder.
         key: the list to read from a Decathlon-style dict (default ``"testing"``).
         split: keep only entries whose ``split`` field equals this value (or one of these values).
+        errors: collect bad entries (missing files) here instead of raising (see :func:`load_datalist`).
     """
     json_path = Path(path).expanduser()
     if not json_path.is_file():
@@ -323,7 +354,7 @@ def datalist_from_json(
         content = content[key]
     if not isinstance(content, list):
         raise ValueError(f"{json_path}: expected a list of pairs, got {type(content).__name__}")
-    return _finish(_filter_split(content, split, str(json_path)), json_path.parent, str(json_path))
+    return _finish(_filter_split(content, split, str(json_path)), json_path.parent, str(json_path), errors)
 
 
 def harvard_datalist(
@@ -345,7 +376,9 @@ def harvard_datalist(
 
 
 def load_datalist(
-    source: PathLike | Sequence[Mapping[str, Any]], split: str | Sequence[str] | None = None
+    source: PathLike | Sequence[Mapping[str, Any]],
+    split: str | Sequence[str] | None = None,
+    errors: list[tuple[dict[str, str], str]] | None = None,
 ) -> list[dict[str, str]]:
     """Datalist from a folder, a ``.csv`` or ``.json`` file, or an already built list of dicts.
 
@@ -353,17 +386,20 @@ def load_datalist(
         source: folder (Harvard layout), CSV or JSON datalist file, or a list of pair dicts (relative paths
             resolved against the current directory).
         split: for CSV/JSON sources, keep only entries of this split.
+        errors: if given, entries that name a missing file (or no file), and reference images without a partner
+            in a folder, are appended here as ``(entry, reason)`` and left out, instead of stopping with an error
+            (``on_error="skip"`` of :func:`check_pairs`). A source that cannot be read at all still raises.
     """
     if isinstance(source, (list, tuple)):
-        return _finish(_filter_split(list(source), split, "datalist"), Path.cwd(), "datalist")
+        return _finish(_filter_split(list(source), split, "datalist"), Path.cwd(), "datalist", errors)
     path = Path(str(source)).expanduser()
     if path.is_dir():
-        return datalist_from_folder(path)
+        return datalist_from_folder(path, errors=errors)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return datalist_from_csv(path, split=split)
+        return datalist_from_csv(path, split=split, errors=errors)
     if suffix == ".json":
-        return datalist_from_json(path, split=split)
+        return datalist_from_json(path, split=split, errors=errors)
     if not path.exists():
         raise FileNotFoundError(f"datalist source not found: {path} (expected a folder, a .csv or a .json file)")
     raise ValueError(f"unsupported datalist source {path}: expected a folder, a .csv or a .json file")
@@ -524,6 +560,7 @@ def check_pairs(
     read_pixels: bool = True,
     resample: bool = False,
     tolerance: float = 1e-3,
+    set_aside: Sequence[tuple[Mapping[str, Any], str]] = (),
 ) -> PairCheck:
     """Check every pair before any compute: readable, supported, consistent, finite.
 
@@ -536,8 +573,9 @@ def check_pairs(
 
     Args:
         datalist: a datalist or any source :func:`load_datalist` reads (folder, CSV, JSON).
-        on_error: ``"skip"``: log an error naming the file(s) and set the pair aside in ``failed``;
-            ``"raise"``: raise ``ValueError`` at the first bad pair (nothing is fused).
+        on_error: ``"skip"``: log an error naming the file(s) and set the pair aside in ``failed``; a datalist
+            entry naming a missing file is a bad pair like any other;
+            ``"raise"``: raise at the first bad pair or datalist entry (nothing is fused).
         split: for CSV/JSON sources, keep only entries of this split.
         spatial_dims: 2 or 3: the workflow's dimensionality (``None``: not checked).
         expected_tasks: the tasks the workflow is meant for; a datalist holding other tasks is refused
@@ -546,12 +584,17 @@ def check_pairs(
         resample: NIfTI pairs on different voxel grids are accepted (the workflow resamples the other image
             onto the reference grid) instead of set aside.
         tolerance: voxel-grid tolerance (:func:`geometry_differences`).
+        set_aside: entries already found bad while the datalist was built (``(entry, reason)``), reported first.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    items = load_datalist(datalist, split=split)
+    bad_entries: list[tuple[dict[str, str], str]] | None = [] if on_error == "skip" else None
+    items = load_datalist(datalist, split=split, errors=bad_entries)
     check_tasks(items, expected_tasks, datalist)
     result = PairCheck()
+    for item, reason in [*set_aside, *(bad_entries or [])]:
+        logger.error("skipping datalist entry: %s", reason)
+        result.failed.append((dict(item), reason))
     for item in items:
         try:
             reason = _check_header(item, spatial_dims, resample, tolerance)

@@ -412,7 +412,10 @@ def load_fusion_network(
     configs = [str(f) for f in (config_file if isinstance(config_file, (list, tuple)) else [config_file])]
     weights = Path(weights or BUNDLE_ROOT / "models" / ("model.pt" if spatial_dims == 2 else "model_3d.pt"))
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: ClinicalFMamba checkpoint not found; pass --weights FILE or use a baseline --method")
+        raise FileNotFoundError(
+            f"{weights}: ClinicalFMamba checkpoint not found (DICOM output is never made with random weights); "
+            "pass --weights FILE or use a baseline --method"
+        )
     parser = ConfigParser()
     parser.read_config(configs)
     parser["bundle_root"] = str(BUNDLE_ROOT)
@@ -422,9 +425,9 @@ def load_fusion_network(
             f"{', '.join(configs)}: network_def is a {getattr(network, 'spatial_dims', 2)}D network, "
             f"but {spatial_dims}D fusion was asked for (--spatial-dims)"
         )
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    network.load_state_dict(checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint)
-    return network.eval()
+    from scripts.weights import load_network_weights
+
+    return load_network_weights(network, weights).eval()  # weights_only; unreadable or mismatched: a clear error
 
 
 def write_nifti(volume: np.ndarray, reference: DicomSeries, path: str | Path) -> Path:
@@ -770,10 +773,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     fuse.add_argument("--allow-patient-mismatch", action="store_true", help="do not check PatientID/PatientName")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
+    from scripts.cli import traceback_wanted, user_message
+
     try:
         result = _run_fuse(args)
-    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None or traceback_wanted():
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.items() if k != "files"}))
     return 0

@@ -44,7 +44,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from scripts.baselines import LaplacianPyramidFusion, MaxFusion, MeanFusion
-from scripts.data import IMAGE_EXTENSIONS, PathLike, load_datalist, split_extension
+from scripts.data import IMAGE_EXTENSIONS, PairCheck, PathLike, check_pairs, load_datalist, split_extension
 from scripts.metrics import get_profile
 from scripts.transforms import AttachChromad, ycbcr_to_rgb
 
@@ -56,6 +56,7 @@ __all__ = [
     "compare",
     "comparison_markdown",
     "evaluation_datalist",
+    "evaluation_pairs",
     "format_mean_std",
     "fusion_method",
     "main",
@@ -99,6 +100,7 @@ def evaluation_datalist(
     source: PathLike | Sequence[Mapping[str, Any]],
     split: str | Sequence[str] | None = "test",
     tasks: str | Sequence[str] | None = None,
+    errors: list[tuple[dict[str, str], str]] | None = None,
 ) -> list[dict[str, str]]:
     """The pairs to evaluate.
 
@@ -108,6 +110,7 @@ def evaluation_datalist(
         split: keep only pairs of this split (or these splits) when the source has a ``split`` field; a source
             without one is used whole (logged). ``None``: all pairs.
         tasks: keep only these tasks (e.g. ``"CT-MRI"`` or ``["PET-MRI", "SPECT-MRI"]``); ``None``: all.
+        errors: collect entries naming missing files here instead of raising (:func:`scripts.data.load_datalist`).
 
     Returns:
         list of ``{"mri", "other", "task", "id"}`` (or ``{"image", ...}``) dicts.
@@ -122,7 +125,7 @@ def evaluation_datalist(
     if split is not None and not _has_split_field(source):
         logger.info("datalist %s has no 'split' field: split %r ignored, every pair is evaluated", source, split)
         split = None
-    items = load_datalist(source, split=split)
+    items = load_datalist(source, split=split, errors=errors)
     if tasks is not None:
         wanted = {tasks} if isinstance(tasks, str) else set(tasks)
         available = sorted({d["task"] for d in items})
@@ -132,7 +135,23 @@ def evaluation_datalist(
     return items
 
 
-def fusion_method(method: str, network: nn.Module | None = None, ckpt_path: PathLike | None = None) -> nn.Module:
+def evaluation_pairs(
+    datalist: PathLike | Sequence[Mapping[str, Any]],
+    split: str | Sequence[str] | None = "test",
+    tasks: str | Sequence[str] | None = None,
+    on_error: str = "skip",
+    **check: Any,
+) -> PairCheck:
+    """:func:`evaluation_datalist` checked by :func:`scripts.data.check_pairs`; with ``on_error="skip"`` a datalist
+    entry naming a missing file is set aside like any bad pair. ``check``: further ``check_pairs`` arguments."""
+    errors: list[tuple[dict[str, str], str]] | None = [] if on_error == "skip" else None
+    items = evaluation_datalist(datalist, split=split, tasks=tasks, errors=errors)
+    return check_pairs(items, on_error=on_error, set_aside=errors or (), **check)
+
+
+def fusion_method(
+    method: str, network: nn.Module | None = None, ckpt_path: PathLike | None = None, allow_untrained: bool = False
+) -> nn.Module:
     """The fusion module for a method name.
 
     Args:
@@ -140,6 +159,7 @@ def fusion_method(method: str, network: nn.Module | None = None, ckpt_path: Path
         network: the network module, used for ``"clinicalfmamba"``.
         ckpt_path: its trained weights, which must exist for ``"clinicalfmamba"`` (the workflow's ``network``
             entry loads them, as in ``configs/inference.json``).
+        allow_untrained: evaluate the network without weights (random initialisation, reported as UNTRAINED).
 
     Returns:
         an ``nn.Module`` mapping ``image`` ``(B, 2, *spatial)`` in [0, 1] to ``(B, 1, *spatial)`` in [0, 1].
@@ -151,10 +171,11 @@ def fusion_method(method: str, network: nn.Module | None = None, ckpt_path: Path
         raise ValueError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
     if network is None:
         raise ValueError("method 'clinicalfmamba' needs the network ('clinicalfmamba_def' is missing or disabled)")
-    if ckpt_path is None or not Path(ckpt_path).is_file():
+    if (ckpt_path is None or not Path(ckpt_path).is_file()) and not allow_untrained:
         raise FileNotFoundError(
             f"method 'clinicalfmamba' needs trained weights, but the checkpoint {ckpt_path} was not found; "
-            f"pass --ckpt_path FILE, or evaluate a baseline with --method {'|'.join(BASELINES)}"
+            f"pass --ckpt_path FILE, evaluate a baseline with --method {'|'.join(BASELINES)}, or pass "
+            "--allow_untrained true to score the network's random initialisation knowingly"
         )
     return network
 
@@ -690,7 +711,7 @@ def compare(
     Returns:
         ``{"comparison_P_md": path, "comparison_P_csv": path, ...}``.
     """
-    from monai.bundle import ConfigWorkflow
+    from monai.bundle import ConfigParser, ConfigWorkflow
 
     root = Path(bundle_root) if bundle_root is not None else BUNDLE_ROOT
     out_root = Path(output_dir) if output_dir is not None else root / "eval"
@@ -699,9 +720,15 @@ def compare(
     existing = [str(x) for pair in targets.values() for x in pair if x.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"comparison tables exist and are not replaced: {existing}; pass --overwrite true")
+    from scripts.cli import RunFailedError, check_override_keys
+
+    parser = ConfigParser()
+    parser.read_config(_config_files(root, spatial_dims))
+    check_override_keys(parser.get(), override, configs=" + ".join(_config_files(root, spatial_dims)))
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in profiles}
     names: dict[str, list[str]] = {}
     description = ""
+    failures: list[str] = []
     for method in methods:
         method_dir = out_root / method
         wf = ConfigWorkflow(
@@ -734,7 +761,13 @@ def compare(
                 wf.parser["profile"] = todo
                 wf.initialize()
             wf.run()
-            wf.finalize()
+            try:
+                wf.finalize()
+            except RuntimeError as e:  # pairs set aside: the tables are written, then the run fails
+                cause = next((c for c in _causes(e) if isinstance(c, RunFailedError)), None)
+                if cause is None:
+                    raise
+                failures.append(f"{method}: {cause}")
             report = wf.parser.get_parsed_content("report")
             for p in todo:
                 rows[p][method], names[p] = report.rows[p], list(report.metric_names[p])
@@ -765,7 +798,17 @@ def compare(
         _write_text(md_path, "\n".join(lines))
         written[f"comparison_{p}_md"], written[f"comparison_{p}_csv"] = md_path, csv_path
         logger.info("comparison (profile %s): %s", p, md_path)
+    if failures:
+        raise RunFailedError(f"comparison tables written, but pairs failed: {'; '.join(failures)}")
     return written
+
+
+def _causes(err: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while err is not None and all(err is not e for e in out):
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
 
 
 def _parse_value(text: str) -> Any:
@@ -814,4 +857,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
+    from scripts.cli import install_error_hook
+
+    install_error_hook()
     main()

@@ -426,13 +426,16 @@ class FusionSummary:
     """Fused pairs written, skipped (outputs exist) and failed (with the reason), logged at the end of a run.
 
     ``failed`` starts with the pairs set aside before fusion (:func:`scripts.data.check_pairs`); the writer adds
-    pairs whose outputs could not be written.
+    pairs whose outputs could not be written. ``untrained``: the network ran with random weights
+    (``--allow_untrained true``), said in the summary line. :meth:`raise_if_failed` turns failures into the run's
+    error (exit status 1 on the command line).
     """
 
-    def __init__(self, failed: Sequence[tuple[Mapping[str, Any], str]] = ()) -> None:
+    def __init__(self, failed: Sequence[tuple[Mapping[str, Any], str]] = (), untrained: bool = False) -> None:
         self.written: list[list[str]] = []
         self.skipped: list[list[str]] = []
         self.failed: list[tuple[Mapping[str, Any], str]] = list(failed)
+        self.untrained = bool(untrained)
 
     def add_written(self, paths: Sequence[str]) -> None:
         self.written.append(list(paths))
@@ -443,8 +446,40 @@ class FusionSummary:
     def add_failed(self, item: Mapping[str, Any], reason: str) -> None:
         self.failed.append((item, reason))
 
+    def failed_names(self, limit: int = 10) -> str:
+        """The failed pairs' ids (or reference files), at most ``limit`` of them."""
+        names = [str(item.get("id") or item.get("mri") or item.get("image") or "?") for item, _ in self.failed]
+        return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
     def __str__(self) -> str:
-        return f"{len(self.written)} pairs written, {len(self.skipped)} skipped, {len(self.failed)} failed"
+        text = f"{len(self.written)} pairs written, {len(self.skipped)} skipped, {len(self.failed)} failed"
+        if self.failed:
+            text += f" ({self.failed_names()})"
+        if self.untrained:
+            text += "; UNTRAINED network: random weights (--allow_untrained true), outputs are not meaningful"
+        return text
+
+    def raise_if_failed(self, fail_on: str = "any", total: int | None = None) -> None:
+        """Raise :class:`scripts.cli.RunFailedError` (exit status 1) when pairs failed.
+
+        Args:
+            fail_on: ``"any"``: when any pair failed; ``"all"``: only when every pair failed.
+            total: the number of pairs of the run (default: written + skipped + failed).
+        """
+        from scripts.cli import RunFailedError
+
+        if fail_on not in ("any", "all"):
+            raise ValueError(f"fail_on must be 'any' or 'all', got {fail_on!r}")
+        n_failed = len(self.failed)
+        total = len(self.written) + len(self.skipped) + n_failed if total is None else int(total)
+        if n_failed == 0 or (fail_on == "all" and n_failed < total):
+            return
+        raise RunFailedError(
+            f"{n_failed} of {total} pairs failed: {self.failed_names()} (reasons in the log above; the other pairs' "
+            "outputs are written). "
+            + ("Fix the inputs named there" if fail_on == "all" else "Fix the inputs named there, or pass --fail_on all "
+               "to end with an error only when every pair fails")
+        )
 
     def log(self, log: logging.Logger | None = None) -> str:
         """Log the counts, then the written files, the skipped and the failed pairs; returns the one-line summary."""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["check_weights", "load_network_weights", "read_state_dict"]
+__all__ = ["WeightsChoice", "check_weights", "choose_weights", "load_network_weights", "missing_weights_message", "read_state_dict"]
+
+logger = logging.getLogger(__name__)
 
 
 def read_state_dict(path: str | os.PathLike, key: str | None = "model", map_location: str | torch.device = "cpu") -> dict:
@@ -19,7 +23,7 @@ def read_state_dict(path: str | os.PathLike, key: str | None = "model", map_loca
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise FileNotFoundError(f"weights file not found: {_where(path)}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"weights file is empty: {path}")
     try:
@@ -65,6 +69,66 @@ def load_network_weights(
     _check_match(network, state, path, allow_missing=allow_missing)
     network.load_state_dict(state, strict=not allow_missing)
     return network
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """What a workflow does about its network's weights (:func:`choose_weights`).
+
+    Attributes:
+        load: load the weights file.
+        untrained: the network runs with its random initialisation (only with ``allow_untrained``).
+        note: one line for logs and summaries: the file, ``UNTRAINED ...`` or that no weights are needed.
+    """
+
+    load: bool
+    untrained: bool
+    note: str
+
+
+def _where(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else f"{path} (from {os.getcwd()}: {os.path.abspath(path)})"
+
+
+def missing_weights_message(path: str | os.PathLike, option: str = "--ckpt_path") -> str:
+    """The error text for a weights file that does not exist: the path as given and as resolved, and the fixes."""
+    return (
+        f"weights file not found: {_where(path)}; the network would fuse with random weights, so the run stops. "
+        f"Pass {option} FILE, run from the bundle folder (or set --bundle_root DIR), or pass --allow_untrained true "
+        "to run with random weights knowingly (tests only: outputs are not meaningful)"
+    )
+
+
+def choose_weights(
+    network: nn.Module, path: str | os.PathLike | None, load: bool = True, allow_untrained: bool = False
+) -> WeightsChoice:
+    """Decide how ``network`` gets its weights; a network with parameters never runs untrained by accident.
+
+    Args:
+        network: the configured network (a parameter-free rule such as mean fusion needs no weights).
+        path: the weights file.
+        load: load ``path`` (``load_pretrain``); ``False`` for a learnable network needs ``allow_untrained``.
+        allow_untrained: run a learnable network with its random initialisation when there are no weights.
+
+    Raises:
+        FileNotFoundError: ``load`` and ``path`` does not exist (the message names it and the fixes).
+        ValueError: ``load`` is ``False`` for a learnable network without ``allow_untrained``.
+    """
+    if not any(p.numel() for p in network.parameters()):
+        return WeightsChoice(False, False, f"none needed ({type(network).__name__} has no parameters)")
+    if load and path is not None and os.path.isfile(path):
+        return WeightsChoice(True, False, os.fspath(path))
+    if not allow_untrained:
+        if load:
+            raise FileNotFoundError(missing_weights_message(path if path is not None else "(none given)"))
+        raise ValueError(
+            f"load_pretrain is false, so {type(network).__name__} would fuse with random weights; pass "
+            "--load_pretrain true with --ckpt_path FILE, or --allow_untrained true to run untrained knowingly"
+        )
+    note = f"UNTRAINED: random initialisation (--allow_untrained true; no weights loaded from {path})"
+    logger.warning("%s -- outputs are not meaningful", note)
+    return WeightsChoice(False, True, note)
 
 
 def check_weights(network: nn.Module | None, path: str | os.PathLike | None, key: str | None = "model") -> None:

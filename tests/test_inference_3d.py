@@ -44,6 +44,7 @@ def test_3d_config_fuses_a_volume_with_the_reference_geometry(tmp_path):
         output_dir=str(tmp_path / "out"),
         network_def=TINY_3D,
         load_pretrain=False,
+        allow_untrained=True,
         roi_size=[16, 16, 16],
     )
     wf.initialize()

@@ -118,7 +118,8 @@ class FusionArm(Arm):
         ckpt_path: trained weights for a learnable fusion module (``None`` for parameter-free rules). If the
             file does not exist the module keeps its random initialisation and the arm is reported as
             UNTRAINED everywhere (or an error is raised with ``require_weights``).
-        require_weights: raise instead of running a learnable fusion module without trained weights.
+        require_weights: raise instead of running a learnable fusion module without trained weights (the
+            study config's default: ``require_fusion_weights`` is ``not allow_untrained``).
         batch_size: fusion batch size.
         device: where to run the fusion (default: CPU).
     """
@@ -147,7 +148,8 @@ class FusionArm(Arm):
             if require_weights:
                 raise FileNotFoundError(
                     f"arm {name}: trained fusion weights not found at {self.ckpt_path}; train the root bundle "
-                    "(configs/train.json) or pass --fusion_ckpt FILE"
+                    "(configs/train.json), pass --fusion_ckpt FILE, or pass --allow_untrained true to study the arm "
+                    "with random fusion weights (reported as UNTRAINED)"
                 )
             self.weights = "untrained"
             logger.warning(

@@ -32,6 +32,7 @@ def tiny_overrides(shared_data, tmp_path, name="out"):
         "n_boot": 50,
         "classifier_def#block_inplanes": [4, 8, 8, 8],
         "fusion_ckpt": str(tmp_path / "no_fusion_weights.pt"),
+        "allow_untrained": True,
         "fusion_network_def#features": [8, 16],
         "fusion_network_def#dilations": [1, 3],
         "fusion_network_def#depth": 1,

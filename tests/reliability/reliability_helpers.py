@@ -205,6 +205,7 @@ def run_classification(config_names: Sequence[str], out: Path, **override: Any):
         "n_boot": 20,
         "classifier_def#block_inplanes": [4, 4, 4, 4],
         "fusion_ckpt": str(out.parent / "no_fusion_weights.pt"),
+        "allow_untrained": True,
         "fusion_network_def#features": [4, 8],
         "fusion_network_def#dilations": [1, 3],
         "fusion_network_def#depth": 1,
