@@ -202,6 +202,14 @@ def parameter_groups(
     return out
 
 
+def _shell_quote(arg: str) -> str:
+    """``arg`` for a POSIX shell: bare when safe, in double quotes when that needs no escapes, else ``shlex``."""
+    quoted = shlex.quote(arg)
+    if quoted == arg or any(c in arg for c in '"$`\\!'):
+        return quoted
+    return f'"{arg}"'
+
+
 def record_command(output_dir: str | os.PathLike, argv: Sequence[str] | None = None) -> Path:
     """Append the command that started (or resumed) a run to ``output_dir/command.txt``, with the UTC time.
 
@@ -212,7 +220,7 @@ def record_command(output_dir: str | os.PathLike, argv: Sequence[str] | None = N
         program = "python -m monai.bundle"
     else:
         program = shlex.quote(argv[0]) if argv else "python"
-    line = " ".join([program, *(shlex.quote(a) for a in argv[1:])])
+    line = " ".join([program, *(_shell_quote(a) for a in argv[1:])])
     path = Path(output_dir) / "command.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:

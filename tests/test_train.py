@@ -366,3 +366,18 @@ def test_paper_overlay_builds_the_published_network() -> None:
     parser = ConfigWorkflow(config_file=files, workflow_type="train", bundle_root=str(BUNDLE_ROOT)).parser
     net = parser.get_parsed_content("network_def")
     assert net.refine is None and net.selection is None
+
+
+def test_record_command_appends_a_shell_line_per_start(tmp_path: Path) -> None:
+    import shlex
+
+    from scripts.training import record_command
+
+    argv = [os.path.join("x", "monai", "bundle", "__main__.py"), "run", "--config_file", "['a.json','b.json']"]
+    record_command(tmp_path, argv + ["--output_dir", "my runs/$X"])
+    record_command(tmp_path, argv + ["--resume", "true"])
+    lines = (tmp_path / "command.txt").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("# ") and lines[2].startswith("# ")
+    assert lines[1] == "python -m monai.bundle run --config_file \"['a.json','b.json']\" --output_dir 'my runs/$X'"
+    assert shlex.split(lines[1])[4:] == ["--config_file", "['a.json','b.json']", "--output_dir", "my runs/$X"]
+    assert lines[3].endswith("--resume true")
