@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts.cpu_tuning import tune_allocator
+from scripts.networks.optimize import optimize_for_inference
 from scripts.ssm import (
     compiled_scan_available,
     compiled_scan_info,
@@ -143,17 +144,16 @@ def network_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Conv + matmul FLOPs of one forward pass (2 per multiply-add).
 
     Counted with the plain PyTorch (``fast``) scan backend, so that work the compiled kernel folds into
-    the scan (the dt projection) still counts, and with the inference rewrites off (the up-sampling convolutions
-    count their 3^d taps on the fine grid): the floor is the network's, not one implementation's.
+    the scan (the dt projection) still counts. Pass the plain network, not one prepared by
+    :func:`scripts.networks.optimize.optimize_for_inference` (whose up-sampling convolutions skip taps): the floor is
+    the network's, not one implementation's.
     """
     from torch.utils.flop_counter import FlopCounterMode
-
-    from scripts.networks.rewrites import inference_rewrites
 
     counter = FlopCounterMode(display=False)
     set_scan_backend("fast")
     try:
-        with counter, torch.no_grad(), inference_rewrites(False):
+        with counter, torch.no_grad():
             net(x)
     finally:
         set_scan_backend(None)
@@ -167,10 +167,9 @@ def scan_seconds_in(fn, repeats: int = 3) -> float | None:
     The scan's exponentials and recurrence are not matrix multiplies, so the FLOP floor does not count them;
     this shows how much of the inference time they take.
     """
-    import scripts.networks.mamba as mamba
-    import scripts.ssm as ssm
+    import scripts.ssm.compiled_backend as compiled_backend  # where the compiled backend calls its kernels
 
-    targets = [(ssm, "scan_time_major_kernel"), (mamba, "mixer_scan_kernel")]
+    targets = [(compiled_backend, "scan_time_major_kernel"), (compiled_backend, "mixer_scan_kernel")]
     originals = [getattr(module, name) for module, name in targets]
     spent = [0.0]
 
@@ -339,6 +338,7 @@ def volume_probe(size: int = 128, repeats: int = 3) -> dict[str, float]:
     net = network_3d_from_config().eval()
     x = torch.rand(1, 2, size, size, size)
     flops = network_flops(net, x)
+    net = optimize_for_inference(net)  # timed as the inference workflow runs it
     with torch.inference_mode():
         timed = paired_floor_ratio(lambda: net(x), flops, repeats=repeats)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
@@ -396,6 +396,7 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
     net = network_2d_from_config().eval()
     x = torch.rand(1, 2, size, size)
     flops = network_flops(net, x)
+    net = optimize_for_inference(net)  # timed as the inference workflow runs it
     with torch.inference_mode():
         timed = paired_floor_ratio(lambda: net(x), flops, repeats=NETWORK_REPEATS)
         set_scan_backend("fast")

@@ -425,9 +425,11 @@ def load_fusion_network(
             f"{', '.join(configs)}: network_def is a {getattr(network, 'spatial_dims', 2)}D network, "
             f"but {spatial_dims}D fusion was asked for (--spatial-dims)"
         )
+    from scripts.networks.optimize import optimize_for_inference
     from scripts.weights import load_network_weights
 
-    return load_network_weights(network, weights).eval()  # weights_only; unreadable or mismatched: a clear error
+    network = load_network_weights(network, weights).eval()  # weights_only; unreadable or mismatched: a clear error
+    return optimize_for_inference(network)  # the inference modules swapped in (docs/inference_rewrites.md)
 
 
 def write_nifti(volume: np.ndarray, reference: DicomSeries, path: str | Path) -> Path:

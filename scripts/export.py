@@ -35,7 +35,6 @@ from torch import nn
 
 from scripts.networks.clinicalfmamba import ClinicalFMamba, TokenSwapStage
 from scripts.networks.mamba import DirectionalMamba, MemberLayerNorm
-from scripts.networks.rewrites import inference_rewrites
 from scripts.networks.scan_orders import scan_orders
 
 __all__ = [
@@ -215,8 +214,9 @@ class ExportableClinicalFMamba(ClinicalFMamba):
             return self._padded_forward(image)
         # Tracer warnings here are about Python-side checks and constants that hold for every input
         # (channel, member and direction counts; the conv taps are guarded by _check_input): silence them.
-        # The traced graph gets the plain layers (the inference rewrites index with sizes that a trace fixes).
-        with warnings.catch_warnings(), inference_rewrites(False):
+        # The traced graph gets the plain layers: modules swapped in by optimize_for_inference run their plain
+        # forward while tracing (their rewrites index with sizes that a trace would fix).
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             _check_input(self, image)
             return self._padded_forward(image)
@@ -256,7 +256,7 @@ def export_torchscript(
     prepare_export(net).eval()
     example = _example(net, example)
     _check_input(net, example, tracing=True)
-    with torch.no_grad(), inference_rewrites(False), warnings.catch_warnings():  # the plain layers: a portable graph
+    with torch.no_grad(), warnings.catch_warnings():  # the plain layers (fast modules too, when tracing)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(net, example, check_trace=False)
     if filename is not None:
@@ -297,7 +297,7 @@ def export_onnx(
         prepare_export(net)
         _check_input(net, example, tracing=True)
     net.eval()
-    with torch.no_grad(), inference_rewrites(False), warnings.catch_warnings():  # the plain layers: a portable graph
+    with torch.no_grad(), warnings.catch_warnings():  # the plain layers (fast modules too, when tracing)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             net,

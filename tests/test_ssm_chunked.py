@@ -126,11 +126,12 @@ def test_network_inference_with_chunked_backend_matches_fast():
 
 def test_auto_picks_chunked_on_cuda_without_mamba_ssm(monkeypatch):
     import scripts.ssm as ssm
+    import scripts.ssm.cuda as cuda  # the mamba_ssm backend's registry record asks this module
 
-    monkeypatch.setattr(ssm, "mamba_ssm_available", lambda: False)
+    monkeypatch.setattr(cuda, "mamba_ssm_available", lambda: False)
     monkeypatch.delenv(ssm.ENV_VAR, raising=False)
     assert resolve_backend(None, "cuda") == "chunked"
-    monkeypatch.setattr(ssm, "mamba_ssm_available", lambda: True)
+    monkeypatch.setattr(cuda, "mamba_ssm_available", lambda: True)
     assert resolve_backend(None, "cuda") == "mamba_ssm"
 
 

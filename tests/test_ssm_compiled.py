@@ -281,9 +281,9 @@ def test_mixer_uses_the_fused_kernels_only_without_autograd(monkeypatch):
     mixer = DirectionalMamba(12, d_state=4, members=2, order_set="cross2d").double()
     x = torch.randn(2, 1, 30, 12, dtype=torch.float64)
     calls = []
-    for name in ("causal_conv_silu_kernel", "gate_merge_kernel"):
+    for name in ("causal_conv_silu_kernel", "gate_merge_kernel"):  # the compiled backend's mixer operations
         original = getattr(compiled, name)
-        monkeypatch.setattr(f"scripts.networks.mamba.{name}", lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+        monkeypatch.setattr(f"scripts.ssm.compiled_backend.{name}", lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     set_scan_backend("compiled")
     try:
         with torch.no_grad():
@@ -470,13 +470,14 @@ def test_fused_mixer_kernel_with_the_merge_matches_scan_then_merge(norm, per_gro
 @needs_kernel
 def test_mixer_runs_the_fused_kernel_at_inference_when_every_thread_gets_a_lane(monkeypatch):
     from scripts.networks.mamba import DirectionalMamba
+    from scripts.networks.optimize import optimize_for_inference
 
     torch.manual_seed(0)
-    mixer = DirectionalMamba(16, d_state=4, members=2, order_set="cross2d", cross_modal=True).eval()
+    mixer = optimize_for_inference(DirectionalMamba(16, d_state=4, members=2, order_set="cross2d", cross_modal=True).eval())
     x, extra = torch.randn(2, 1, 30, 16), torch.randn(2, 1, 30, 16)
     calls = []
     original = compiled.mixer_scan_kernel
-    monkeypatch.setattr("scripts.networks.mamba.mixer_scan_kernel", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr("scripts.ssm.compiled_backend.mixer_scan_kernel", lambda *a, **k: calls.append(1) or original(*a, **k))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -496,9 +497,10 @@ def test_mixer_runs_the_fused_kernel_at_inference_when_every_thread_gets_a_lane(
 @needs_kernel
 def test_mixer_keeps_its_kernel_weights_until_a_parameter_changes():
     from scripts.networks.mamba import DirectionalMamba
+    from scripts.networks.optimize import optimize_for_inference
 
     torch.manual_seed(0)
-    mixer = DirectionalMamba(16, d_state=4, members=2, order_set="cross2d").eval()
+    mixer = optimize_for_inference(DirectionalMamba(16, d_state=4, members=2, order_set="cross2d").eval())
     other = DirectionalMamba(16, d_state=4, members=2, order_set="cross2d").eval()
     x = torch.randn(2, 1, 30, 16)
 
@@ -511,12 +513,12 @@ def test_mixer_keeps_its_kernel_weights_until_a_parameter_changes():
     try:
         torch.set_num_threads(2)  # 2 member sets for 2 threads: the fused kernel with the merge
         first = run(mixer)
-        kept = mixer._kernel_weights[1]
-        assert torch.equal(run(mixer), first) and mixer._kernel_weights[1] is kept  # reused, same result
+        kept = mixer.kernel_weights[1]
+        assert torch.equal(run(mixer), first) and mixer.kernel_weights[1] is kept  # reused, same result
         with torch.no_grad():
             mixer.D.add_(0.5)  # an in-place update (an optimiser step) bumps the version counter
         changed = run(mixer)
-        assert mixer._kernel_weights[1] is not kept
+        assert mixer.kernel_weights[1] is not kept
         assert (changed - first).abs().max() > 1e-3
         assert (changed - run(mixer, "fast")).abs().max() <= 1e-5
         mixer.load_state_dict(other.state_dict())  # copied in place
@@ -528,9 +530,10 @@ def test_mixer_keeps_its_kernel_weights_until_a_parameter_changes():
 @needs_kernel
 def test_network_inference_matches_fast_backend():
     from scripts.networks import ClinicalFMamba
+    from scripts.networks.optimize import optimize_for_inference
 
     torch.manual_seed(0)
-    net = ClinicalFMamba().eval()
+    net = optimize_for_inference(ClinicalFMamba().eval())  # the fused mixer kernels too
     x = torch.rand(1, 2, 48, 48)
     with torch.inference_mode():
         set_scan_backend("fast")

@@ -21,8 +21,6 @@ from .blocks import (
     UpStage,
 )
 from .mamba import CrossMambaBlock, DirectionalMamba, MemberLayerNorm, ResidualMambaBlock
-from .packed_conv import inference_conv2d
-from .rewrites import channels_last, conv3_by_matmul, conv3_by_matmul_fits, conv3_then_down2, rewrites_apply
 
 __all__ = ["ClinicalFMamba"]
 
@@ -207,24 +205,24 @@ class ClinicalFMamba(nn.Module):
         self._check_input(image)
         if isinstance(image, MetaTensor):  # plain tensors inside: no metadata tracking on every op
             image = image.as_tensor()
-        batch = image.shape[0]
-        rewrite = rewrites_apply(self)
-        x = torch.cat([image[:, 0:1], image[:, 1:2]], dim=0)  # both modalities through the shared encoder
-        if rewrite and self.spatial_dims == 2:  # channels-last memory throughout: oneDNN's 3x3 convolutions run
-            x = channels_last(x)  # 15-25% faster there (docs/inference_rewrites.md); in 3D its one-channel stem
-            # convolution is 2x slower channels-last, so the 3D stem and skips stay NCDHW (the encoder follows below)
+        features, skips = self.encode(image)
+        latent = self.mamba_latent(features)
+        return self.decode(latent, skips, image)
+
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both modalities through the shared encoder: image (B, 2, *S) -> token-grid features (2B, C, *(S / 2^n))
+        (modality 0 then 1 on the batch axis) and the full-resolution stem features (2B, features[0], *S)."""
+        x = torch.cat([image[:, 0:1], image[:, 1:2]], dim=0)
         skips = self.stem(x)
         f = skips
-        for i, (down, block) in enumerate(zip(self.downsamples, self.encoder_blocks)):
-            if i == 0 and rewrite:  # down(stem(x)) as one convolution of the image
-                f = block(channels_last(conv3_then_down2(x, self.stem, down)))
-                continue
-            if rewrite and f.dim() == 4:  # kept oneDNN weights (inference_conv2d)
-                f = block(inference_conv2d(down, "down", f, lambda d=down: (d.weight, d.bias), [down.weight, down.bias], stride=down.stride))
-                continue
+        for down, block in zip(self.downsamples, self.encoder_blocks):
             f = block(down(f))
-        grid = f.shape[2:]
-        tokens = f.movedim(1, -1).reshape(2, batch, -1, f.shape[1])  # (2, B, L, C), row-major (a view if channels-last)
+        return f, skips
+
+    def mamba_latent(self, features: torch.Tensor) -> torch.Tensor:
+        """The Mamba latent module and decoder blocks on the token grid: (2B, C, *grid) -> fused (B, C, *grid)."""
+        batch, grid = features.shape[0] // 2, features.shape[2:]
+        tokens = features.movedim(1, -1).reshape(2, batch, -1, features.shape[1])  # (2, B, L, C), row-major
 
         streams = tokens
         for block in self.single_blocks:
@@ -235,22 +233,25 @@ class ClinicalFMamba(nn.Module):
         latent = self.merge(fused.mean(0, keepdim=True))  # (1, B, L, C)
         for block in self.decoder_blocks:
             latent = block(latent, grid)
-        latent = self.decoder_norm(latent[0])  # (B, L, C)
-        latent = latent.view(batch, *grid, -1).movedim(-1, 1) if rewrite else latent.transpose(1, 2).reshape(batch, -1, *grid)
+        return self.tokens_to_image(self.decoder_norm(latent[0]), grid)  # (B, C, *grid)
 
+    def tokens_to_image(self, tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """Row-major tokens (B, L, C) -> image (B, C, *grid)."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+    def decode(self, latent: torch.Tensor, skips: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Up-sampling stages, cross-modal channel attention from both stems, optional refinement, output head:
+        latent (B, C, *grid), skips (2B, features[0], *S), image (B, 2, *S) -> fused (B, out_channels, *S)."""
         h = latent
         for up in self.up_stages:
             h = up(h)
-        h = self.attention.add_both(h, skips)  # each modality's stem features attend to the other's; in place at inference
+        h = self.attention.add_both(h, skips)  # each modality's stem features attend to the other's
         if self.refine is not None:
             h = self.refine(h, image)
-        convs = [self.head] + ([self.selection.logits] if self.selection is not None else [])
-        if rewrite and conv3_by_matmul_fits(h, sum(c.out_channels for c in convs)):
-            # head and selection logits in one pass over h (docs/inference_rewrites.md)
-            biases = [c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs]
-            out = conv3_by_matmul(h, torch.cat([c.weight for c in convs]), torch.cat(biases))
-            fused = torch.sigmoid(out[:, : self.head.out_channels])
-            return fused if self.selection is None else self.selection.mix(out[:, self.head.out_channels :], fused, image)
+        return self.output(h, image)
+
+    def output(self, h: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The head (3x3 conv, sigmoid) and the optional source selection: h (B, features[0], *S) -> (B, 1, *S)."""
         fused = torch.sigmoid(self.head(h))
         if self.selection is not None:
             fused = self.selection(h, fused, image)

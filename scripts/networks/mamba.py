@@ -16,21 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.ssm import resolve_backend, selective_scan_time_major
-from scripts.ssm.compiled import (
-    causal_conv_silu_kernel,
-    causal_conv_silu_reference,
-    gate_merge_kernel,
-    gate_merge_reference,
-    kernel_applicable,
-    max_conv_width,
-    max_norm_width,
-    mixer_scan_applicable,
-    mixer_scan_kernel,
-    prepare_mixer_weights,
-)
+from scripts.ssm import causal_conv_silu, gather_directions, merge_directions, selective_scan_time_major
 
-from .rewrites import source_versions
 from .scan_orders import NUM_DIRECTIONS, inverse_orders, scan_orders
 
 __all__ = ["CrossMambaBlock", "DirectionalMamba", "MemberLayerNorm", "ResidualMambaBlock", "member_linear"]
@@ -151,7 +138,6 @@ class DirectionalMamba(nn.Module):
         if dead_norm:
             self.unused_norm = MemberLayerNorm(m, di)
         self._order_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # grid, batch, device -> indices
-        self._kernel_weights: tuple[tuple, object] | None = None  # (parameter versions, MixerKernelWeights)
 
     def _gather_index(self, grid: Sequence[int], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat row indices of the direction gather and of the re-alignment, cached per grid and batch.
@@ -176,65 +162,10 @@ class DirectionalMamba(nn.Module):
         backward = ((inverse.t().reshape(length, 1, 1, k) * batch + b) * self.members + m) * k + kk
         return forward.reshape(-1).to(device), backward.reshape(-1).to(device)
 
-    def _to_directions(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(M, B, L, C) tokens -> (L, B, M*K, C): every direction's sequence, time-major (one row gather)."""
-        m, b, length, c = x.shape
-        return x.reshape(-1, c).index_select(0, index).view(length, b, -1, c)
-
-    def _use_kernels(self, *tensors: torch.Tensor) -> bool:
-        """Whether the fused compiled kernels run these tensors (compiled backend, CPU inference)."""
-        return resolve_backend(self.scan_backend, tensors[0].device) == "compiled" and kernel_applicable(*tensors, n_state=0)
-
-    def _merge_gate_norm(self, y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Scan outputs (L, B, M*K, C) back to tokens, averaged over directions, times ``silu(z)``, then the output
-        norm (``use_norm``): (M, B, L, C). The kernel does all three in one pass."""
-        norm = self.norm
-        if self._use_kernels(y, z, *(norm.parameters() if norm is not None else ())):
-            if norm is None:
-                return gate_merge_kernel(y, index, z)
-            if y.shape[-1] <= max_norm_width():
-                return gate_merge_kernel(y, index, z, norm.weight, norm.bias, norm.eps)
-            return norm(gate_merge_kernel(y, index, z))
-        y = gate_merge_reference(y, index, z)
-        return y if norm is None else norm(y)
-
-    def _merge_arguments(self, z: torch.Tensor, batch: int) -> dict | None:
-        """Arguments that make :func:`mixer_scan_kernel` merge, gate and normalise too, or None where it should not:
-        its work items are then (batch, member) sets, and every thread needs one."""
-        if batch * self.members < torch.get_num_threads() or (self.norm is not None and self.d_inner > max_norm_width()):
-            return None
-        if self.norm is None:
-            return dict(z=z)
-        return dict(z=z, norm_weight=self.norm.weight, norm_bias=self.norm.bias, eps=self.norm.eps)
-
-    def _prepared_kernel_weights(self, A: torch.Tensor, merge: dict | None):
-        """The fused kernel's weight layouts (:func:`prepare_mixer_weights`), kept while no parameter changes: each
-        parameter's identity, storage and version counter (bumped by every in-place update: optimiser steps,
-        ``load_state_dict``) make the key."""
-        norm = self.norm if merge is not None and "norm_weight" in merge else None
-        params = [self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D]
-        params += [norm.weight, norm.bias] if norm is not None else []
-        key = source_versions(params)
-        if self._kernel_weights is None or self._kernel_weights[0] != key:
-            weights = prepare_mixer_weights(
-                *self._conv_parameters(), self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A, self.D,
-                None if norm is None else norm.weight, None if norm is None else norm.bias,
-            )  # fmt: skip
-            self._kernel_weights = (key, weights)
-        return self._kernel_weights[1]
-
     def _conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal convolution's weight (G, P, K) and bias (G, P), one set per member and direction."""
         groups = self.members * self.num_directions
         return self.conv_weight.view(groups, -1, self.d_conv), self.conv_bias.view(groups, -1)
-
-    def _causal_conv_silu(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``silu(causal conv)`` along time of every direction's sequence of the tokens x (M, B, L, P), with this
-        mixer's per-channel kernels: (L, B, G, P). The kernel reads the direction gather in place."""
-        weight, bias = self._conv_parameters()
-        if self._use_kernels(x, self.conv_weight, self.conv_bias) and self.d_conv <= max_conv_width():
-            return causal_conv_silu_kernel(x, weight, bias, index=index)
-        return causal_conv_silu_reference(self._to_directions(x, index), weight, bias)
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], extra: torch.Tensor | None = None) -> torch.Tensor:
         """x, extra: (M, B, L, d_model) with L = prod(grid), tokens row-major -> (M, B, L, d_model)."""
@@ -243,31 +174,34 @@ class DirectionalMamba(nn.Module):
         m, b, length, _ = x.shape
         if m != self.members or length != math.prod(grid):
             raise ValueError(f"mixer expects ({self.members}, B, {math.prod(grid)}, C) tokens for grid {tuple(grid)}, got {tuple(x.shape)}")
-        n, r = self.d_state, self.dt_rank
         forward_index, backward_index = self._gather_index(grid, b, x.device)
-
         xs, z = member_linear(x, self.in_proj_weight).split(self.d_inner, dim=-1)
         extra = member_linear(extra, self.in_proj_b_weight) if self.cross_modal else None
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
-        lanes = b * self.members * self.num_directions
-        if self._use_kernels(xs, *self.parameters()) and mixer_scan_applicable(xs, self.d_inner, n, r, self.d_conv, lanes):
-            merge = self._merge_arguments(z, b)
-            y = mixer_scan_kernel(
-                xs, forward_index, *self._conv_parameters(), self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, A,
-                self.D, source=extra, **(merge or {}), prepared=self._prepared_kernel_weights(A, merge), check_index=False,
-            )  # fmt: skip
-            if merge is not None:  # merged, gated and normalised in the kernel
-                return member_linear(y, self.out_proj_weight)
-        else:
-            xs = self._causal_conv_silu(xs, forward_index)  # (L, B, G, d_inner)
-            source = self._to_directions(extra, forward_index) if self.cross_modal else xs
-            dt, b_sel, c_sel = torch.einsum("lbgp,gcp->lbgc", source, self.x_proj_weight).split([r, n, n], dim=-1)
-            y = selective_scan_time_major(
-                xs, dt, A, b_sel, c_sel, self.D, delta_bias=self.dt_proj_bias, delta_softplus=True,
-                backend=self.scan_backend, delta_proj_weight=self.dt_proj_weight,
-            )  # fmt: skip
-        y = self._merge_gate_norm(y, backward_index, z)  # (M, B, L, d_inner)
+        y = self.scan_directions(xs, z, extra, A, forward_index, backward_index)
         return member_linear(y, self.out_proj_weight)
+
+    def scan_directions(
+        self, xs: torch.Tensor, z: torch.Tensor, extra: torch.Tensor | None, A: torch.Tensor, forward_index: torch.Tensor,
+        backward_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The mixer between its projections: xs, z, extra (M, B, L, d_inner) -> (M, B, L, d_inner).
+
+        Every direction's sequence (the gather ``forward_index``) goes through ``silu(causal conv)``; delta, B and C
+        are projected from it (or, cross-modal, from ``extra``); the scan runs all members and directions as channel
+        groups; the outputs go back to token order (``backward_index``), averaged, gated by ``silu(z)`` and
+        normalised (``use_norm``).
+        """
+        n, r = self.d_state, self.dt_rank
+        u = causal_conv_silu(xs, *self._conv_parameters(), forward_index, backend=self.scan_backend)  # (L, B, G, P)
+        source = gather_directions(extra, forward_index) if extra is not None else u
+        dt, b_sel, c_sel = torch.einsum("lbgp,gcp->lbgc", source, self.x_proj_weight).split([r, n, n], dim=-1)
+        y = selective_scan_time_major(
+            u, dt, A, b_sel, c_sel, self.D, delta_bias=self.dt_proj_bias, delta_softplus=True,
+            backend=self.scan_backend, delta_proj_weight=self.dt_proj_weight,
+        )  # fmt: skip
+        y = merge_directions(y, backward_index, z, backend=self.scan_backend)
+        return y if self.norm is None else self.norm(y)
 
 
 class ResidualMambaBlock(nn.Module):

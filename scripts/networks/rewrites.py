@@ -1,43 +1,36 @@
 """Inference rewrites: the same layers computed with fewer passes over full-resolution memory.
 
-Each function computes exactly what a plain layer sequence computes (up to float summation order); the blocks
-use them only in eval mode without autograd (:func:`rewrites_apply`), so training runs the plain layers. The
-FLOP floor of the benchmark is counted with the rewrites off (:func:`inference_rewrites`), so it stays the
-architecture's. Why each one pays on a CPU is measured in docs/performance.md.
+Each function computes exactly what a plain layer sequence computes (up to float summation order). The network
+itself never calls them: :func:`scripts.networks.optimize.optimize_for_inference` swaps in modules that do, for
+eval mode without autograd (docs/inference_rewrites.md), so training, export and the benchmark's FLOP count run
+the plain layers.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "batch_norm_affine",
+    "batch_norm_tensors",
     "channels_last",
+    "compose_conv3_and_down2",
+    "conv3_by_matmul",
+    "conv3_by_matmul_fits",
+    "conv3_then_down2",
+    "fold_batch_norm",
+    "fold_batch_norm_before",
+    "foldable_batch_norm",
+    "interleave_phases",
     "is_channels_last",
-    "batch_norm_tensors", "compose_conv3_and_down2", "conv3_by_matmul", "conv3_by_matmul_fits", "conv3_then_down2", "fold_batch_norm", "fold_batch_norm_before", "foldable_batch_norm", "inference_rewrites", "interleave_phases", "rewrites_apply", "source_versions", "upsample_conv", "upsample_conv_kernel"]
-
-_enabled = True
-
-@contextmanager
-def inference_rewrites(enabled: bool) -> Iterator[None]:
-    """Turn the rewrites on or off inside the block, for the whole process (like the scan backend setting); the
-    benchmark counts FLOPs and the exporters trace with them off."""
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _enabled = previous
-
-
-def rewrites_apply(module: nn.Module) -> bool:
-    """Whether ``module`` may run its rewrites now: enabled, eval mode, no autograd."""
-    return _enabled and not module.training and not torch.is_grad_enabled()
+    "source_versions",
+    "upsample_conv",
+    "upsample_conv_kernel",
+]
 
 
 def source_versions(tensors) -> tuple:
@@ -183,7 +176,7 @@ def conv3_by_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     centre = (3**dims) // 2
     # (B, C, N) columns of voxels: in channels-last memory the transposed rows as they lie (no copy); the maps come out
     # planar (B, 3^d, O, *S), so that the shifted sums below run along contiguous rows (in channels-last maps, with O
-    # values per voxel, they ran 2x slower: 3.2 -> 1.6 ms for the 2D head at 256 x 256)
+    # values per voxel, they run about 2x slower)
     columns = x.movedim(1, -1).reshape(batch, -1, channels).transpose(1, 2) if is_channels_last(x) else x.reshape(batch, channels, -1)
     maps = torch.matmul(per_tap, columns).view(batch, 3**dims, out_channels, *size)
     out = maps[:, centre].clone() if bias is None else maps[:, centre] + bias.view(-1, *([1] * dims))

@@ -15,36 +15,48 @@ One entry point, :func:`selective_scan`, with ``mamba_ssm.selective_scan_fn`` se
 - ``export``: a TorchScript loop that tracing and ONNX export keep as a run-time loop (no backward;
   set by :func:`scripts.export.prepare_export`).
 
-The backend is chosen by the ``backend`` argument, else :func:`set_scan_backend`, else the
-environment variable ``CLINICALFMAMBA_SCAN_BACKEND``, else ``auto``. The choice is logged once.
+Every backend registers itself in one registry (:mod:`scripts.ssm.registry`); adding one is a module that
+registers a :class:`~scripts.ssm.registry.ScanBackend`. The backend is chosen by the ``backend`` argument, else
+:func:`set_scan_backend`, else the environment variable ``CLINICALFMAMBA_SCAN_BACKEND``, else ``auto``. The choice
+is logged once.
+
+Public entry points (what the networks use): :func:`selective_scan`, :func:`selective_scan_time_major`, the mixer
+operations of :mod:`scripts.ssm.mixer` (:func:`causal_conv_silu`, :func:`merge_directions`,
+:func:`gather_directions`, :func:`fused_mixer_ops`) and backend selection (:func:`resolve_backend`,
+:func:`set_scan_backend`). The kernel modules (``compiled``, ``compiled_grad``) are this package's internals.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
-from .compiled import (
-    compiled_scan_available,
-    compiled_scan_info,
-    kernel_applicable,
-    scan_time_major_kernel,
-    selective_scan_compiled,
-)
-from .chunked import chunked_time_major, selective_scan_chunked
-from .compiled_grad import kernel_trainable, scan_time_major_trainable
-from .cuda import mamba_ssm_available, mamba_ssm_scan
-from .export import selective_scan_export, selective_scan_export_time_major
-from .fast import DEFAULT_CHUNK, ChunkedSelectiveScan, selective_scan_fast
+# each backend module registers itself when imported; this order is the registry's (and the error messages')
+from . import reference, fast, compiled_backend, cuda, chunked, export  # noqa: F401, I001
+from .chunked import selective_scan_chunked
+from .compiled import compiled_scan_available, compiled_scan_info
+from .compiled_backend import selective_scan_compiled
+from .cuda import mamba_ssm_available
+from .fast import selective_scan_fast
+from .mixer import causal_conv_silu, fused_mixer_ops, gather_directions, merge_directions
 from .reference import selective_scan_ref
+from .registry import ENV_VAR, ScanBackend, backend_names, get_backend, register_backend, resolve_backend, set_scan_backend
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "ScanBackend",
+    "backend_names",
+    "causal_conv_silu",
     "compiled_scan_available",
     "compiled_scan_info",
+    "fused_mixer_ops",
+    "gather_directions",
+    "get_backend",
+    "mamba_ssm_available",
+    "merge_directions",
+    "register_backend",
     "resolve_backend",
     "selective_scan",
     "selective_scan_backend_name",
@@ -56,67 +68,24 @@ __all__ = [
     "set_scan_backend",
 ]
 
-ENV_VAR = "CLINICALFMAMBA_SCAN_BACKEND"
-BACKENDS = {
-    "reference": selective_scan_ref,
-    "fast": selective_scan_fast,
-    "compiled": selective_scan_compiled,
-    "mamba_ssm": mamba_ssm_scan,
-    "chunked": selective_scan_chunked,
-    "export": selective_scan_export,
-}
-_DETAILS = {
-    "fast": "pure PyTorch",
-    "compiled": "fused C kernels, forward and backward",
-    "reference": "sequential reference",
-    "mamba_ssm": "CUDA kernel",
-    "chunked": "closed-form chunks, no per-step ops",
-    "export": "TorchScript loop",
-}
+#: name -> channels-first scan function of every registered backend (read from the registry at import)
+BACKENDS = {name: get_backend(name).scan for name in backend_names()}
 
 _logger = logging.getLogger(__name__)
-_default_backend: str | None = None
 _logged: set[tuple[str, str]] = set()
-
-
-def set_scan_backend(name: str | None) -> None:
-    """Set the process-wide backend (``auto``, ``fast``, ``compiled``, ``chunked``, ``reference``, ``mamba_ssm``, ``export``;
-    None resets)."""
-    global _default_backend
-    if name is not None and name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown scan backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    _default_backend = name
-
-
-def resolve_backend(backend: str | None = None, device: torch.device | str = "cpu") -> str:
-    """The concrete backend name that :func:`selective_scan` would use for tensors on ``device``."""
-    name = backend or _default_backend or os.environ.get(ENV_VAR) or "auto"
-    if name == "auto":
-        if torch.device(device).type == "cuda":
-            name = "mamba_ssm" if mamba_ssm_available() else "chunked"
-        else:
-            name = "compiled" if compiled_scan_available() else "fast"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown scan backend {name!r} (from argument, set_scan_backend or ${ENV_VAR})")
-    if name in ("fast", "compiled", "mamba_ssm", "chunked") and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-        raise RuntimeError(
-            f"the {name!r} scan backend cannot be traced or exported; prepare the network with "
-            "scripts.export.prepare_export(net) or use scripts.export.ExportableClinicalFMamba (docs/export.md)"
-        )
-    return name
 
 
 def selective_scan_backend_name(device: torch.device | str = "cpu") -> str:
     """Human-readable backend description for logs, e.g. ``fast (pure PyTorch) on cpu``."""
     name = resolve_backend(None, device)
-    return f"{name} ({_DETAILS[name]}) on {torch.device(device).type}"
+    return f"{name} ({get_backend(name).description}) on {torch.device(device).type}"
 
 
 def _log_once(name: str, device: torch.device) -> None:
     key = (name, device.type)
     if key not in _logged:
         _logged.add(key)
-        _logger.info("selective scan backend: %s (%s) on %s", name, _DETAILS[name], device.type)
+        _logger.info("selective scan backend: %s (%s) on %s", name, get_backend(name).description, device.type)
 
 
 def selective_scan(
@@ -125,7 +94,7 @@ def selective_scan(
     """Selective scan; see :func:`scripts.ssm.reference.selective_scan_ref` for shapes and maths."""
     name = resolve_backend(backend, u.device)
     _log_once(name, u.device)
-    return BACKENDS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return get_backend(name).scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def selective_scan_time_major(
@@ -143,39 +112,22 @@ def selective_scan_time_major(
             ``compiled`` kernel computes on the fly instead of materialising it.
 
     Returns:
-        y (L, batch, G, P). The ``fast``, ``compiled`` and ``chunked`` backends work in this layout directly; the others get
-        mamba_ssm's (batch, G*P, L) layout and their result is transposed back.
+        y (L, batch, G, P). Backends with a time-major path (``fast``, ``compiled``, ``chunked``, ``export``) work in
+        this layout directly; the others get mamba_ssm's (batch, G*P, L) layout and their result is transposed back.
     """
     name = resolve_backend(backend, u.device)
     _log_once(name, u.device)
-    if name == "compiled" and kernel_applicable(u, delta, A, B, C, D, delta_bias, delta_proj_weight, n_state=A.shape[-1]):
-        return scan_time_major_kernel(u, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj_weight=delta_proj_weight)[0]
+    record = get_backend(name)
+    if record.time_major is not None:
+        return record.time_major(u, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj_weight)
     if delta_proj_weight is not None:
         delta = torch.einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)
-    if name == "compiled" and kernel_trainable(u, delta, A, B, C, D, delta_bias, n_state=A.shape[-1]):
-        return scan_time_major_trainable(u, delta, A, B, C, D, delta_bias, delta_softplus)  # with autograd
-    if name == "export":
-        return selective_scan_export_time_major(u, delta, A, B, C, D, delta_bias, delta_softplus)
     length, batch, groups, per_group = u.shape
-    if name in ("fast", "compiled", "chunked"):
-        compute = torch.promote_types(u.dtype, torch.float32)
-        u, delta = u.to(compute), delta.to(compute)
-        if delta_bias is not None:
-            delta = delta + delta_bias.to(compute)
-        if delta_softplus:
-            delta = torch.nn.functional.softplus(delta)
-        if name == "chunked":
-            y = chunked_time_major(delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute), C.to(compute))
-        else:
-            y, _ = ChunkedSelectiveScan.apply(
-                delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute).contiguous(), C.to(compute).contiguous(), DEFAULT_CHUNK
-            )
-        return y if D is None else y + u * D.to(compute)
 
     def channels_first(x):  # (L, batch, G, P) -> (batch, G*P, L)
         return x.permute(1, 2, 3, 0).reshape(batch, groups * per_group, length)
 
-    y = BACKENDS[name](
+    y = record.scan(
         channels_first(u),
         channels_first(delta),
         A.reshape(groups * per_group, -1),

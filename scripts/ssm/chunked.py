@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .reference import scan_channels_first
+from .reference import prepare_time_major, scan_channels_first
+from .registry import ScanBackend, register_backend
 
-__all__ = ["CHUNK_BUDGET", "ClosedFormChunkScan", "chunk_length", "chunked_scan_time_major", "chunked_time_major", "selective_scan_chunked"]
+__all__ = ["CHUNK_BUDGET", "ClosedFormChunkScan", "chunk_length", "chunked_scan_time_major", "chunked_time_major", "scan_time_major_chunked", "selective_scan_chunked"]
 
 #: upper bound on the values of one chunk's (T, T) decay block: batch * G * N * P * T * T (32 MB in float32). The
 #: closed form does T times the element-wise work of a sequential scan to save launches; this keeps T at 16 for a
@@ -137,3 +138,19 @@ def selective_scan_chunked(
 def chunked_time_major(delta, u, A, B, C):
     """The mixers' time-major core for the ``chunked`` backend; returns y (L, batch, G, P)."""
     return ClosedFormChunkScan.apply(delta, u, A, B, C, None)[0]
+
+
+def scan_time_major_chunked(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, delta_proj_weight=None):
+    """The mixers' time-major scan (shapes as :func:`scripts.ssm.selective_scan_time_major`) by the closed-form
+    chunks; returns y (L, batch, G, P) in at least float32."""
+    compute, u, delta = prepare_time_major(u, delta, delta_bias, delta_softplus, delta_proj_weight)
+    y = chunked_time_major(delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute), C.to(compute))
+    return y if D is None else y + u * D.to(compute)
+
+
+register_backend(
+    ScanBackend(
+        "chunked", "closed-form chunks, no per-step ops", selective_scan_chunked, time_major=scan_time_major_chunked,
+        auto=lambda device: device.type == "cuda", priority=10,
+    )
+)  # fmt: skip

@@ -43,10 +43,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .mixer import causal_conv_silu_reference, gate_merge_reference
 
 __all__ = [
     "COMPILE_TIMEOUT",
@@ -65,7 +68,7 @@ __all__ = [
     "gate_merge_kernel",
     "gate_merge_reference",
     "scan_time_major_kernel",
-    "selective_scan_compiled",
+    "register_self_check",
 ]
 
 #: seconds the C compiler may take before the build is abandoned (then the ``fast`` path is used)
@@ -78,6 +81,7 @@ ARCH_ENV_VAR = "CLINICALFMAMBA_KERNEL_ARCH"
 _logger = logging.getLogger(__name__)
 _lock = threading.RLock()  # re-entered by the self-check
 _build: dict = {}  # filled once: lib, nmax, seconds, compiler, flags, error
+_extra_self_checks: list[Callable[[], None]] = []  # run after the forward checks; a failure disables the library
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_size = 0
 
@@ -296,7 +300,7 @@ def _self_check() -> None:
         ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, True)
         for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
             args = [t.to(dtype) for t in (u, delta, A, B, C, D, z, bias)]
-            y = selective_scan_compiled(*args, delta_softplus=True, _require_kernel=True)
+            y = _scan_channels_first(*args, delta_softplus=True)
             err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
             if not err <= tol:  # also catches NaN
                 raise RuntimeError(f"self-check failed for {dtype}: relative error {err:.2e} > {tol:.0e}")
@@ -348,33 +352,16 @@ def _self_check() -> None:
             err = ((fused.double() - ref_fused).abs().max() / ref_fused.abs().max()).item()
             if not err <= 1e-4:
                 raise RuntimeError(f"self-check of the fused mixer kernel failed: relative error {err:.2e} > 1e-04")
-    # the backward (training): gradients of every input, through 3 chunks of 8 steps, against autograd on the reference
-    from .compiled_grad import CompiledSelectiveScan
+    for check in _extra_self_checks:  # registered by the modules built on this library (the backward)
+        check()
 
-    with torch.inference_mode(False), torch.enable_grad():  # the first call may come from inference code
-        leaves = [t.clone().requires_grad_() for t in (x, delta_lr.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2), a_g, b_t, c_t, conv_bias, bias.view(groups, -1))]
-        grad_y = torch.randn(length, batch, groups, per_group, generator=g, dtype=torch.float64)
-        grad_h = torch.randn(batch, groups, n_state, per_group, generator=g, dtype=torch.float64)
 
-        def channels_first(t):  # (L, batch, G, P) -> (batch, G * P, L)
-            return t.permute(1, 2, 3, 0).reshape(batch, dim, length)
-
-        u_, d_, a_, b_, c_, dk_, bias_ = leaves
-        y_ref, h_ref = selective_scan_ref(
-            channels_first(u_), channels_first(d_), a_.reshape(dim, n_state), b_.permute(1, 2, 3, 0), c_.permute(1, 2, 3, 0),
-            dk_.reshape(-1), None, bias_.reshape(-1), True, return_last_state=True,
-        )  # fmt: skip
-        y_ref = y_ref.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
-        h_ref = h_ref.reshape(batch, groups, per_group, n_state).transpose(-1, -2)
-        grads_ref = torch.autograd.grad((y_ref, h_ref), leaves, (grad_y, grad_h))
-        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-            cast = [t.detach().to(dtype).requires_grad_() for t in leaves]
-            y, h = CompiledSelectiveScan.apply(cast[1], cast[0], *cast[2:5], cast[5], cast[6], True, 8)
-            grads = torch.autograd.grad((y, h), cast, (grad_y.to(dtype), grad_h.to(dtype)))
-            for name, out, ref in zip(("u", "delta", "A", "B", "C", "D", "delta bias"), grads, grads_ref):
-                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-                if not err <= tol:
-                    raise RuntimeError(f"self-check of the backward failed for d{name} in {dtype}: relative error {err:.2e} > {tol:.0e}")
+def register_self_check(check: Callable[[], None]) -> None:
+    """Run ``check`` in the library's self-check, after the forward kernels' checks (it raises on a wrong result;
+    the library is then not used). For modules that bind more of the library (:mod:`scripts.ssm.compiled_grad`);
+    register at import, before the first build."""
+    if check not in _extra_self_checks:
+        _extra_self_checks.append(check)
 
 
 def compiled_scan_available() -> bool:
@@ -503,20 +490,6 @@ def scan_time_major_kernel(
         ]  # fmt: skip
         _run(fn, args, lanes * (-(-per_group // _build["block"])))
     return y, h.view(batch, groups, n_state, per_group)
-
-
-def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``silu`` of Mamba's causal depthwise convolution along time, in plain PyTorch (any dtype, autograd).
-
-    x (L, batch, G, P); weight (G, P, K) (tap ``K - 1`` multiplies the current step); bias (G, P). The mixers'
-    path whenever the kernel does not apply (training, other devices, export).
-    """
-    width = weight.shape[-1]
-    taps = weight.permute(2, 0, 1).contiguous()  # (K, G, P)
-    out = torch.addcmul(bias, x, taps[width - 1])
-    for shift in range(1, min(width, x.shape[0])):
-        out[shift:].addcmul_(x[:-shift], taps[width - 1 - shift])
-    return F.silu(out)
 
 
 def causal_conv_silu_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -691,17 +664,6 @@ def mixer_scan_kernel(
     return y
 
 
-def gate_merge_reference(y: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Directions back to tokens, averaged, times ``silu(z)``, in plain PyTorch (any dtype, autograd).
-
-    y (L, B, M*K, P) scan outputs; index (L*B*M*K,) rows of ``y.reshape(-1, P)`` in (L, B, M, K) order;
-    z (M, B, L, P) -> (M, B, L, P). The mixers' path whenever the kernel does not apply.
-    """
-    members, batch, length, width = z.shape
-    aligned = y.reshape(-1, width).index_select(0, index).view(length, batch, members, -1, width)
-    return aligned.mean(3).permute(2, 1, 0, 3) * F.silu(z)
-
-
 def gate_merge_kernel(
     y: torch.Tensor, index: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor | None = None,
     norm_bias: torch.Tensor | None = None, eps: float = 1e-5,
@@ -745,50 +707,19 @@ def max_norm_width() -> int:
     return _load().get("pmax") or 0
 
 
-def _grouped(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:
-    return None if x is None else x.reshape(groups, -1)
 
-
-def selective_scan_compiled(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *, _require_kernel=False
-):
-    """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`).
-
-    Runs the compiled kernel when :func:`kernel_applicable`, with autograd the compiled forward and backward
-    (:class:`scripts.ssm.compiled_grad.CompiledSelectiveScan`) when the kernel is built, else
-    :func:`scripts.ssm.fast.selective_scan_fast`.
-    """
+def _scan_channels_first(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The kernel on mamba_ssm's (batch, dim, L) layout, no autograd (the self-check's entry); y in u's dtype."""
     n_state = A.shape[-1]
-    from .compiled_grad import CompiledSelectiveScan, kernel_trainable  # a module that imports this one
-
-    trainable = not _require_kernel and not kernel_applicable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state)
-    if trainable and not kernel_trainable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state):
-        from .fast import selective_scan_fast
-
-        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    dtype_in = u.dtype
     batch, dim, length = u.shape
     if B.dim() == 3:
         B, C = B.unsqueeze(1), C.unsqueeze(1)
     groups = B.shape[1]
-    if dim % groups != 0:
-        raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
     per_group = dim // groups
 
     def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
         return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
 
     args = (time_major(u), time_major(delta), A.reshape(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2))
-    if trainable:
-        y, last = CompiledSelectiveScan.apply(
-            args[1], args[0], args[2], args[3], args[4], _grouped(D, groups), _grouped(delta_bias, groups), bool(delta_softplus)
-        )
-    else:
-        y, last = scan_time_major_kernel(*args, D, delta_bias, delta_softplus)
-    y = y.reshape(length, batch, dim).permute(1, 2, 0)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    y = y.to(dtype_in)
-    if return_last_state:
-        return y, last.transpose(-1, -2).reshape(batch, dim, n_state)
-    return y
+    y = scan_time_major_kernel(*args, D, delta_bias, delta_softplus)[0].reshape(length, batch, dim).permute(1, 2, 0)
+    return (y if z is None else y * F.silu(z.to(y.dtype))).to(u.dtype)

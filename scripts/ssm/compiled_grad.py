@@ -9,7 +9,7 @@ through it, producing the gradients of delta (through the softplus), u, A, B, C,
 per (batch, group) lane. It is the scheme of the ``fast`` backward and of mamba_ssm's CUDA kernel, in one loop nest.
 
 Used by :func:`scripts.ssm.selective_scan_time_major` (the mixers' call) and
-:func:`scripts.ssm.compiled.selective_scan_compiled` when the ``compiled`` backend is selected, autograd is needed
+:func:`scripts.ssm.compiled_backend.selective_scan_compiled` when the ``compiled`` backend is selected, autograd is needed
 and :func:`kernel_trainable` holds; otherwise the ``fast`` scan and its backward run unchanged.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .compiled import _load, _rows, _run, scan_time_major_kernel
+from .compiled import _load, _rows, _run, register_self_check, scan_time_major_kernel
 
 __all__ = ["CompiledSelectiveScan", "checkpoint_interval", "kernel_trainable", "scan_time_major_trainable"]
 
@@ -107,3 +107,50 @@ def scan_time_major_trainable(u, delta, A, B, C, D=None, delta_bias=None, delta_
     D = None if D is None else D.reshape(groups, per_group)
     delta_bias = None if delta_bias is None else delta_bias.reshape(groups, per_group)
     return CompiledSelectiveScan.apply(delta, u, A, B, C, D, delta_bias, bool(delta_softplus))[0]
+
+
+def _self_check_backward() -> None:
+    """Gradients of every input through 3 chunks of 8 steps against autograd on the float64 reference (both dtypes);
+    part of the library's self-check (:func:`scripts.ssm.compiled.register_self_check`)."""
+    from .reference import selective_scan_ref
+
+    g = torch.Generator().manual_seed(1)
+    batch, groups, per_group, length, n_state = 2, 2, 19, 21, 5  # 19 channels per group: one full and one partial block
+    dim = groups * per_group
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    inputs = (
+        rand(length, batch, groups, per_group), rand(length, batch, groups, per_group),
+        -torch.rand(groups, per_group, n_state, generator=g, dtype=torch.float64) * 3,
+        rand(length, batch, groups, n_state), rand(length, batch, groups, n_state),
+        rand(groups, per_group), rand(groups, per_group),
+    )  # fmt: skip
+    with torch.inference_mode(False), torch.enable_grad():  # the first call may come from inference code
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        grad_y = rand(length, batch, groups, per_group)
+        grad_h = rand(batch, groups, n_state, per_group)
+
+        def channels_first(t):  # (L, batch, G, P) -> (batch, G * P, L)
+            return t.permute(1, 2, 3, 0).reshape(batch, dim, length)
+
+        u_, d_, a_, b_, c_, dk_, bias_ = leaves
+        y_ref, h_ref = selective_scan_ref(
+            channels_first(u_), channels_first(d_), a_.reshape(dim, n_state), b_.permute(1, 2, 3, 0), c_.permute(1, 2, 3, 0),
+            dk_.reshape(-1), None, bias_.reshape(-1), True, return_last_state=True,
+        )  # fmt: skip
+        y_ref = y_ref.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
+        h_ref = h_ref.reshape(batch, groups, per_group, n_state).transpose(-1, -2)
+        grads_ref = torch.autograd.grad((y_ref, h_ref), leaves, (grad_y, grad_h))
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            cast = [t.detach().to(dtype).requires_grad_() for t in leaves]
+            y, h = CompiledSelectiveScan.apply(cast[1], cast[0], *cast[2:5], cast[5], cast[6], True, 8)
+            grads = torch.autograd.grad((y, h), cast, (grad_y.to(dtype), grad_h.to(dtype)))
+            for name, out, ref in zip(("u", "delta", "A", "B", "C", "D", "delta bias"), grads, grads_ref):
+                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                if not err <= tol:
+                    raise RuntimeError(f"self-check of the backward failed for d{name} in {dtype}: relative error {err:.2e} > {tol:.0e}")
+
+
+register_self_check(_self_check_backward)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from .registry import ScanBackend, register_backend
+
 __all__ = ["mamba_ssm_scan", "mamba_ssm_available"]
 
 
@@ -46,3 +48,11 @@ def mamba_ssm_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus,
         return_last_state,
     )
+
+
+register_backend(
+    ScanBackend(
+        "mamba_ssm", "CUDA kernel", mamba_ssm_scan, auto=lambda device: device.type == "cuda" and mamba_ssm_available(),
+        priority=20,
+    )
+)  # fmt: skip

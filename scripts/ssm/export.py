@@ -23,6 +23,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from .registry import ScanBackend, register_backend
+
 __all__ = ["EXPORT_CHUNK", "selective_scan_export", "selective_scan_export_time_major"]
 
 #: time steps per chunk of the exported scan (a run-time loop inside the exported graph)
@@ -130,3 +132,14 @@ def selective_scan_export(
     if z is not None:
         y = y * F.silu(z.to(y.dtype))
     return y.to(u.dtype)
+
+
+def _export_time_major(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, delta_proj_weight=None):
+    if delta_proj_weight is not None:
+        delta = torch.einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)
+    return selective_scan_export_time_major(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+register_backend(
+    ScanBackend("export", "TorchScript loop", selective_scan_export, time_major=_export_time_major, traceable=True)
+)

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from .reference import scan_channels_first
+from .reference import prepare_time_major, scan_channels_first
+from .registry import ScanBackend, register_backend
 
-__all__ = ["DEFAULT_CHUNK", "ChunkedSelectiveScan", "selective_scan_fast"]
+__all__ = ["DEFAULT_CHUNK", "ChunkedSelectiveScan", "scan_time_major_fast", "selective_scan_fast"]
 
 DEFAULT_CHUNK = 8
 
@@ -140,3 +141,21 @@ def selective_scan_fast(
         return ChunkedSelectiveScan.apply(delta, u, A, B, C, steps)
 
     return scan_channels_first(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def scan_time_major_fast(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, delta_proj_weight=None):
+    """The mixers' time-major scan (shapes as :func:`scripts.ssm.selective_scan_time_major`) by
+    :class:`ChunkedSelectiveScan`; returns y (L, batch, G, P) in at least float32."""
+    compute, u, delta = prepare_time_major(u, delta, delta_bias, delta_softplus, delta_proj_weight)
+    y, _ = ChunkedSelectiveScan.apply(
+        delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute).contiguous(), C.to(compute).contiguous(), DEFAULT_CHUNK
+    )
+    return y if D is None else y + u * D.to(compute)
+
+
+register_backend(
+    ScanBackend(
+        "fast", "pure PyTorch", selective_scan_fast, time_major=scan_time_major_fast,
+        auto=lambda device: device.type == "cpu", priority=10,
+    )
+)  # fmt: skip

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan_ref", "expand_groups", "prepare_inputs", "warm_up_exp"]
+from .registry import ScanBackend, register_backend
+
+__all__ = ["selective_scan_ref", "expand_groups", "prepare_inputs", "prepare_time_major", "warm_up_exp"]
 
 _exp_warm = False
 
@@ -63,6 +65,21 @@ def prepare_inputs(u, delta, A, delta_bias=None, delta_softplus=False):
     if delta_softplus:
         delta = F.softplus(delta)
     return compute, u, delta, A
+
+
+def prepare_time_major(u, delta, delta_bias=None, delta_softplus=False, delta_proj_weight=None):
+    """Shared prologue of the time-major backends: delta from its low-rank input when ``delta_proj_weight`` (G, P, R)
+    is given (``einsum("lbgr,gpr->lbgp")``), the compute dtype (at least float32), ``delta + delta_bias`` (G, P) and
+    the optional softplus. Returns (compute dtype, u, delta), both (L, batch, G, P)."""
+    if delta_proj_weight is not None:
+        delta = torch.einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)
+    compute = torch.promote_types(u.dtype, torch.float32)
+    u, delta = u.to(compute), delta.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return compute, u, delta
 
 
 def scan_channels_first(core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
@@ -153,3 +170,6 @@ def selective_scan_ref(
         y = y * F.silu(z.to(compute))
     y = y.to(dtype_in)
     return (y, h) if return_last_state else y
+
+
+register_backend(ScanBackend("reference", "sequential reference", selective_scan_ref, traceable=True))

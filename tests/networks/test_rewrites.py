@@ -1,4 +1,7 @@
-"""Inference rewrites: every one equals the plain layers it replaces, and only runs in eval mode without autograd."""
+"""Inference rewrites: every one equals the plain layers it replaces, and the swapped-in modules of
+``optimize_for_inference`` run them only in eval mode without autograd."""
+
+import copy
 
 import pytest
 import torch
@@ -8,15 +11,14 @@ from torch import nn
 from scripts.benchmark import network_flops
 from scripts.networks import ClinicalFMamba, CrossModalChannelAttention, DilatedGatedConvBlock, UpStage
 from scripts.networks.blocks import FullResolutionRefinement
+from scripts.networks.optimize import optimize_for_inference, runs_fast
 from scripts.networks.rewrites import (
     channels_last,
     conv3_by_matmul,
     conv3_then_down2,
     fold_batch_norm,
     fold_batch_norm_before,
-    inference_rewrites,
     is_channels_last,
-    rewrites_apply,
     upsample_conv,
 )
 
@@ -38,11 +40,11 @@ def randomise_batch_norms(module: nn.Module, seed: int = 0) -> None:
 
 
 def plain_and_rewritten(module, *inputs):
-    """The module's output with the rewrites off, then on (eval mode, no autograd)."""
+    """The plain module's output, then that of an optimised copy (eval mode, no autograd)."""
+    fast = optimize_for_inference(copy.deepcopy(module))
+    assert type(fast) is not type(module)  # a fast module was swapped in
     with torch.no_grad():
-        with inference_rewrites(False):
-            ref = module(*inputs)
-        return ref, module(*inputs)
+        return module(*inputs), fast(*inputs)
 
 
 @pytest.mark.parametrize("size", [(7,), (5, 8), (4, 3, 5)])
@@ -135,14 +137,14 @@ def test_up_stage_rewritten_equals_its_layers(spatial_dims, layout):
 
 def test_attention_add_to_updates_in_place_only_at_inference():
     attention = CrossModalChannelAttention(2, 6).double().eval()
+    fast = optimize_for_inference(copy.deepcopy(attention))
     q, r, h = randn(2, 6, 7, 5), randn(2, 6, 7, 5, seed=1), randn(2, 6, 7, 5, seed=2)
     ref = h + attention(q, r)
     with torch.no_grad():
         kept = h.clone()
-        with inference_rewrites(False):
-            assert torch.allclose(attention.add_to(kept, q, r), ref, rtol=0, atol=1e-12)
-        assert torch.equal(kept, h)  # the plain path leaves its input alone
-        out = attention.add_to(kept, q, r)
+        assert torch.allclose(attention.add_to(kept, q, r), ref, rtol=0, atol=1e-12)
+        assert torch.equal(kept, h)  # the plain module leaves its input alone
+        out = fast.add_to(kept, q, r)
     assert out is kept  # in place
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
@@ -156,11 +158,10 @@ def test_attention_add_both_equals_the_two_attentions(layout):
     a, b = pair[:2], pair[2:]
     ref = h + attention(a, b) + attention(b, a)
     with torch.no_grad():
-        with inference_rewrites(False):
-            kept = h.clone()
-            assert torch.allclose(attention.add_both(kept, pair), ref, rtol=0, atol=1e-12)
-            assert torch.equal(kept, h)
-        out = attention.add_both(h, pair)
+        kept = h.clone()
+        assert torch.allclose(attention.add_both(kept, pair), ref, rtol=0, atol=1e-12)
+        assert torch.equal(kept, h)
+        out = optimize_for_inference(copy.deepcopy(attention)).add_both(h, pair)
     assert out is h and is_channels_last(out) == (layout == "channels_last")  # in place, layout kept
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
@@ -192,24 +193,24 @@ def test_network_with_rewrites_equals_plain_layers(spatial_dims, size):
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
 
-def test_rewrites_only_run_in_eval_mode_without_autograd(monkeypatch):
-    import scripts.networks.blocks as blocks
+def test_fast_modules_run_their_rewrites_only_in_eval_mode_without_autograd(monkeypatch):
+    import scripts.networks.optimize as optimize
 
-    net = tiny_network(2)
-    assert not rewrites_apply(net.train())
+    net = optimize_for_inference(tiny_network(2))
+    assert not runs_fast(net.train())
     net.eval()
     with torch.enable_grad():
-        assert not rewrites_apply(net)
+        assert not runs_fast(net)
     with torch.no_grad():
-        assert rewrites_apply(net)
-        with inference_rewrites(False):
-            assert not rewrites_apply(net)
+        assert runs_fast(net)
 
     def refuse(*args):
         raise AssertionError("a rewrite ran with autograd on")
 
-    monkeypatch.setattr(blocks, "upsample_conv", refuse)
+    monkeypatch.setattr(optimize, "upsample_conv", refuse)
+    monkeypatch.setattr(optimize, "conv3_by_matmul", refuse)
     net(torch.rand(1, 2, 16, 16, dtype=torch.float64)).sum().backward()  # eval mode, autograd on: plain layers
+    assert net.stem.weight.grad is not None
 
 
 def test_flop_count_is_the_architectures_not_the_rewrites():
@@ -219,7 +220,7 @@ def test_flop_count_is_the_architectures_not_the_rewrites():
 
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        net(x)  # with the rewrites: fewer multiply-adds in the up-sampling convolutions
+        optimize_for_inference(copy.deepcopy(net))(x)  # with the rewrites: fewer multiply-adds in the up-sampling
     assert network_flops(net, x) > counter.get_total_flops()
 
 
@@ -227,16 +228,16 @@ def test_head_falls_back_to_the_convolutions_when_the_maps_would_be_too_large(mo
     import scripts.networks.rewrites as rewrites
 
     net = tiny_network(2)
+    fast = optimize_for_inference(copy.deepcopy(net))
     x = torch.rand(1, 2, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     calls = []
-    monkeypatch.setattr("scripts.networks.clinicalfmamba.conv3_by_matmul", lambda *a: calls.append(1) or conv3_by_matmul(*a))
+    monkeypatch.setattr("scripts.networks.optimize.conv3_by_matmul", lambda *a: calls.append(1) or conv3_by_matmul(*a))
     with torch.no_grad():
-        with inference_rewrites(False):
-            ref = net(x)
-        assert torch.allclose(net(x), ref, rtol=0, atol=1e-12) and calls
+        ref = net(x)
+        assert torch.allclose(fast(x), ref, rtol=0, atol=1e-12) and calls
         calls.clear()
         monkeypatch.setattr(rewrites, "MATMUL_MAPS_LIMIT", 1024)
-        assert torch.allclose(net(x), ref, rtol=0, atol=1e-12) and not calls
+        assert torch.allclose(fast(x), ref, rtol=0, atol=1e-12) and not calls
 
 
 @pytest.mark.parametrize("size", [(5, 8), (4, 3, 5)])
@@ -260,9 +261,10 @@ def test_attention_add_to_in_channels_last_memory():
     attention = CrossModalChannelAttention(2, 6).double().eval()
     q, r, h = (channels_last(randn(2, 6, 7, 5, seed=s)) for s in range(3))
     ref = h + attention(q, r)
+    fast = optimize_for_inference(copy.deepcopy(attention))
     with torch.no_grad():
-        out = attention.add_to(h, q, r)
+        out = fast.add_to(h, q, r)
         assert out is h and is_channels_last(out)  # in place, layout kept
         assert torch.allclose(out, ref, rtol=0, atol=1e-12)
         mixed = randn(2, 6, 7, 5, seed=4)  # h in the other layout: the plain sum, correct all the same
-        assert torch.allclose(attention.add_to(mixed.clone(), q, r), mixed + attention(q, r), rtol=0, atol=1e-12)
+        assert torch.allclose(fast.add_to(mixed.clone(), q, r), mixed + attention(q, r), rtol=0, atol=1e-12)

@@ -1,0 +1,133 @@
+"""The ``compiled`` backend: the run-time built C kernels (:mod:`scripts.ssm.compiled`, forward and fused mixer
+operations; :mod:`scripts.ssm.compiled_grad`, forward + backward) registered as one scan backend.
+
+Without autograd the forward kernel runs; with autograd the compiled forward and backward
+(:class:`~scripts.ssm.compiled_grad.CompiledSelectiveScan`); anything the kernels do not take (other devices,
+N > 64, no kernel built) runs the ``fast`` backend unchanged. ``auto`` picks this backend on CPU when it builds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .compiled import (
+    causal_conv_silu_kernel,
+    compiled_scan_available,
+    gate_merge_kernel,
+    kernel_applicable,
+    max_conv_width,
+    max_norm_width,
+    mixer_scan_applicable,
+    mixer_scan_kernel,
+    prepare_mixer_weights,
+    scan_time_major_kernel,
+)
+from .compiled_grad import CompiledSelectiveScan, kernel_trainable, scan_time_major_trainable
+from .fast import scan_time_major_fast, selective_scan_fast
+from .registry import ScanBackend, register_backend
+
+__all__ = ["CompiledMixerOps", "scan_time_major_compiled", "selective_scan_compiled"]
+
+
+def _grouped(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    return None if x is None else x.reshape(groups, -1)
+
+
+def selective_scan_compiled(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`).
+
+    Runs the compiled kernel when :func:`~scripts.ssm.compiled.kernel_applicable`, with autograd the compiled forward
+    and backward when the kernel is built, else :func:`scripts.ssm.fast.selective_scan_fast`.
+    """
+    n_state = A.shape[-1]
+    trainable = not kernel_applicable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state)
+    if trainable and not kernel_trainable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state):
+        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dtype_in = u.dtype
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    groups = B.shape[1]
+    if dim % groups != 0:
+        raise ValueError(f"channel count {dim} is not divisible by the {groups} groups of B/C")
+    per_group = dim // groups
+
+    def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
+        return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
+
+    args = (time_major(u), time_major(delta), A.reshape(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2))
+    if trainable:
+        y, last = CompiledSelectiveScan.apply(
+            args[1], args[0], args[2], args[3], args[4], _grouped(D, groups), _grouped(delta_bias, groups), bool(delta_softplus)
+        )
+    else:
+        y, last = scan_time_major_kernel(*args, D, delta_bias, delta_softplus)
+    y = y.reshape(length, batch, dim).permute(1, 2, 0)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    y = y.to(dtype_in)
+    if return_last_state:
+        return y, last.transpose(-1, -2).reshape(batch, dim, n_state)
+    return y
+
+
+def scan_time_major_compiled(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, delta_proj_weight=None):
+    """The mixers' time-major scan (shapes as :func:`scripts.ssm.selective_scan_time_major`): the forward kernel
+    (with the dt projection folded in) without autograd, the compiled forward + backward with it, else ``fast``."""
+    n_state = A.shape[-1]
+    if kernel_applicable(u, delta, A, B, C, D, delta_bias, delta_proj_weight, n_state=n_state):
+        return scan_time_major_kernel(u, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj_weight=delta_proj_weight)[0]
+    if delta_proj_weight is not None:
+        delta = torch.einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)
+    if kernel_trainable(u, delta, A, B, C, D, delta_bias, n_state=n_state):
+        return scan_time_major_trainable(u, delta, A, B, C, D, delta_bias, delta_softplus)  # with autograd
+    return scan_time_major_fast(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+class CompiledMixerOps:
+    """The mixer operations the compiled library fuses (see :mod:`scripts.ssm.mixer` for their contracts). Each
+    returns None (or False) where the kernel does not take the inputs: autograd needed, not CPU, sizes too large."""
+
+    @staticmethod
+    def causal_conv_silu(x, weight, bias, index):
+        if kernel_applicable(x, weight, bias, n_state=0) and weight.shape[-1] <= max_conv_width():
+            return causal_conv_silu_kernel(x, weight, bias, index=index)
+        return None
+
+    @staticmethod
+    def merge(y, index, z, norm_weight=None, norm_bias=None, eps=1e-5):
+        if not kernel_applicable(y, z, norm_weight, norm_bias, n_state=0):
+            return None
+        if norm_weight is None or y.shape[-1] <= max_norm_width():
+            return gate_merge_kernel(y, index, z, norm_weight, norm_bias, eps)
+        merged = gate_merge_kernel(y, index, z)
+        return torch.addcmul(norm_bias[:, None, None], F.layer_norm(merged, merged.shape[-1:], eps=eps), norm_weight[:, None, None])
+
+    @staticmethod
+    def fused_supported(x, d_inner, d_state, dt_rank, d_conv, lanes, *parameters) -> bool:
+        return kernel_applicable(x, *parameters, n_state=0) and mixer_scan_applicable(x, d_inner, d_state, dt_rank, d_conv, lanes)
+
+    @staticmethod
+    def fused_merges(sets: int, width: int, norm: bool) -> bool:
+        """Whether the fused kernel should merge too: its work items are then the ``sets`` (batch, member) sets,
+        and every thread needs one; a norm only up to the kernel's row width."""
+        return sets >= torch.get_num_threads() and (not norm or width <= max_norm_width())
+
+    @staticmethod
+    def prepare_fused(*args, **kwargs):
+        return prepare_mixer_weights(*args, **kwargs)
+
+    @staticmethod
+    def fused(*args, **kwargs):
+        return mixer_scan_kernel(*args, **kwargs)
+
+
+register_backend(
+    ScanBackend(
+        "compiled", "fused C kernels, forward and backward", selective_scan_compiled, time_major=scan_time_major_compiled,
+        auto=lambda device: device.type == "cpu" and compiled_scan_available(), priority=20, mixer=CompiledMixerOps(),
+    )
+)  # fmt: skip

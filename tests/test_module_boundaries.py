@@ -1,0 +1,123 @@
+"""Module boundaries of ``scripts/``, read from the source with ``ast`` (nothing is imported): the network imports
+only the scan engine's public entry points, the plain model imports none of the inference speed layer, and the
+import graph has no cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+#: kernel modules of the scan engine: its internals, reached only through ``scripts.ssm``'s public entry points
+KERNEL_MODULES = {"scripts.ssm.compiled", "scripts.ssm.compiled_grad", "scripts.ssm.compiled_backend", "scripts.ssm.scan_kernel"}
+
+#: import cycles that remain outside this change's scope, each to be removed by the change that untangles it:
+#: ``scripts.data`` and ``scripts.transforms`` share the pair validation (issue 23, item 4)
+KNOWN_CYCLES: set[frozenset[str]] = {frozenset({"scripts.data", "scripts.transforms"})}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in SCRIPTS.rglob("*.py")}
+
+
+def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
+    """The ``scripts.*`` modules that ``path`` imports anywhere in its body (functions included)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            # "from package import submodule" imports the submodule; "from module import name" the module
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # "import scripts.ssm.compiled as c" -> the module itself
+                target = target.rpartition(".")[0]
+            if target.startswith("scripts") and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports_of(path, known) for name, path in known.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(frozenset(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_reader_sees_relative_lazy_and_package_imports():
+    graph = import_graph()
+    assert "scripts.ssm.compiled" in graph["scripts.ssm.compiled_grad"]  # from .compiled import ...
+    assert "scripts.ssm.reference" in graph["scripts.ssm"]  # from . import reference, ...
+    assert "scripts.ssm.reference" in graph["scripts.ssm.compiled"]  # inside a function
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
+
+
+def test_networks_import_no_kernel_module():
+    graph = import_graph()
+    network_modules = [name for name in graph if name.startswith("scripts.networks")]
+    assert "scripts.networks.mamba" in network_modules and "scripts.networks.optimize" in network_modules
+    offending = {name: sorted(graph[name] & KERNEL_MODULES) for name in network_modules if graph[name] & KERNEL_MODULES}
+    assert not offending, f"scripts/networks must use scripts.ssm's public entry points only: {offending}"
+    ssm_internal = {name: sorted(t for t in graph[name] if t.startswith("scripts.ssm.")) for name in network_modules}
+    assert not any(ssm_internal.values()), f"import from the scripts.ssm package, not its modules: {ssm_internal}"
+
+
+@pytest.mark.parametrize("module", ["clinicalfmamba", "blocks", "mamba", "scan_orders"])
+def test_the_plain_model_imports_nothing_of_the_inference_speed_layer(module):
+    imported = import_graph()[f"scripts.networks.{module}"]
+    speed = {"scripts.networks.optimize", "scripts.networks.rewrites", "scripts.networks.packed_conv"}
+    assert not imported & speed, f"scripts/networks/{module}.py imports {sorted(imported & speed)}"
+
+
+def test_scripts_have_no_import_cycle_beyond_the_known_ones():
+    found = set(cycles(import_graph()))
+    assert found - KNOWN_CYCLES == set(), f"new import cycle(s): {[sorted(c) for c in found - KNOWN_CYCLES]}"
+    # a known cycle that has gone must leave the allow-list too
+    assert KNOWN_CYCLES - found == set(), f"no longer cycles, remove from KNOWN_CYCLES: {[sorted(c) for c in KNOWN_CYCLES - found]}"
