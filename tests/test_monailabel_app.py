@@ -206,3 +206,22 @@ def test_app_modules_declare_an_others_task_without_trainers() -> None:
     kwargs = {k.arg: ast.unparse(k.value) for c in calls for k in c.keywords}
     assert kwargs["type"] == "InferType.OTHERS"
     assert kwargs["add_post_restore"] == "False" and kwargs["load_strict"] == "True"
+
+
+def test_app_serves_the_network_with_the_inference_modules_swapped_in():
+    from scripts.networks import ClinicalFMamba
+    from scripts.networks.optimize import FastClinicalFMamba
+
+    torch.manual_seed(0)
+    net = ClinicalFMamba(features=(4, 8), dilations=(1, 2), depth=1, decoder_depth=1, d_state=4, swap_d_state=4).eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(1, 2, 16, 16)
+    with torch.inference_mode():
+        expected = net(x)
+        served = P.optimize_network(BUNDLE_ROOT, net)
+        assert type(served) is FastClinicalFMamba and all(torch.equal(v, served.state_dict()[k]) for k, v in state.items())
+        assert (served(x) - expected).abs().max() <= 1e-5
+    baseline = MeanFusion()
+    assert P.optimize_network(BUNDLE_ROOT, baseline) is baseline and type(baseline) is MeanFusion
+    infer_source = (APP / "lib" / "infer_fusion.py").read_text()  # the server's task calls it on the loaded network
+    assert "optimize_network(self.bundle_path, super()._get_network(device, data))" in infer_source

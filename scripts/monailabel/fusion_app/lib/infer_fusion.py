@@ -1,7 +1,7 @@
 """``FusionInferTask``: the ClinicalFMamba bundle as a MONAI Label infer task that returns a float32 fused image.
 
 It is MONAI Label's ``BundleInferTask`` (which reads ``configs/inference.json``, ``configs/metadata.json`` and the
-checkpoint, and re-imports the bundle's ``scripts`` package for each request) with four changes:
+checkpoint, and re-imports the bundle's ``scripts`` package for each request) with these changes:
 
 - ``type=InferType.OTHERS``. The fused image is an intensity image, not a label map. As a ``segmentation`` model
   MONAI Label clients would treat it as labels: 3D Slicer and OHIF ask for ``result_dtype=uint8`` (a [0, 1]
@@ -15,6 +15,8 @@ checkpoint, and re-imports the bundle's ``scripts`` package for each request) wi
 - ``writer``: always a float32 NIfTI (``.nii.gz``, or ``.nii`` when asked) with the input file's affine and
   header, whatever ``result_dtype`` / ``result_extension`` the client sends (MONAI Label's default writer casts
   to the requested dtype, and Slicer requests uint8 ``.nrrd``).
+- Network: the plain ``network_def`` that ``BundleInferTask`` builds and loads, then the bundle's inference modules
+  swapped in (``_get_network``; docs/inference_rewrites.md), as ``configs/inference.json`` does.
 - Weights: ``--conf weights FILE`` or ``models/model.pt`` (strict key check: a checkpoint that does not fit the
   network is an error, not a half-random model) or ``models/model.ts``; with none of them the model is not
   served, unless ``--conf allow_untrained true`` (for smoke tests: a seed-0 random initialisation, flagged in the
@@ -40,6 +42,7 @@ from lib.pipeline import (
     bundle_on_path,
     drop_by_name,
     load_bundle_config,
+    optimize_network,
     resolve_result_extension,
     resolve_weights,
     write_fused_nifti,
@@ -117,6 +120,11 @@ class FusionInferTask(BundleInferTask):
         if self.valid:
             self.description = f"{self.description} Weights: {self.weights_note}."
             logger.info(f"ClinicalFMamba fusion task ready; weights: {self.weights_note}")
+
+    def _get_network(self, device, data):
+        """The network as ``BasicInferTask`` loads it (weights, strict), with the bundle's inference modules swapped in,
+        as ``configs/inference.json``'s ``network`` is (``BundleInferTask`` builds ``network_def``, the plain one)."""
+        return optimize_network(self.bundle_path, super()._get_network(device, data))
 
     def info(self) -> Dict[str, Any]:
         i = super().info()

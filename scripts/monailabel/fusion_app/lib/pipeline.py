@@ -35,6 +35,7 @@ __all__ = [
     "default_bundle_root",
     "drop_by_name",
     "load_bundle_config",
+    "optimize_network",
     "resolve_result_extension",
     "resolve_weights",
     "stack_pair",
@@ -70,6 +71,16 @@ def bundle_on_path(bundle_root: str | os.PathLike) -> Iterator[None]:
     finally:
         with contextlib.suppress(ValueError):
             sys.path.remove(root)
+
+
+def optimize_network(bundle_root: str | os.PathLike, network: Any) -> Any:
+    """``network`` with the bundle's inference modules swapped in (``scripts.networks.optimize.optimize_for_inference``,
+    as ``configs/inference.json`` applies it: same weights and outputs, faster). A TorchScript model, or a module
+    without ClinicalFMamba parts, comes back unchanged."""
+    with bundle_on_path(bundle_root):
+        from scripts.networks.optimize import optimize_for_inference
+
+    return optimize_for_inference(network)
 
 
 def resolve_weights(bundle_root: str | os.PathLike, conf: Mapping[str, Any]) -> tuple[str | None, str]:
