@@ -182,8 +182,8 @@ class DirectionalMamba(nn.Module):
         return member_linear(y, self.out_proj_weight)
 
     def scan_directions(
-        self, xs: torch.Tensor, z: torch.Tensor, extra: torch.Tensor | None, A: torch.Tensor, forward_index: torch.Tensor,
-        backward_index: torch.Tensor,
+        self, xs: torch.Tensor, z: torch.Tensor, extra: torch.Tensor | None, A: torch.Tensor,
+        forward_index: torch.Tensor, backward_index: torch.Tensor,
     ) -> torch.Tensor:
         """The mixer between its projections: xs, z, extra (M, B, L, d_inner) -> (M, B, L, d_inner).
 

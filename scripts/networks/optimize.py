@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.ssm import causal_conv_silu, fused_mixer_ops, gather_directions, merge_directions, selective_scan_time_major
+from scripts.ssm import (
+    causal_conv_silu,
+    fused_mixer_ops,
+    gather_directions,
+    merge_directions,
+    selective_scan_time_major,
+)
 
 from .blocks import (
     CrossModalChannelAttention,
@@ -101,7 +107,8 @@ class FastClinicalFMamba(_Fast, ClinicalFMamba):
                 f = block(channels_last(conv3_then_down2(x, self.stem, down)))
             elif f.dim() == 4:
                 sources = [down.weight, down.bias]
-                f = block(self.kept.conv2d(f"down{i}", f, lambda d=down: (d.weight, d.bias), sources, stride=down.stride))
+                weights = lambda d=down: (d.weight, d.bias)  # noqa: E731
+                f = block(self.kept.conv2d(f"down{i}", f, weights, sources, stride=down.stride))
             else:
                 f = block(down(f))
         return f, skips
@@ -192,7 +199,9 @@ class FastUpStage(_Fast, UpStage):
 
     def _conv_weights(self, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The conv's weight and bias, with the following BatchNorm folded in when ``fold``."""
-        return fold_batch_norm(self.conv.weight, self.conv.bias, self.norm) if fold else (self.conv.weight, self.conv.bias)
+        if fold:
+            return fold_batch_norm(self.conv.weight, self.conv.bias, self.norm)
+        return self.conv.weight, self.conv.bias
 
     def _fusable_slope(self) -> float | None:
         """The negative slope of the activation as a LeakyReLU (0 for ReLU), None for any other activation."""
@@ -272,7 +281,8 @@ class FastFullResolutionRefinement(_Fast, FullResolutionRefinement):
         if h.dim() == 4:
             sources = [self.mix.weight, self.mix.bias]
             mixed = self.kept.conv2d("mix_h", h, lambda: (weight[:, :channels], self.mix.bias), sources, padding=1)
-            mixed = mixed.add_(self.kept.conv2d("mix_image", image, lambda: (weight[:, channels:], None), sources, padding=1))
+            from_image = self.kept.conv2d("mix_image", image, lambda: (weight[:, channels:], None), sources, padding=1)
+            mixed = mixed.add_(from_image)
             out = self.kept.conv2d(
                 "out", F.leaky_relu_(mixed, slope), lambda: (self.out.weight, self.out.bias),
                 [self.out.weight, self.out.bias], padding=1,
@@ -294,8 +304,8 @@ class FusedDirectionalMamba(DirectionalMamba):
         self.kernel_weights: tuple | None = None  # (parameter versions, the backend's prepared weights)
 
     def scan_directions(
-        self, xs: torch.Tensor, z: torch.Tensor, extra: torch.Tensor | None, A: torch.Tensor, forward_index: torch.Tensor,
-        backward_index: torch.Tensor,
+        self, xs: torch.Tensor, z: torch.Tensor, extra: torch.Tensor | None, A: torch.Tensor,
+        forward_index: torch.Tensor, backward_index: torch.Tensor,
     ) -> torch.Tensor:
         ops = fused_mixer_ops(self.scan_backend, xs.device)
         if ops is None or not runs_fast(self):
@@ -327,7 +337,8 @@ class FusedDirectionalMamba(DirectionalMamba):
     def _prepared(self, ops, A: torch.Tensor, norm: nn.Module | None):
         """The fused kernel's weight layouts, kept while no parameter changes (each parameter's identity, storage and
         version counter make the key)."""
-        params = [self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D]
+        params = [self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias]
+        params += [self.A_log, self.D]
         params += [norm.weight, norm.bias] if norm is not None else []
         key = source_versions(params)
         if self.kernel_weights is None or self.kernel_weights[0] != key:

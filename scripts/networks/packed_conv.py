@@ -106,7 +106,9 @@ class KeptConvWeights:
         if packed is not None:
             attr, scalars = ("none", []) if negative_slope is None else ("leaky_relu", [float(negative_slope)])
             try:
-                return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, 1, attr, scalars, "")
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, packed, bias, padding, stride, dilation, 1, attr, scalars, ""
+                )
             except RuntimeError as exc:
                 _operators_failed(exc, "oneDNN convolution with a kept weight failed")
                 self.clear()

@@ -41,7 +41,15 @@ from .cuda import mamba_ssm_available
 from .fast import selective_scan_fast
 from .mixer import causal_conv_silu, fused_mixer_ops, gather_directions, merge_directions
 from .reference import selective_scan_ref
-from .registry import ENV_VAR, ScanBackend, backend_names, get_backend, register_backend, resolve_backend, set_scan_backend
+from .registry import (
+    ENV_VAR,
+    ScanBackend,
+    backend_names,
+    get_backend,
+    register_backend,
+    resolve_backend,
+    set_scan_backend,
+)
 
 __all__ = [
     "BACKENDS",

@@ -27,7 +27,15 @@ from torch.autograd.function import once_differentiable
 from .reference import prepare_time_major, scan_channels_first
 from .registry import ScanBackend, register_backend
 
-__all__ = ["CHUNK_BUDGET", "ClosedFormChunkScan", "chunk_length", "chunked_scan_time_major", "chunked_time_major", "scan_time_major_chunked", "selective_scan_chunked"]
+__all__ = [
+    "CHUNK_BUDGET",
+    "ClosedFormChunkScan",
+    "chunk_length",
+    "chunked_scan_time_major",
+    "chunked_time_major",
+    "scan_time_major_chunked",
+    "selective_scan_chunked",
+]
 
 #: upper bound on the values of one chunk's (T, T) decay block: batch * G * N * P * T * T (32 MB in float32). The
 #: closed form does T times the element-wise work of a sequential scan to save launches; this keeps T at 16 for a

@@ -58,11 +58,11 @@ def selective_scan_compiled(
     def time_major(x):  # (batch, dim, L) -> (L, batch, G, P)
         return x.permute(2, 0, 1).reshape(length, batch, groups, per_group)
 
-    args = (time_major(u), time_major(delta), A.reshape(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2))
+    u_t, delta_t = time_major(u), time_major(delta)
+    args = (u_t, delta_t, A.reshape(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2))
     if trainable:
-        y, last = CompiledSelectiveScan.apply(
-            args[1], args[0], args[2], args[3], args[4], _grouped(D, groups), _grouped(delta_bias, groups), bool(delta_softplus)
-        )
+        D_g, bias_g = _grouped(D, groups), _grouped(delta_bias, groups)
+        y, last = CompiledSelectiveScan.apply(delta_t, u_t, *args[2:], D_g, bias_g, bool(delta_softplus))
     else:
         y, last = scan_time_major_kernel(*args, D, delta_bias, delta_softplus)
     y = y.reshape(length, batch, dim).permute(1, 2, 0)
@@ -79,7 +79,9 @@ def scan_time_major_compiled(u, delta, A, B, C, D=None, delta_bias=None, delta_s
     (with the dt projection folded in) without autograd, the compiled forward + backward with it, else ``fast``."""
     n_state = A.shape[-1]
     if kernel_applicable(u, delta, A, B, C, D, delta_bias, delta_proj_weight, n_state=n_state):
-        return scan_time_major_kernel(u, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj_weight=delta_proj_weight)[0]
+        return scan_time_major_kernel(
+            u, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj_weight=delta_proj_weight
+        )[0]
     if delta_proj_weight is not None:
         delta = torch.einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)
     if kernel_trainable(u, delta, A, B, C, D, delta_bias, n_state=n_state):
@@ -104,11 +106,14 @@ class CompiledMixerOps:
         if norm_weight is None or y.shape[-1] <= max_norm_width():
             return gate_merge_kernel(y, index, z, norm_weight, norm_bias, eps)
         merged = gate_merge_kernel(y, index, z)
-        return torch.addcmul(norm_bias[:, None, None], F.layer_norm(merged, merged.shape[-1:], eps=eps), norm_weight[:, None, None])
+        normalised = F.layer_norm(merged, merged.shape[-1:], eps=eps)
+        return torch.addcmul(norm_bias[:, None, None], normalised, norm_weight[:, None, None])
 
     @staticmethod
     def fused_supported(x, d_inner, d_state, dt_rank, d_conv, lanes, *parameters) -> bool:
-        return kernel_applicable(x, *parameters, n_state=0) and mixer_scan_applicable(x, d_inner, d_state, dt_rank, d_conv, lanes)
+        if not kernel_applicable(x, *parameters, n_state=0):
+            return False
+        return mixer_scan_applicable(x, d_inner, d_state, dt_rank, d_conv, lanes)
 
     @staticmethod
     def fused_merges(sets: int, width: int, norm: bool) -> bool:
@@ -127,7 +132,12 @@ class CompiledMixerOps:
 
 register_backend(
     ScanBackend(
-        "compiled", "fused C kernels, forward and backward", selective_scan_compiled, time_major=scan_time_major_compiled,
-        auto=lambda device: device.type == "cpu" and compiled_scan_available(), priority=20, mixer=CompiledMixerOps(),
+        "compiled",
+        "fused C kernels, forward and backward",
+        selective_scan_compiled,
+        time_major=scan_time_major_compiled,
+        auto=lambda device: device.type == "cpu" and compiled_scan_available(),
+        priority=20,
+        mixer=CompiledMixerOps(),
     )
 )  # fmt: skip

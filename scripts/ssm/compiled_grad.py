@@ -9,8 +9,8 @@ through it, producing the gradients of delta (through the softplus), u, A, B, C,
 per (batch, group) lane. It is the scheme of the ``fast`` backward and of mamba_ssm's CUDA kernel, in one loop nest.
 
 Used by :func:`scripts.ssm.selective_scan_time_major` (the mixers' call) and
-:func:`scripts.ssm.compiled_backend.selective_scan_compiled` when the ``compiled`` backend is selected, autograd is needed
-and :func:`kernel_trainable` holds; otherwise the ``fast`` scan and its backward run unchanged.
+:func:`scripts.ssm.compiled_backend.selective_scan_compiled` when the ``compiled`` backend is selected, autograd is
+needed and :func:`kernel_trainable` holds; otherwise the ``fast`` scan and its backward run unchanged.
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def _self_check_backward() -> None:
 
         u_, d_, a_, b_, c_, dk_, bias_ = leaves
         y_ref, h_ref = selective_scan_ref(
-            channels_first(u_), channels_first(d_), a_.reshape(dim, n_state), b_.permute(1, 2, 3, 0), c_.permute(1, 2, 3, 0),
-            dk_.reshape(-1), None, bias_.reshape(-1), True, return_last_state=True,
+            channels_first(u_), channels_first(d_), a_.reshape(dim, n_state), b_.permute(1, 2, 3, 0),
+            c_.permute(1, 2, 3, 0), dk_.reshape(-1), None, bias_.reshape(-1), True, return_last_state=True,
         )  # fmt: skip
         y_ref = y_ref.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
         h_ref = h_ref.reshape(batch, groups, per_group, n_state).transpose(-1, -2)
@@ -150,7 +150,8 @@ def _self_check_backward() -> None:
             for name, out, ref in zip(("u", "delta", "A", "B", "C", "D", "delta bias"), grads, grads_ref):
                 err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
                 if not err <= tol:
-                    raise RuntimeError(f"self-check of the backward failed for d{name} in {dtype}: relative error {err:.2e} > {tol:.0e}")
+                    message = f"relative error {err:.2e} > {tol:.0e}"
+                    raise RuntimeError(f"self-check of the backward failed for d{name} in {dtype}: {message}")
 
 
 register_self_check(_self_check_backward)

@@ -147,9 +147,8 @@ def scan_time_major_fast(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     """The mixers' time-major scan (shapes as :func:`scripts.ssm.selective_scan_time_major`) by
     :class:`ChunkedSelectiveScan`; returns y (L, batch, G, P) in at least float32."""
     compute, u, delta = prepare_time_major(u, delta, delta_bias, delta_softplus, delta_proj_weight)
-    y, _ = ChunkedSelectiveScan.apply(
-        delta.contiguous(), u.contiguous(), A.to(compute), B.to(compute).contiguous(), C.to(compute).contiguous(), DEFAULT_CHUNK
-    )
+    B, C = B.to(compute).contiguous(), C.to(compute).contiguous()
+    y, _ = ChunkedSelectiveScan.apply(delta.contiguous(), u.contiguous(), A.to(compute), B, C, DEFAULT_CHUNK)
     return y if D is None else y + u * D.to(compute)
 
 

@@ -85,4 +85,5 @@ def merge_directions(
     merged = gate_merge_reference(y, index, z)
     if norm_weight is None:
         return merged
-    return torch.addcmul(norm_bias[:, None, None], F.layer_norm(merged, merged.shape[-1:], eps=eps), norm_weight[:, None, None])
+    normalised = F.layer_norm(merged, merged.shape[-1:], eps=eps)
+    return torch.addcmul(norm_bias[:, None, None], normalised, norm_weight[:, None, None])

@@ -41,7 +41,8 @@ def pair(task: str, other: str, name: str) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def networks_2d() -> tuple[ClinicalFMamba, ClinicalFMamba]:
     """The plain network with the shipped weights (strict), and the inference config's ``network``."""
-    plain = load_network_weights(parsed("inference.json").get_parsed_content("network_def"), BUNDLE_ROOT / "models" / "model.pt")
+    definition = parsed("inference.json").get_parsed_content("network_def")
+    plain = load_network_weights(definition, BUNDLE_ROOT / "models" / "model.pt")
     return plain.eval(), parsed("inference.json").get_parsed_content("network").eval()
 
 
@@ -77,7 +78,8 @@ def test_optimised_network_equals_the_plain_one_on_real_pairs(networks_2d, task,
 
 def test_shipped_3d_weights_load_strictly_and_the_optimised_3d_network_agrees():
     parser = parsed("inference.json", "inference_3d.json")
-    plain = load_network_weights(parser.get_parsed_content("network_def"), BUNDLE_ROOT / "models" / "model_3d.pt").eval()
+    definition = parser.get_parsed_content("network_def")
+    plain = load_network_weights(definition, BUNDLE_ROOT / "models" / "model_3d.pt").eval()
     fast = optimize_for_inference(copy.deepcopy(plain))
     x = torch.rand(1, 2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
