@@ -26,7 +26,7 @@ def test_packed_path_is_available_on_this_build():
     "kernel,stride,padding,dilation,slope",
     [(3, 1, 1, 1, None), (3, 1, 1, 1, 0.2), (3, 1, 3, 3, 0.2), (2, 2, 0, 1, None), (3, 1, 1, 1, 0.0), (2, 1, 1, 1, None)],
 )
-def test_inference_conv2d_equals_conv2d(kernel, stride, padding, dilation, slope):
+def test_kept_conv2d_equals_conv2d(kernel, stride, padding, dilation, slope):
     kept = KeptConvWeights()
     x = channels_last(randn(2, 6, 11, 9))
     weight, bias = randn(5, 6, kernel, kernel, seed=1), randn(5, seed=2)
