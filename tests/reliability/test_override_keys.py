@@ -209,3 +209,13 @@ def test_the_documented_command_lines_pass_the_check(monkeypatch) -> None:
             check_command_line(argv)
         except UnknownOverrideError as e:
             raise AssertionError(f"{doc.name}: {' '.join(argv[1:])}: {e}") from e
+
+
+def test_tracking_settings_are_overrides_only_with_tracking() -> None:
+    """--tracking mlflow adds MONAI's MLflow settings (tracking_uri, experiment_name, ...) to the config ids."""
+    uri = ["--tracking_uri", "sqlite:///runs/mlruns.db", "--experiment_name", "x"]
+    check_command_line(_argv(FAMILIES["train"], "--tracking", "mlflow", *uri))
+    with pytest.raises(UnknownOverrideError, match=r"--tracking_uri"):
+        check_command_line(_argv(FAMILIES["train"], *uri))
+    with pytest.raises(UnknownOverrideError, match=r"--tracking_ur\b"):
+        check_command_line(_argv(FAMILIES["train"], "--tracking", "mlflow", "--tracking_ur", "sqlite:///x.db"))
