@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.classification.arms import ChannelArm, FusionArm, load_pairs
-from scripts.classification.cohort import csv_cohort, load_cohort
-from scripts.classification.folds import stratified_patient_folds
+from tumor_classification_scripts.arms import ChannelArm, FusionArm, load_pairs
+from tumor_classification_scripts.cohort import csv_cohort, load_cohort
+from tumor_classification_scripts.folds import stratified_patient_folds
 
 
 def test_folds_stratified_patient_level_and_reproducible():
@@ -85,7 +85,7 @@ def test_generic_csv_cohort(tmp_path):
     pairs = load_pairs(c, 16)
     assert pairs.shape == (4, 2, 16, 16)
     assert ChannelArm("a", [0]).build(pairs).shape == (4, 1, 16, 16)
-    from scripts.baselines import MaxFusion
+    from tumor_classification_scripts.fusion import MaxFusion
 
     fused = FusionArm("max", MaxFusion()).build(pairs)
     assert torch_equal(fused, pairs.amax(dim=1, keepdim=True))

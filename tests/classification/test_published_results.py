@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from scripts.classification.stats import delong_test
+from tumor_classification_scripts.stats import delong_test
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle" / "tumor_classification"
 RESULTS = BUNDLE / "docs" / "results"
