@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tumor_classification_scripts.classifiers import ArmImages, RadiomicsClassifier
+from tumor_classification_scripts.classifiers import ArmImages, RadiomicsClassifier, WholeSliceClassifier
 from tumor_classification_scripts.cohort import Cohort, SliceRecord
 from tumor_classification_scripts.features import (
     discretise,
@@ -17,6 +17,7 @@ from tumor_classification_scripts.features import (
     normalise_slice,
     patient_features,
     shape_features,
+    whole_slice_features,
 )
 
 
@@ -145,3 +146,34 @@ def test_radiomics_classifier_separates_and_fits_inside_the_training_patients():
     assert np.allclose(again.best_estimator_["lr"].coef_, model.best_estimator_["lr"].coef_)
     with pytest.raises(ValueError, match="patients only"):
         clf.fit("slice", data, train, seed=0)
+
+
+def test_whole_slice_features_hyperintensity_and_asymmetry():
+    head = np.zeros((20, 20), bool)
+    head[2:18, 2:18] = True
+    img = np.where(head, 1.0, 0.0)[None]
+    flat = whole_slice_features(img, head, n_bins=8, reference=[(1.0, 0.5)])
+    assert flat["asymmetry_mean"] == 0.0 and flat["head_fraction_above_2sd"] == 0.0
+    spot = img.copy()
+    spot[0, 5:9, 4:8] = 3.0  # 16 of 256 head pixels at z = (3 - 1) / 0.5 = 4, all in the left half
+    f = whole_slice_features(spot, head, n_bins=8, reference=[(1.0, 0.5)])
+    assert f["head_fraction_above_3sd"] == pytest.approx(16 / 256)
+    assert f["asymmetry_above_2sd"] == pytest.approx(16 / 128) and f["asymmetry_mean"] == pytest.approx(4 * 16 / 128)
+    assert f["firstorder_maximum"] == pytest.approx(4.0) and not any(k.startswith("shape_") for k in f)
+
+
+def test_whole_slice_classifier_scores_slices_and_groups_inner_folds_by_patient():
+    data = _toy_cohort()
+    sl = data.cohort.slices
+    for i, rec in enumerate(sl):  # slice 0 of each patient keeps its bright square (tumour), slice 1 loses it
+        sl[i] = SliceRecord(rec.patient, rec.slice_id, "a.png", "b.png", tumour=int(rec.slice_id == "0"))
+        if rec.slice_id == "1":
+            data.images[i, 0][torch.as_tensor(data.rois[i])] = 0.1
+    clf = WholeSliceClassifier(c_grid=[1.0], k_grid=[5], inner_folds=2)
+    train = [f"p{p:02d}" for p in range(10)]
+    model = clf.fit("slice", data, train, seed=0)
+    units, pats, y, s = clf.predict(model, "slice", data, [f"p{p:02d}" for p in range(10, 16)])
+    assert len(units) == 12 and units[0] == "p10/0" and pats[0] == "p10" and y.sum() == 6
+    assert s[y == 1].mean() > s[y == 0].mean()
+    with pytest.raises(ValueError, match="slices only"):
+        clf.fit("patient", data, train, seed=0)

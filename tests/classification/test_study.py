@@ -48,6 +48,9 @@ def tiny_args(shared_data: Path, out: Path) -> dict:
         "inner_folds": 2,
         "c_grid": [0.1, 1.0],
         "k_grid": [5],
+        "wholeslice_inner_folds": 2,
+        "wholeslice_c_grid": [1.0],
+        "wholeslice_k_grid": [5],
         "classifier_def#block_inplanes": [4, 8, 8, 8],
     }
 
@@ -77,14 +80,14 @@ def test_copied_bundle_runs_with_only_the_fusion_bundle_path(shared_data, tmp_pa
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = _rows(out / "results.csv")
     expected = [("radiomics", "patient", a) for a in ARMS] + [("radiomics_image", "patient", a) for a in ARMS]
-    expected += [("cnn", t, a) for t in ("patient", "slice") for a in ARMS]
+    expected += [("wholeslice", "slice", a) for a in ARMS] + [("cnn", t, a) for t in ("patient", "slice") for a in ARMS]
     assert [(r["classifier"], r["task"], r["arm"]) for r in results] == expected
     for r in results:
         assert float(r["pooled_auc_ci_low"]) <= float(r["pooled_auc"]) <= float(r["pooled_auc_ci_high"])
     fused = [r for r in results if r["arm"] == "clinicalfmamba"]
     assert all(r["fusion_weights"] == "trained" for r in fused)  # the shipped weights, through the bundle API
     comps = _rows(out / "comparisons.csv")
-    assert len(comps) == 4 * 5 and all(0.0 <= float(c["delong_p"]) <= 1.0 for c in comps)
+    assert len(comps) == 5 * 5 and all(0.0 <= float(c["delong_p"]) <= 1.0 for c in comps)
     info = json.loads((out / "run_info.json").read_text())
     fusion = next(a for a in info["arms"] if a["arm"] == "clinicalfmamba")
     assert fusion["module"] == "ClinicalFMamba" and Path(fusion["ckpt_path"]) == ROOT / "models" / "model.pt"

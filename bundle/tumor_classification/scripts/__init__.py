@@ -13,7 +13,7 @@
 """
 
 from .arms import ChannelArm, FusionArm, load_masks, load_pairs
-from .classifiers import ArmImages, CNNClassifier, RadiomicsClassifier
+from .classifiers import ArmImages, CNNClassifier, RadiomicsClassifier, WholeSliceClassifier
 from .cohort import Cohort, SliceRecord, csv_cohort, lgg_tcga_cohort, load_cohort
 from .fusion import MaxFusion, MeanFusion, load_fusion_bundle, load_fusion_torchscript
 from .folds import fold_assignment, stratified_patient_folds
@@ -33,6 +33,7 @@ __all__ = [
     "ArmImages",
     "CNNClassifier",
     "RadiomicsClassifier",
+    "WholeSliceClassifier",
     "load_masks",
     "ChannelArm",
     "ClassificationStudy",

@@ -11,6 +11,10 @@ Every family sees the same :class:`ArmImages` (one arm's images of one cohort) a
   class weights; ``k`` and the penalty ``C`` are chosen by an inner stratified CV on the training patients
   (nested CV, ROC AUC). Patient task only: inside the tumour mask, the slice task (tumour vs none) would be
   answered by the mask itself.
+- :class:`WholeSliceClassifier` — the slice task without the mask: whole-slice features of the head region
+  (:func:`.features.whole_slice_features`, z-scored against the patient's own head over all its slices: a
+  label-free normalisation that a pipeline reading the whole volume can do) per slice, then the same nested-CV pipeline fitted on the training
+  patients' slices (the inner folds group slices by patient).
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ import torch
 from torch import nn
 
 from .cohort import Cohort
-from .features import head_mask, patient_features
+from .features import head_mask, patient_features, whole_slice_features
 from .stats import aggregate_scores
 from .training import build_classifier, fit_classifier, predict_proba
 
-__all__ = ["ArmImages", "CNNClassifier", "Classifier", "RadiomicsClassifier", "Scores"]
+__all__ = ["ArmImages", "CNNClassifier", "Classifier", "RadiomicsClassifier", "Scores", "WholeSliceClassifier"]
 
 logger = logging.getLogger(__name__)
 
@@ -292,3 +296,65 @@ class RadiomicsClassifier(Classifier):
             "inner_folds": self.inner_folds,
         }
 
+
+
+class WholeSliceClassifier(RadiomicsClassifier):
+    """Slice-level tumour vs no tumour from whole-slice features (no tumour mask), L2 logistic regression with
+    nested CV over ``k`` and ``C`` (inner folds split by patient). Arguments as :class:`RadiomicsClassifier`."""
+
+    tasks = ("slice",)
+    needs_masks = False
+
+    def __init__(self, name: str = "wholeslice", **kwargs: Any) -> None:
+        super().__init__(with_shape=False, name=name, **kwargs)
+
+    def slice_features(self, data: ArmImages) -> tuple[np.ndarray, list[str]]:
+        """``(N, F)`` features of every slice of ``data`` (memoised) and their names."""
+        key = ("wholeslice", self.n_bins)
+        if key not in data.cache:
+            images, heads = data.images.numpy(), data.heads
+            ref: dict[str, list[tuple[float, float]]] = {}
+            for p in data.cohort.patients:  # label-free, per patient: its head pixels over all its slices
+                own = [i for i, s in enumerate(data.cohort.slices) if s.patient == p]
+                ref[p] = [
+                    (float(v.mean()), float(v.std())) for v in (images[own, c][heads[own]] for c in range(images.shape[1]))
+                ]
+            sl = data.cohort.slices
+            rows = [
+                whole_slice_features(images[i], heads[i], self.n_bins, data.channel_names, ref[sl[i].patient])
+                for i in range(len(images))
+            ]
+            names = sorted(rows[0]) if rows else []
+            data.cache[key] = (np.asarray([[r[n] for n in names] for r in rows], dtype=np.float64), names)
+        return data.cache[key]
+
+    def fit(self, task: str, data: ArmImages, patients: Sequence[str], seed: int) -> Any:
+        if task != "slice":
+            raise ValueError(f"classifier {self.name} scores slices only (task 'slice'), not {task!r}")
+        import warnings
+
+        from sklearn.model_selection import StratifiedGroupKFold
+        from threadpoolctl import threadpool_limits
+
+        idx, y = data.task_slices("slice", patients)
+        x = self.slice_features(data)[0][idx]
+        groups = [data.cohort.slices[i].patient for i in idx]
+        model = self.build_model(x.shape[1], seed)
+        model.cv = StratifiedGroupKFold(min(self.inner_folds, len(set(groups))), shuffle=True, random_state=int(seed))
+        with warnings.catch_warnings(), threadpool_limits(limits=1):
+            warnings.simplefilter("ignore")
+            model.fit(x, y, groups=groups)
+        model.fit_info = {"best_params": model.best_params_, "inner_auc": float(model.best_score_)}
+        return model
+
+    def predict(self, model: Any, task: str, data: ArmImages, patients: Sequence[str]) -> Scores:
+        from threadpoolctl import threadpool_limits
+
+        idx, y = data.task_slices("slice", patients)
+        with threadpool_limits(limits=1):
+            s = model.predict_proba(self.slice_features(data)[0][idx])[:, 1]
+        sl = data.cohort.slices
+        return [f"{sl[i].patient}/{sl[i].slice_id}" for i in idx], [sl[i].patient for i in idx], y.copy(), np.asarray(s, dtype=np.float64)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "kind": "wholeslice"}

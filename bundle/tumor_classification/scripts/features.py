@@ -21,6 +21,11 @@ Families (names follow the IBSI reference manual; ``i`` = discretised grey level
   merged" aggregation; only pixel pairs with both pixels in the ROI count): joint maximum, joint average, joint
   variance, joint entropy (log2), difference average (= dissimilarity), contrast, inverse difference, inverse
   difference moment (= scikit-image's homogeneity), angular second moment, correlation;
+- whole-slice features (:func:`whole_slice_features`, no tumour mask: for the slice-level tumour task, where the
+  mask would give the answer away): the intensity, histogram and GLCM features above inside the head region,
+  z-scored against the patient's head over all its slices (label-free, per patient), plus the fraction of head pixels above 2 and 3 SD and the left-right
+  asymmetry (absolute difference between the two halves of the head, split at its centroid) of the mean, the
+  95th percentile and the fraction above 2 SD;
 - morphology (2-D analogues computed from the mask alone, hence **identical in every arm**): number of tumour
   slices, total and largest ROI area (pixels of the working grid), and on the largest slice (scikit-image
   ``regionprops`` of the whole mask): perimeter, compactness ``4 pi A / P^2``, eccentricity, solidity, extent,
@@ -51,6 +56,7 @@ __all__ = [
     "normalise_slice",
     "patient_features",
     "shape_features",
+    "whole_slice_features",
 ]
 
 FIRST_ORDER = (
@@ -204,6 +210,7 @@ def patient_features(
     n_bins: int = 32,
     channel_names: Sequence[str] | None = None,
     with_shape: bool = True,
+    normalise: bool = True,
 ) -> dict[str, float]:
     """Feature vector of one patient and one arm.
 
@@ -215,6 +222,7 @@ def patient_features(
         n_bins: grey levels ``Ng`` of the fixed-bin-number discretisation (over the patient's pooled ROI range).
         channel_names: prefixes of the channels (default ``c0``, ``c1``; a single channel gets no prefix).
         with_shape: add the morphology features (``shape_*``).
+        normalise: z-score each slice (:func:`normalise_slice`); ``False`` = the images are already normalised.
 
     Returns:
         ``{"firstorder_mean": ..., "glcm_contrast": ..., "shape_max_area": ...}`` (NaN where undefined).
@@ -229,7 +237,7 @@ def patient_features(
     out: dict[str, float] = {}
     for c in range(n_ch):
         prefix = "" if n_ch == 1 else f"{names[c]}_"
-        z = [normalise_slice(images[s, c], rois[s], heads[s]) for s in range(images.shape[0])]
+        z = [normalise_slice(images[s, c], rois[s], heads[s]) if normalise else images[s, c] for s in range(images.shape[0])]
         values = np.concatenate([zs[r] for zs, r in zip(z, rois)]) if len(z) else np.zeros(0)
         out.update({f"{prefix}firstorder_{k}": v for k, v in first_order_features(values).items()})
         if values.size:
@@ -243,4 +251,47 @@ def patient_features(
             out.update({f"{prefix}glcm_{k}": math.nan for k in GLCM})
     if with_shape:
         out.update({f"shape_{k}": v for k, v in shape_features(list(rois)).items()})
+    return out
+
+
+def whole_slice_features(
+    images: np.ndarray,
+    head: np.ndarray,
+    n_bins: int = 32,
+    channel_names: Sequence[str] | None = None,
+    reference: Sequence[tuple[float, float]] | None = None,
+) -> dict[str, float]:
+    """Features of one whole slice without any tumour mask (:func:`patient_features` inside the head, plus
+    hyperintensity fractions and left-right asymmetry).
+
+    Args:
+        images: ``(C, H, W)``.
+        head: ``(H, W)`` bool head mask.
+        reference: per channel ``(mean, sd)`` to z-score with (e.g. the patient's head over all its slices);
+            ``None`` = the slice's own head.
+    """
+    images = np.asarray(images, dtype=np.float64)
+    head = np.asarray(head, dtype=bool)
+    if not head.any():
+        head = np.ones_like(head)
+    n_ch = images.shape[0]
+    if reference is None:
+        z = np.stack([normalise_slice(images[c], np.zeros_like(head), head) for c in range(n_ch)])
+    else:
+        z = np.stack([(images[c] - m) / (sd if sd > 1e-8 else 1.0) for c, (m, sd) in enumerate(reference)])
+    out = patient_features(z[None], head[None], head[None], n_bins, channel_names, with_shape=False, normalise=False)
+    cols = np.nonzero(head)[1]
+    split = int(round(cols.mean()))
+    left, right = head.copy(), head.copy()
+    left[:, split:] = False
+    right[:, :split] = False
+    names = list(channel_names) if channel_names is not None else [f"c{c}" for c in range(n_ch)]
+    for c in range(n_ch):
+        prefix = "" if n_ch == 1 else f"{names[c]}_"
+        out[f"{prefix}head_fraction_above_2sd"] = float((z[c][head] > 2).mean())
+        out[f"{prefix}head_fraction_above_3sd"] = float((z[c][head] > 3).mean())
+        halves = [z[c][m] if m.any() else np.zeros(1) for m in (left, right)]
+        out[f"{prefix}asymmetry_mean"] = float(abs(halves[0].mean() - halves[1].mean()))
+        out[f"{prefix}asymmetry_p95"] = float(abs(np.percentile(halves[0], 95) - np.percentile(halves[1], 95)))
+        out[f"{prefix}asymmetry_above_2sd"] = float(abs((halves[0] > 2).mean() - (halves[1] > 2).mean()))
     return out
