@@ -13,8 +13,8 @@ Every family sees the same :class:`ArmImages` (one arm's images of one cohort) a
   answered by the mask itself.
 - :class:`WholeSliceClassifier` — the slice task without the mask: whole-slice features of the head region
   (:func:`.features.whole_slice_features`, z-scored against the patient's own head over all its slices: a
-  label-free normalisation that a pipeline reading the whole volume can do) per slice, then the same nested-CV pipeline fitted on the training
-  patients' slices (the inner folds group slices by patient).
+  label-free normalisation that a pipeline reading the whole volume can do) per slice, then the same nested-CV
+  pipeline fitted on the training patients' slices (the inner folds group slices by patient).
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ class CNNClassifier(Classifier):
             "class_balance": bool(class_balance),
         }
         self.aggregation = aggregation
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device if device is not None else auto)
 
     def fit(self, task: str, data: ArmImages, patients: Sequence[str], seed: int) -> nn.Module:
         idx, target = data.task_slices(task, patients)
@@ -218,7 +219,9 @@ class RadiomicsClassifier(Classifier):
             idx, _ = data.task_slices("patient", [p])
             idx = idx[data.rois[idx].any(axis=(1, 2))]  # slices whose (resized) mask kept some tumour
             rows.append(
-                patient_features(images[idx], data.rois[idx], heads[idx], self.n_bins, data.channel_names, self.with_shape)
+                patient_features(
+                    images[idx], data.rois[idx], heads[idx], self.n_bins, data.channel_names, self.with_shape
+                )
             )
         names = sorted(rows[0]) if rows else []
         x = np.asarray([[r[n] for n in names] for r in rows], dtype=np.float64)
@@ -316,9 +319,8 @@ class WholeSliceClassifier(RadiomicsClassifier):
             ref: dict[str, list[tuple[float, float]]] = {}
             for p in data.cohort.patients:  # label-free, per patient: its head pixels over all its slices
                 own = [i for i, s in enumerate(data.cohort.slices) if s.patient == p]
-                ref[p] = [
-                    (float(v.mean()), float(v.std())) for v in (images[own, c][heads[own]] for c in range(images.shape[1]))
-                ]
+                values = [images[own, c][heads[own]] for c in range(images.shape[1])]
+                ref[p] = [(float(v.mean()), float(v.std())) for v in values]
             sl = data.cohort.slices
             rows = [
                 whole_slice_features(images[i], heads[i], self.n_bins, data.channel_names, ref[sl[i].patient])
@@ -354,7 +356,8 @@ class WholeSliceClassifier(RadiomicsClassifier):
         with threadpool_limits(limits=1):
             s = model.predict_proba(self.slice_features(data)[0][idx])[:, 1]
         sl = data.cohort.slices
-        return [f"{sl[i].patient}/{sl[i].slice_id}" for i in idx], [sl[i].patient for i in idx], y.copy(), np.asarray(s, dtype=np.float64)
+        units = [f"{sl[i].patient}/{sl[i].slice_id}" for i in idx]
+        return units, [sl[i].patient for i in idx], y.copy(), np.asarray(s, dtype=np.float64)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "kind": "wholeslice"}

@@ -23,7 +23,8 @@ Families (names follow the IBSI reference manual; ``i`` = discretised grey level
   difference moment (= scikit-image's homogeneity), angular second moment, correlation;
 - whole-slice features (:func:`whole_slice_features`, no tumour mask: for the slice-level tumour task, where the
   mask would give the answer away): the intensity, histogram and GLCM features above inside the head region,
-  z-scored against the patient's head over all its slices (label-free, per patient), plus the fraction of head pixels above 2 and 3 SD and the left-right
+  z-scored against the patient's head over all its slices (label-free, per patient), plus the fraction of
+  head pixels above 2 and 3 SD and the left-right
   asymmetry (absolute difference between the two halves of the head, split at its centroid) of the mean, the
   95th percentile and the fraction above 2 SD;
 - morphology (2-D analogues computed from the mask alone, hence **identical in every arm**): number of tumour
@@ -237,7 +238,10 @@ def patient_features(
     out: dict[str, float] = {}
     for c in range(n_ch):
         prefix = "" if n_ch == 1 else f"{names[c]}_"
-        z = [normalise_slice(images[s, c], rois[s], heads[s]) if normalise else images[s, c] for s in range(images.shape[0])]
+        z = [
+            normalise_slice(images[s, c], rois[s], heads[s]) if normalise else images[s, c]
+            for s in range(images.shape[0])
+        ]
         values = np.concatenate([zs[r] for zs, r in zip(z, rois)]) if len(z) else np.zeros(0)
         out.update({f"{prefix}firstorder_{k}": v for k, v in first_order_features(values).items()})
         if values.size:

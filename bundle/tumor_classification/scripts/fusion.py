@@ -27,7 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BundleFusion", "MaxFusion", "MeanFusion", "TorchScriptFusion", "bundle_imports", "load_fusion_bundle", "load_fusion_torchscript"]
+__all__ = [
+    "BundleFusion",
+    "MaxFusion",
+    "MeanFusion",
+    "TorchScriptFusion",
+    "bundle_imports",
+    "load_fusion_bundle",
+    "load_fusion_torchscript",
+]
 
 _PACKAGE = "scripts"
 _FOREIGN: dict[str, dict[str, Any]] = {}  # bundle folder -> its imported 'scripts' modules, kept between calls
@@ -140,7 +148,9 @@ def load_fusion_bundle(
             raise ValueError(f"fusion weights {ckpt} do not match the network of {cfg}: {str(e)[:500]}") from e
         weights = "trained"
     elif require_weights:
-        raise FileNotFoundError(f"fusion weights not found: {ckpt} (pass --require_fusion_weights false to run untrained)")
+        raise FileNotFoundError(
+            f"fusion weights not found: {ckpt} (pass --require_fusion_weights false to run untrained)"
+        )
     else:
         weights = "untrained"
     return BundleFusion(network.eval(), str(root), weights, str(ckpt))

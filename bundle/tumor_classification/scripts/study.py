@@ -414,18 +414,18 @@ class ClassificationStudy:
                             row = {"classifier": clf.name, "task": task, "arm": arm.name, "seed": seed, "fold": fold}
                             self._fit_score(clf, task, data, train_p, test, test_p, fit_seed, row, preds, fms)
                             seconds[clf.name].append(time.perf_counter() - t_fit)
-                            bar.set_postfix_str(f"{clf.name} {arm.name} seed {seed} fold {fold} {task}: AUC {fms[-1]['auc']:.3f}")
+                            what = f"{clf.name} {arm.name} seed {seed} fold {fold} {task}"
+                            bar.set_postfix_str(f"{what}: AUC {fms[-1]['auc']:.3f}")
                             bar.update(1)
-                            logger.debug("%s %s seed %d fold %d %s: test AUC %.3f", clf.name, arm.name, seed, fold, task, fms[-1]["auc"])
+                            logger.debug("%s: test AUC %.3f", what, fms[-1]["auc"])
             del data, ext
         bar.close()
         arm_names = [a.name for a in self.arms]
         clf_names = [c.name for c in self.classifiers]
-        stats = summarise_by_classifier(predictions, fold_metrics, clf_names, arm_names, self.fused_arm, self.n_boot, self.alpha, self.stats_seed)
+        common = (clf_names, arm_names, self.fused_arm, self.n_boot, self.alpha, self.stats_seed)
+        stats = summarise_by_classifier(predictions, fold_metrics, *common)
         ext_stats = (
-            summarise_by_classifier(ext_predictions, ext_fold_metrics, clf_names, arm_names, self.fused_arm, self.n_boot, self.alpha, self.stats_seed)
-            if self.external is not None
-            else None
+            summarise_by_classifier(ext_predictions, ext_fold_metrics, *common) if self.external is not None else None
         )
         labels = {a.name: (a.label if isinstance(a, FusionArm) else a.name) for a in self.arms}
         weights = {a.name: getattr(a, "weights", "n/a") for a in self.arms}
