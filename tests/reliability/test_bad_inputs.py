@@ -524,7 +524,7 @@ DOCUMENTED = {
     "weights_missing": "weights file not found: PATH (from CWD: ABSOLUTE PATH); the network would fuse with random weights",
     "weights_not_loaded_for_a_learnable_network": "load_pretrain is false, so ClinicalFMamba would fuse with random weights",
     "eval_missing_file_set_aside": "datalist ..., entry N: 'other' file not found: PATH",
-    "cls_missing_fusion_weights": "arm clinicalfmamba: trained fusion weights not found at PATH",
+    "cls_missing_fusion_weights": "trained fusion weights not found at PATH",
     "weights_truncated": "PATH is not a readable PyTorch weights file",
     "weights_with_pickled_objects": "PATH is not a readable PyTorch weights file",
     "on_error_raise_stops_before_fusing": "`--on_error skip\\|raise`",

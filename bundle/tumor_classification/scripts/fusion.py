@@ -149,7 +149,8 @@ def load_fusion_bundle(
         weights = "trained"
     elif require_weights:
         raise FileNotFoundError(
-            f"fusion weights not found: {ckpt} (pass --require_fusion_weights false to run untrained)"
+            f"trained fusion weights not found at {ckpt}; pass --fusion_ckpt FILE, or --allow_untrained true to "
+            "study the arm with random fusion weights (reported as UNTRAINED)"
         )
     else:
         weights = "untrained"
