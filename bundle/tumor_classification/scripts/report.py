@@ -132,6 +132,13 @@ def _classifier_text(c: Mapping[str, Any]) -> str:
             f"univariate selection of k in {c['k_grid']} features and L2 logistic regression with C in {c['c_grid']}, "
             f"k and C chosen by a {c['inner_folds']}-fold inner CV on the training patients only"
         )
+    if c.get("kind") == "wholeslice":
+        return (
+            f"`{c['classifier']}`: per slice, features of the whole head region without the tumour mask (z-scored per "
+            f"patient; {c['n_bins']} grey levels), univariate selection of k in {c['k_grid']} features and L2 logistic "
+            f"regression with C in {c['c_grid']}, chosen by a {c['inner_folds']}-fold inner CV grouped by patient on "
+            "the training patients only"
+        )
     return f"`{c['classifier']}`: {c}"
 
 
