@@ -3,7 +3,7 @@
 Every arm starts from the same pre-processed pair tensor (:func:`load_pairs`): for each slice, sequence A and
 sequence B are read, resized to ``size x size`` (area interpolation) and min-max normalised to [0, 1] each,
 giving ``(N, 2, size, size)`` with channel 0 = A (FLAIR), channel 1 = B (post-contrast T1). That is the input
-convention of the root bundle's fusion network (channel 0 = reference, channel 1 = other sequence).
+convention of the fusion bundle's network (channel 0 = reference, channel 1 = other sequence).
 
 - :class:`ChannelArm` — a selection of the two channels: A alone, B alone, or both stacked (2-channel input).
 - :class:`FusionArm` — a fusion module applied to the pair, giving a 1-channel image in [0, 1]: the

@@ -81,8 +81,8 @@ def conclusion_lines(stats: Mapping[str, Any], run_info: Mapping[str, Any], coho
     if untrained:
         out.append(
             f"**Warning: the fused arm `{fused}` used a fusion network WITHOUT trained weights (random initialisation; "
-            "no root `models/model.pt` was found). Its numbers say nothing about ClinicalFMamba; rerun the study after "
-            "training the root bundle.**"
+            "the fusion bundle had no `models/model.pt`). Its numbers say nothing about ClinicalFMamba; rerun the "
+            "study after training the fusion bundle.**"
         )
         out.append("")
     for task in run_info["tasks"]:
