@@ -142,7 +142,8 @@ class FusionArm(Arm):
         self.in_channels = 1
         self.batch_size = int(batch_size)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.learnable = any(True for _ in fusion.parameters()) or isinstance(fusion, torch.jit.ScriptModule)
+        # a network with parameters, or a model that declares its weights (an exported TorchScript fusion model)
+        self.learnable = any(True for _ in fusion.parameters()) or hasattr(fusion, "weights")
         self.ckpt_path = getattr(fusion, "ckpt_path", None)
         if self.learnable:
             self.weights = str(getattr(fusion, "weights", "trained"))
