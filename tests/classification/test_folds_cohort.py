@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.classification.arms import ChannelArm, FusionArm, load_pairs
-from scripts.classification.cohort import csv_cohort, load_cohort
-from scripts.classification.folds import stratified_patient_folds
+from tumor_classification_scripts.arms import ChannelArm, FusionArm, load_pairs
+from tumor_classification_scripts.cohort import csv_cohort, load_cohort
+from tumor_classification_scripts.folds import stratified_patient_folds
 
 
 def test_folds_stratified_patient_level_and_reproducible():
@@ -85,7 +85,7 @@ def test_generic_csv_cohort(tmp_path):
     pairs = load_pairs(c, 16)
     assert pairs.shape == (4, 2, 16, 16)
     assert ChannelArm("a", [0]).build(pairs).shape == (4, 1, 16, 16)
-    from scripts.baselines import MaxFusion
+    from tumor_classification_scripts.fusion import MaxFusion
 
     fused = FusionArm("max", MaxFusion()).build(pairs)
     assert torch_equal(fused, pairs.amax(dim=1, keepdim=True))
@@ -99,3 +99,41 @@ def torch_equal(a, b):
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_fusion_from_torchscript_and_from_the_bundle_folder_keeps_this_process_imports(tmp_path):
+    import sys
+
+    import torch
+
+    from tumor_classification_scripts.fusion import (
+        MeanFusion,
+        load_fusion_bundle,
+        load_fusion_torchscript,
+    )
+
+    ts = tmp_path / "mean.ts"
+    torch.jit.script(MeanFusion()).save(str(ts))
+    arm = FusionArm("ts", load_fusion_torchscript(ts))
+    pairs = torch.rand(3, 2, 8, 8)
+    assert arm.weights == "trained" and torch.allclose(arm.build(pairs), pairs.mean(dim=1, keepdim=True))
+    with pytest.raises(FileNotFoundError, match="TorchScript fusion model not found"):
+        load_fusion_torchscript(tmp_path / "absent.ts")
+    # the fusion bundle's own 'scripts' package is imported in isolation: this process's 'scripts' is unchanged
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    before = sys.modules["scripts"]
+    tiny = {"network_def#features": [4, 8], "network_def#dilations": [1, 3], "network_def#depth": 1,
+            "network_def#decoder_depth": 1, "network_def#d_state": 4, "network_def#swap_d_state": 4}  # fmt: skip
+    fusion = load_fusion_bundle(root, ckpt_path=tmp_path / "none.pt", overrides=tiny, require_weights=False)
+    assert sys.modules["scripts"] is before and fusion.weights == "untrained"
+    from scripts.networks import ClinicalFMamba  # this process's copy of the class
+
+    assert type(fusion.network).__name__ == "ClinicalFMamba" and type(fusion.network) is not ClinicalFMamba
+    out = FusionArm("cfm", fusion).build(torch.rand(2, 2, 16, 16))
+    assert out.shape == (2, 1, 16, 16) and sys.modules["scripts"] is before
+    with pytest.raises(FileNotFoundError, match="trained fusion weights not found at .*none.pt.*--allow_untrained true"):
+        load_fusion_bundle(root, ckpt_path=tmp_path / "none.pt", overrides=tiny)
+    with pytest.raises(FileNotFoundError, match="fusion bundle config not found"):
+        load_fusion_bundle(tmp_path)

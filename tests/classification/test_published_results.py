@@ -1,8 +1,9 @@
 """The committed LGG study results (``bundle/tumor_classification/docs/results``) are consistent with themselves.
 
-The full study takes about 70 minutes, so CI does not rerun it; instead the published tables are recomputed
-from the published out-of-fold predictions with independent code (scikit-learn's AUC) and the bundle's DeLong
-test, and the model card is checked to quote them.
+CI does not rerun the studies; instead the published tables are recomputed from the published out-of-fold
+predictions with independent code (scikit-learn's AUC) and the bundle's DeLong test, and the model card is
+checked to quote them. ``results/`` holds the feature-based classifiers' study (with its external-validation
+files absent: the shared cohort has no external set), ``results/cnn/`` the CNN's study.
 """
 
 from __future__ import annotations
@@ -15,26 +16,29 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from scripts.classification.stats import delong_test
+from tumor_classification_scripts.stats import delong_test
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle" / "tumor_classification"
 RESULTS = BUNDLE / "docs" / "results"
+FOLDERS = [RESULTS, RESULTS / "cnn"]
 
 
-def _rows(name: str) -> list[dict[str, str]]:
-    with open(RESULTS / name, newline="") as f:
+def _rows(folder: Path, name: str) -> list[dict[str, str]]:
+    with open(folder / name, newline="") as f:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def pooled() -> dict[tuple[str, str], tuple[list[str], np.ndarray, np.ndarray]]:
-    """(task, arm) -> (units, labels, pooled score = mean over seeds of the out-of-fold probability)."""
-    scores: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    labels: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
-    for r in _rows("predictions.csv"):
-        key = (r["task"], r["arm"])
-        scores[key][r["unit"]].append(float(r["score"]))
-        labels[key][r["unit"]] = int(r["label"])
+def _key(r: dict[str, str]) -> tuple[str, str, str]:
+    return r.get("classifier", "cnn"), r["task"], r["arm"]
+
+
+def pooled(folder: Path) -> dict[tuple[str, str, str], tuple[list[str], np.ndarray, np.ndarray]]:
+    """(classifier, task, arm) -> (units, labels, pooled score = mean over seeds of the out-of-fold score)."""
+    scores: dict = defaultdict(lambda: defaultdict(list))
+    labels: dict = defaultdict(dict)
+    for r in _rows(folder, "predictions.csv"):
+        scores[_key(r)][r["unit"]].append(float(r["score"]))
+        labels[_key(r)][r["unit"]] = int(r["label"])
     out = {}
     for key, per_unit in scores.items():
         units = sorted(per_unit)
@@ -42,27 +46,34 @@ def pooled() -> dict[tuple[str, str], tuple[list[str], np.ndarray, np.ndarray]]:
     return out
 
 
-def test_every_unit_is_scored_once_per_seed(pooled) -> None:
-    seeds = {r["seed"] for r in _rows("predictions.csv")}
-    counts = defaultdict(int)
-    for r in _rows("predictions.csv"):
-        counts[(r["task"], r["arm"], r["unit"])] += 1
-    assert set(counts.values()) == {len(seeds)}  # out-of-fold exactly once per seed
-    n_units = {task: {len(v[0]) for (t, _), v in pooled.items() if t == task} for task in ("patient", "slice")}
+@pytest.mark.parametrize("folder", FOLDERS, ids=["features", "cnn"])
+def test_every_unit_is_scored_once_per_seed(folder) -> None:
+    preds = _rows(folder, "predictions.csv")
+    seeds = {r["seed"] for r in preds}
+    counts: dict = defaultdict(int)
+    for r in preds:
+        counts[(*_key(r), r["unit"])] += 1
+    assert set(counts.values()) == {len(seeds)} and len(seeds) == 3  # out-of-fold exactly once per seed
+    n_units = {task: {len(v[0]) for (_, t, _), v in pooled(folder).items() if t == task} for task in ("patient", "slice")}
     assert n_units == {"patient": {78}, "slice": {1232}}  # the cohort after exclusions, the same in every arm
 
 
-def test_pooled_auc_matches_scikit_learn(pooled) -> None:
-    for r in _rows("results.csv"):
-        _, y, s = pooled[(r["task"], r["arm"])]
-        assert roc_auc_score(y, s) == pytest.approx(float(r["pooled_auc"]), abs=1e-5), (r["task"], r["arm"])
+@pytest.mark.parametrize("folder", FOLDERS, ids=["features", "cnn"])
+def test_pooled_auc_matches_scikit_learn(folder) -> None:
+    p = pooled(folder)
+    for r in _rows(folder, "results.csv"):
+        _, y, s = p[_key(r)]
+        assert roc_auc_score(y, s) == pytest.approx(float(r["pooled_auc"]), abs=1e-5), _key(r)
         assert float(r["pooled_auc_ci_low"]) <= float(r["pooled_auc"]) <= float(r["pooled_auc_ci_high"])
 
 
-def test_comparisons_match_a_fresh_delong_test(pooled) -> None:
-    for c in _rows("comparisons.csv"):
-        units_f, y, s_f = pooled[(c["task"], c["fused_arm"])]
-        units_o, y_o, s_o = pooled[(c["task"], c["other_arm"])]
+@pytest.mark.parametrize("folder", FOLDERS, ids=["features", "cnn"])
+def test_comparisons_match_a_fresh_delong_test(folder) -> None:
+    p = pooled(folder)
+    for c in _rows(folder, "comparisons.csv"):
+        clf = c.get("classifier", "cnn")
+        units_f, y, s_f = p[(clf, c["task"], c["fused_arm"])]
+        units_o, y_o, s_o = p[(clf, c["task"], c["other_arm"])]
         assert units_f == units_o and np.array_equal(y, y_o)  # paired on the same units
         test = delong_test(y, s_f, s_o)
         assert test["delta"] == pytest.approx(float(c["delta_auc"]), abs=1e-5)
@@ -73,7 +84,8 @@ def test_comparisons_match_a_fresh_delong_test(pooled) -> None:
 
 def test_model_card_quotes_the_published_numbers() -> None:
     card = (BUNDLE / "docs" / "README.md").read_text()
-    for c in _rows("comparisons.csv"):
-        assert f"{float(c['auc_fused']):.3f}" in card and f"{float(c['auc_other']):.3f}" in card
-        assert f"{float(c['delta_auc']):+.3f}" in card, c["other_arm"]
+    for folder in FOLDERS:
+        for c in _rows(folder, "comparisons.csv"):
+            assert f"{float(c['auc_fused']):.3f}" in card and f"{float(c['auc_other']):.3f}" in card, _key(c)
+            assert f"{float(c['delta_auc']):+.3f}" in card, (folder.name, c.get("classifier"), c["other_arm"])
     assert "does not beat" in card  # the plain statement of the outcome

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from scripts.classification.stats import (
+from tumor_classification_scripts.stats import (
     aggregate_scores,
     auc,
     bootstrap_auc,

@@ -1,26 +1,41 @@
-"""The companion bundle's configs on a tiny subset of the LGG cohort, reproducibility, metadata."""
+"""The companion bundle: copied out of the repository and run with only the fusion bundle's path, reproducibility,
+external validation on a split of the shared cohort, metadata."""
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from scripts.classification import ChannelArm, ClassificationStudy, FusionArm, load_cohort
+from tumor_classification_scripts import (
+    ChannelArm,
+    ClassificationStudy,
+    CNNClassifier,
+    FusionArm,
+    MeanFusion,
+    RadiomicsClassifier,
+    load_cohort,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundle" / "tumor_classification"
 CONFIGS = BUNDLE / "configs"
+ARMS = ["flair", "t1c", "flair+t1c", "clinicalfmamba", "mean", "max"]
 
 
-def tiny_overrides(shared_data, tmp_path, name="out"):
-    """1 fold of a 2-fold split, 8 patients x 4 slices, 32x32, 1 epoch, tiny classifier and tiny fusion network."""
+def tiny_args(shared_data: Path, out: Path) -> dict:
+    """1 fold of a 2-fold split, 8 patients x 4 slices, 32x32, 1 epoch, tiny CNN, 2-fold inner CV, tiny grids."""
     return {
-        "bundle_root": str(BUNDLE),
         "dataset_dir": str(shared_data / "lgg_tcga"),
-        "output_dir": str(tmp_path / name),
-        "cache_dir": str(tmp_path / "cache"),
+        "fusion_bundle_dir": str(ROOT),
+        "output_dir": str(out / "study"),
+        "cache_dir": str(out / "cache"),
         "max_patients": 8,
         "max_slices_per_patient": 4,
         "n_folds": 2,
@@ -30,13 +45,13 @@ def tiny_overrides(shared_data, tmp_path, name="out"):
         "batch_size": 8,
         "image_size": 32,
         "n_boot": 50,
+        "inner_folds": 2,
+        "c_grid": [0.1, 1.0],
+        "k_grid": [5],
+        "wholeslice_inner_folds": 2,
+        "wholeslice_c_grid": [1.0],
+        "wholeslice_k_grid": [5],
         "classifier_def#block_inplanes": [4, 8, 8, 8],
-        "fusion_ckpt": str(tmp_path / "no_fusion_weights.pt"),
-        "allow_untrained": True,
-        "fusion_network_def#features": [8, 16],
-        "fusion_network_def#dilations": [1, 3],
-        "fusion_network_def#depth": 1,
-        "fusion_network_def#decoder_depth": 1,
     }
 
 
@@ -45,66 +60,131 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def _run(config_files, overrides):
-    from monai.bundle import run
-
-    run(config_file=[str(CONFIGS / c) for c in config_files], meta_file=str(BUNDLE / "metadata.json"), **overrides)
-
-
-@pytest.fixture
-def tiny_study(shared_data, tmp_path):
-    ov = tiny_overrides(shared_data, tmp_path)
-    _run(["study.json"], ov)
-    return Path(ov["output_dir"])
+def run_bundle_copy(bundle_copy: Path, args: dict) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` in the copied bundle folder, as a user would (a fresh process)."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/study.json"]
+    for k, v in args.items():
+        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "2"}
+    return subprocess.run(cmd, cwd=bundle_copy, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_study_config_tiny_outputs(tiny_study):
-    out = tiny_study
+def test_copied_bundle_runs_with_only_the_fusion_bundle_path(shared_data, tmp_path):
+    copy = tmp_path / "tumor_classification"
+    shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns("eval", "__pycache__", "results"))
+    args = tiny_args(shared_data, tmp_path)
+    proc = run_bundle_copy(copy, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(args["output_dir"])
     for name in ("report.md", "results.csv", "comparisons.csv", "fold_metrics.csv", "predictions.csv", "folds.csv", "roc_curves.png", "run_info.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = _rows(out / "results.csv")
-    arms = ["flair", "t1c", "flair+t1c", "clinicalfmamba", "mean", "max"]
-    assert [(r["task"], r["arm"]) for r in results] == [(t, a) for t in ("patient", "slice") for a in arms]
+    expected = [("radiomics", "patient", a) for a in ARMS] + [("radiomics_image", "patient", a) for a in ARMS]
+    expected += [("wholeslice", "slice", a) for a in ARMS] + [("cnn", t, a) for t in ("patient", "slice") for a in ARMS]
+    assert [(r["classifier"], r["task"], r["arm"]) for r in results] == expected
     for r in results:
-        assert 0.0 <= float(r["pooled_auc"]) <= 1.0
         assert float(r["pooled_auc_ci_low"]) <= float(r["pooled_auc"]) <= float(r["pooled_auc_ci_high"])
-        assert 0.0 <= float(r["accuracy_mean"]) <= 1.0
     fused = [r for r in results if r["arm"] == "clinicalfmamba"]
-    assert all(r["fusion_weights"] == "untrained" and "UNTRAINED" in r["arm_label"] for r in fused)
+    assert all(r["fusion_weights"] == "trained" for r in fused)  # the shipped weights, through the bundle API
     comps = _rows(out / "comparisons.csv")
-    assert len(comps) == 10 and {c["other_arm"] for c in comps} == set(arms) - {"clinicalfmamba"}
-    assert all(0.0 <= float(c["delong_p"]) <= 1.0 for c in comps)
+    assert len(comps) == 5 * 5 and all(0.0 <= float(c["delong_p"]) <= 1.0 for c in comps)
     info = json.loads((out / "run_info.json").read_text())
+    fusion = next(a for a in info["arms"] if a["arm"] == "clinicalfmamba")
+    assert fusion["module"] == "ClinicalFMamba" and Path(fusion["ckpt_path"]) == ROOT / "models" / "model.pt"
     assert info["cohort"]["n_patients"] == 8 and info["cohort"]["n_excluded"] == 10
-    assert info["folds_run"] == 1 and info["seeds"] == [0]
     report = (out / "report.md").read_text()
-    assert "Excluded: 10 patients" in report and "WITHOUT trained weights" in report
-    assert ("does not beat the single-sequence arms" in report) or ("beats" in report)
-    # patient-level: every test patient appears once per arm; the folds are shared by all arms
+    assert "Excluded: 10 patients" in report and "Classifier `radiomics_image`" in report
+    # the same test patients in every classifier and arm: the shared folds
     preds = _rows(out / "predictions.csv")
-    per_arm = {a: sorted(r["unit"] for r in preds if r["task"] == "patient" and r["arm"] == a) for a in arms}
-    assert all(v == per_arm["flair"] for v in per_arm.values()) and len(per_arm["flair"]) == 4
     folds = _rows(out / "folds.csv")
     test_patients = sorted(r["patient"] for r in folds if r["fold"] == "0")
-    assert test_patients == per_arm["flair"]
+    for clf in ("radiomics", "radiomics_image", "cnn"):
+        for arm in ARMS:
+            got = sorted(r["unit"] for r in preds if r["classifier"] == clf and r["task"] == "patient" and r["arm"] == arm)
+            assert got == test_patients, (clf, arm)
+    # a second run refuses to overwrite; a missing fusion path is a clear error
+    again = run_bundle_copy(copy, args)
+    assert again.returncode != 0 and "already holds study results" in again.stderr
+    no_fusion = {k: v for k, v in args.items() if k != "fusion_bundle_dir"}
+    no_fusion["output_dir"] = str(tmp_path / "other")
+    proc = run_bundle_copy(copy, no_fusion)
+    assert proc.returncode != 0 and "--fusion_bundle_dir DIR" in proc.stderr + proc.stdout
+
+
+def _split_cohort(shared: Path, dest: Path, patients: list[str]) -> Path:
+    """An lgg_tcga-format folder holding only ``patients`` (tables filtered, image folders linked)."""
+    dest.mkdir()
+    (dest / "images").mkdir()
+    for table in ("patients.csv", "slices.csv"):
+        rows = _rows(shared / table)
+        keep = [r for r in rows if r["patient"] in patients]
+        with open(dest / table, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(keep)
+        if table == "patients.csv":
+            for r in keep:
+                (dest / "images" / r["case"]).symlink_to(shared / "images" / r["case"], target_is_directory=True)
+    return dest
+
+
+def test_external_validation_on_a_split_of_the_shared_cohort(shared_data, tmp_path):
+    lgg = shared_data / "lgg_tcga"
+    full = load_cohort(lgg)
+    pos = [p for p in full.patients if full.labels[p] == 1]
+    neg = [p for p in full.patients if full.labels[p] == 0]
+    dev_p, ext_p = pos[:5] + neg[:5], pos[5:8] + neg[5:8]
+    dev = load_cohort(_split_cohort(lgg, tmp_path / "dev", dev_p), max_slices_per_patient=3)
+    ext = load_cohort(_split_cohort(lgg, tmp_path / "ext", ext_p), max_slices_per_patient=3)
+    assert dev.patients == sorted(dev_p) and ext.patients == sorted(ext_p)
+    from monai.networks.nets import ResNet
+
+    clf = partial(ResNet, block="basic", layers=[1, 1, 1, 1], block_inplanes=[4, 8, 8, 8], spatial_dims=2, conv1_t_stride=2, num_classes=1)
+    classifiers = [
+        RadiomicsClassifier(with_shape=False, c_grid=[0.1, 1.0], k_grid=[5], inner_folds=2),
+        CNNClassifier(clf, epochs=1, batch_size=8, device="cpu"),
+    ]
+    arms = [ChannelArm("flair", [0]), ChannelArm("t1c", [1]), FusionArm("mean", MeanFusion())]
+    study = ClassificationStudy(
+        dev, arms, classifiers, fused_arm="mean", n_folds=2, seeds=[0, 1], folds_to_run=1, image_size=32,
+        n_boot=50, output_dir=tmp_path / "out", external_cohort=ext, progress=False,
+    )  # fmt: skip
+    res = study.run()
+    out = tmp_path / "out"
+    for name in ("external_results.csv", "external_comparisons.csv", "external_predictions.csv", "external_roc_curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert list(_rows(out / "external_results.csv")[0]) == list(_rows(out / "results.csv")[0])
+    assert list(_rows(out / "external_comparisons.csv")[0]) == list(_rows(out / "comparisons.csv")[0])
+    ext_rows = _rows(out / "external_results.csv")
+    assert {(r["classifier"], r["task"]) for r in ext_rows} == {("radiomics_image", "patient"), ("cnn", "patient"), ("cnn", "slice")}
+    # every external patient scored once per seed and arm, by a model trained on all development patients
+    preds = _rows(out / "external_predictions.csv")
+    for arm in ("flair", "t1c", "mean"):
+        units = sorted(r["unit"] for r in preds if r["classifier"] == "radiomics_image" and r["arm"] == arm)
+        assert units == sorted(ext_p * 2)
+    fm = [r for r in res["external"]["fold_metrics"] if r["classifier"] == "cnn" and r["task"] == "patient"]
+    assert {r["n_train_units"] for r in fm} == {10} and {r["fold"] for r in fm} == {-1}
+    report = (out / "report.md").read_text()
+    assert "## External validation" in report and "6 patients" in report
 
 
 def test_study_reproducible(shared_data, tmp_path):
     """Same seed -> same folds and the same numbers on CPU (two independent runs)."""
     from monai.networks.nets import ResNet
-    from functools import partial
-
-    from scripts.baselines import MeanFusion
 
     cohort = load_cohort(shared_data / "lgg_tcga", max_patients=8, max_slices_per_patient=3)
     clf = partial(ResNet, block="basic", layers=[1, 1, 1, 1], block_inplanes=[4, 8, 8, 8], spatial_dims=2, conv1_t_stride=2, num_classes=1)
 
     def once(name):
         arms = [ChannelArm("flair", [0]), FusionArm("mean", MeanFusion())]
+        classifiers = [
+            CNNClassifier(clf, epochs=1, batch_size=8, device="cpu"),
+            RadiomicsClassifier(c_grid=[0.1, 1.0], k_grid=[5], inner_folds=2),
+        ]
         study = ClassificationStudy(
-            cohort, arms, clf, fused_arm="mean", n_folds=2, seeds=[3], folds_to_run=1, image_size=32, epochs=1,
-            batch_size=8, n_boot=50, output_dir=tmp_path / name, device="cpu",
-        )
+            cohort, arms, classifiers, fused_arm="mean", n_folds=2, seeds=[3], folds_to_run=1, image_size=32,
+            n_boot=50, output_dir=tmp_path / name, progress=False,
+        )  # fmt: skip
         return study.run()
 
     a, b = once("a"), once("b")
@@ -115,30 +195,6 @@ def test_study_reproducible(shared_data, tmp_path):
         once("a")  # never silently overwrites an earlier run
 
 
-def test_train_and_evaluate_configs_tiny(shared_data, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    ov = tiny_overrides(shared_data, tmp_path, "train")
-    ov.update({"arm": "flair+t1c", "task": "patient", "fold": 0, "ckpt_dir": str(tmp_path / "models")})
-    files = [str(CONFIGS / "study.json"), str(CONFIGS / "train.json")]
-    wf = ConfigWorkflow(config_file=files, meta_file=str(BUNDLE / "metadata.json"), workflow_type="train", **ov)
-    wf.initialize()
-    assert not wf.check_properties()
-    wf.run()
-    wf.finalize()
-    ckpt = tmp_path / "models" / "model.pt"
-    assert ckpt.is_file()
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["conv1.weight"].shape[1] == 2  # two input channels for the two-channel arm
-
-    ov["output_dir"] = str(tmp_path / "evaluate")
-    _run(["study.json", "train.json", "evaluate.json"], ov)
-    summary = json.loads((tmp_path / "evaluate" / "summary.json").read_text())
-    assert summary["task"] == "patient" and summary["n_patients"] == 4
-    assert (tmp_path / "evaluate" / "metrics.csv").is_file()
-    assert len(_rows(tmp_path / "evaluate" / "predictions.csv")) == summary["n_slices"]
-
-
 def test_metadata_valid_and_classifier_io():
     schema = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
     if not schema.is_file():
@@ -146,8 +202,7 @@ def test_metadata_valid_and_classifier_io():
     from monai.bundle import ConfigParser, verify_metadata
 
     verify_metadata(meta_file=str(BUNDLE / "metadata.json"), filepath=str(schema))
-    assert (CONFIGS / "metadata.json").read_bytes() == (BUNDLE / "metadata.json").read_bytes()
-    assert not (CONFIGS / "metadata.json").is_symlink()
+    assert json.loads((CONFIGS / "metadata.json").read_text()) == json.loads((BUNDLE / "metadata.json").read_text())
     meta = json.loads((BUNDLE / "metadata.json").read_text())
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "study.json"))

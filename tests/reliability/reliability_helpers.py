@@ -191,6 +191,11 @@ def run_train(out: Path, **override: Any):
 
 
 def run_classification(config_names: Sequence[str], out: Path, **override: Any):
+    """The companion bundle's config in this process: its own ``scripts`` package is imported in isolation (both
+    bundles name their package ``scripts``), the fusion bundle (this repository) is given as ``fusion_bundle_dir``
+    with a tiny untrained fusion network, and the CNN is the only classifier (the generic cohorts have no masks)."""
+    from tumor_classification_scripts.fusion import bundle_imports
+
     files = [CLASSIFICATION / "configs" / n for n in config_names]
     override = {
         "bundle_root": str(CLASSIFICATION),
@@ -203,19 +208,23 @@ def run_classification(config_names: Sequence[str], out: Path, **override: Any):
         "batch_size": 4,
         "image_size": 16,
         "n_boot": 20,
+        "classifiers": ["@cnn"],
         "classifier_def#block_inplanes": [4, 4, 4, 4],
+        "fusion_bundle_dir": str(BUNDLE_ROOT),
         "fusion_ckpt": str(out.parent / "no_fusion_weights.pt"),
         "allow_untrained": True,
-        "fusion_network_def#features": [4, 8],
-        "fusion_network_def#dilations": [1, 3],
-        "fusion_network_def#depth": 1,
-        "fusion_network_def#decoder_depth": 1,
-        "fusion_network_def#d_state": 4,
-        "fusion_network_def#swap_d_state": 4,
+        "fusion_overrides": {
+            "network_def#features": [4, 8],
+            "network_def#dilations": [1, 3],
+            "network_def#depth": 1,
+            "network_def#decoder_depth": 1,
+            "network_def#d_state": 4,
+            "network_def#swap_d_state": 4,
+        },
         **override,
     }
-    workflow_type = "train" if "train.json" in config_names and "evaluate.json" not in config_names else "infer"
-    return run_workflow(files, workflow_type, meta=CLASSIFICATION / "metadata.json", **override)
+    with bundle_imports(CLASSIFICATION):
+        return run_workflow(files, "infer", meta=CLASSIFICATION / "metadata.json", **override)
 
 
 def cohort_csv(folder: Path, n_patients: int = 4, slices: int = 2, size: int = 16, rows_hook=None) -> Path:

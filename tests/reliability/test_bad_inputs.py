@@ -403,27 +403,21 @@ def _cls_fusion_weights(tmp: Path) -> dict[str, Any]:
 
     ckpt = tmp / "fusion.pt"
     torch.save(ClinicalFMamba(features=[4, 16], dilations=[1, 3], depth=1, decoder_depth=1, d_state=4, swap_d_state=4).state_dict(), ckpt)
-    return {**_cohort()(tmp), "fusion_ckpt": str(ckpt)}
+    return {**_cohort()(tmp), "fusion_ckpt": str(ckpt), "require_fusion_weights": True}
 
 
-def _cls_classifier_weights(tmp: Path) -> dict[str, Any]:
-    from monai.networks.nets import ResNet
-
-    ckpt_dir = tmp / "models"
-    ckpt_dir.mkdir()
-    one_channel = ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[4, 4, 4, 4], spatial_dims=2, n_input_channels=1, num_classes=1)
-    torch.save(one_channel.state_dict(), ckpt_dir / "model.pt")
-    return {**_cohort()(tmp), "arm": "flair+t1c", "ckpt_dir": str(ckpt_dir)}
+def _cls_existing_results(tmp: Path) -> dict[str, Any]:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "results.csv").write_text("precious")
+    return _cohort()(tmp)
 
 
-def _cls_existing_classifier(tmp: Path) -> dict[str, Any]:
-    (tmp / "models").mkdir()
-    (tmp / "models" / "model.pt").write_bytes(b"precious")
-    return {**_cohort()(tmp), "ckpt_dir": str(tmp / "models")}
+def _check_results_kept(tmp: Path, out: Path) -> None:
+    assert (out / "results.csv").read_text() == "precious" and files_under(out) == ["results.csv"]
 
 
-def _check_classifier_kept(tmp: Path, out: Path) -> None:
-    assert (tmp / "models" / "model.pt").read_bytes() == b"precious" and files_under(out) == []
+def _cls_no_masks_for_radiomics(tmp: Path) -> dict[str, Any]:
+    return {**_cohort()(tmp), "classifiers": ["@radiomics"]}
 
 
 CLASSIFICATION = [
@@ -435,10 +429,10 @@ CLASSIFICATION = [
     Case("cls_corrupt_image", "study", _cohort(_corrupt_file), "raises", r"cannot read image file .*P1_0_b\.png"),
     Case("cls_nan_pixels", "study", _cohort(_nan_nifti), "raises", r"nan\.nii\.gz: 1 of 256 pixels are NaN or infinite"),
     Case("cls_channel_out_of_range", "study", _cohort(_bad_channel), "raises", r"rgb\.png has 3 channels; channel 5 does not exist"),
-    Case("cls_missing_fusion_weights", "study", lambda t: {**_cohort()(t), "allow_untrained": False}, "raises", r"arm clinicalfmamba: trained fusion weights not found at .*no_fusion_weights\.pt.*--allow_untrained true"),
-    Case("cls_fusion_weights_of_another_configuration", "study", _cls_fusion_weights, "raises", r"fusion\.pt do not match the configured ClinicalFMamba"),
-    Case("cls_train_keeps_an_existing_classifier", "cls_train", _cls_existing_classifier, "raises", r"outputs exist and are not replaced: .*models/model\.pt; pass --overwrite true", check=_check_classifier_kept),
-    Case("cls_classifier_weights_of_another_arm", "cls_evaluate", _cls_classifier_weights, "raises", r"model\.pt do not match the configured ResNet: .*conv1\.weight: file \(4, 1, 7, 7\), network \(4, 2, 7, 7\)"),
+    Case("cls_missing_fusion_weights", "study", lambda t: {**_cohort()(t), "allow_untrained": False}, "raises", r"trained fusion weights not found at .*no_fusion_weights\.pt.*--allow_untrained true"),
+    Case("cls_fusion_weights_of_another_configuration", "study", _cls_fusion_weights, "raises", r"fusion weights .*fusion\.pt do not match the network of .*inference\.json"),
+    Case("cls_study_keeps_existing_results", "study", _cls_existing_results, "raises", r"already holds study results \(results\.csv\); pass --overwrite true", check=_check_results_kept),
+    Case("cls_radiomics_without_masks", "study", _cls_no_masks_for_radiomics, "raises", r"slice P0/1 has no tumour mask; the radiomics classifiers need a 'mask' column"),
 ]
 
 CASES = INFERENCE + EVALUATE + TRAIN + CLASSIFICATION
@@ -454,16 +448,12 @@ def _run(case: Case, tmp: Path, out: Path):
         return run_train(out, **override)
     if case.workflow == "study":
         return run_classification(["study.json"], out, **override)
-    if case.workflow == "cls_train":
-        return run_classification(["study.json", "train.json"], out, **override)
-    if case.workflow == "cls_evaluate":
-        return run_classification(["study.json", "train.json", "evaluate.json"], out, **override)
     raise AssertionError(case.workflow)
 
 
 def test_the_table_covers_every_workflow_and_enough_cases() -> None:
     assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
-    assert {c.workflow for c in CASES} >= {"inference", "evaluate", "train", "study", "cls_evaluate"}
+    assert {c.workflow for c in CASES} >= {"inference", "evaluate", "train", "study"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -534,7 +524,7 @@ DOCUMENTED = {
     "weights_missing": "weights file not found: PATH (from CWD: ABSOLUTE PATH); the network would fuse with random weights",
     "weights_not_loaded_for_a_learnable_network": "load_pretrain is false, so ClinicalFMamba would fuse with random weights",
     "eval_missing_file_set_aside": "datalist ..., entry N: 'other' file not found: PATH",
-    "cls_missing_fusion_weights": "arm clinicalfmamba: trained fusion weights not found at PATH",
+    "cls_missing_fusion_weights": "trained fusion weights not found at PATH",
     "weights_truncated": "PATH is not a readable PyTorch weights file",
     "weights_with_pickled_objects": "PATH is not a readable PyTorch weights file",
     "on_error_raise_stops_before_fusing": "`--on_error skip\\|raise`",
@@ -560,9 +550,9 @@ DOCUMENTED = {
     "cls_corrupt_image": "cannot read image file PATH",
     "cls_nan_pixels": "PATH: N of M pixels are NaN or infinite",
     "cls_channel_out_of_range": "PATH has N channels; channel K does not exist",
-    "cls_fusion_weights_of_another_configuration": "weights in PATH do not match the configured ClinicalFMamba",
-    "cls_train_keeps_an_existing_classifier": "outputs exist and are not replaced: .../model.pt",
-    "cls_classifier_weights_of_another_arm": "weights in PATH do not match the configured ResNet",
+    "cls_fusion_weights_of_another_configuration": "fusion weights PATH do not match the network of CONFIG",
+    "cls_study_keeps_existing_results": "DIR already holds study results (...); pass --overwrite true",
+    "cls_radiomics_without_masks": "slice P/S has no tumour mask; the radiomics classifiers need a 'mask' column",
     # handled by design: documented as such
     "grid_differs_resampled_on_request": "`--resample true\\|false`",
     "origin_within_grid_tolerance": "`--grid_tolerance T`",

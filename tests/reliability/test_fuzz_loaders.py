@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from reliability_helpers import RELIABILITY, examples, nifti_bytes, png_bytes, texture
 
-from scripts.classification.cohort import read_image
+from tumor_classification_scripts.cohort import read_image
 from scripts.data import check_pairs
 from scripts.dicom import read_series
 from scripts.transforms import LoadPaird

@@ -31,10 +31,8 @@ FAMILIES = {
     "train_3d": [C / "train.json", C / "train_3d.json"],
     "multi_gpu_train": [C / "train.json", C / "multi_gpu_train.json"],
     "study": [K / "study.json"],
-    "classifier_train": [K / "study.json", K / "train.json"],
-    "classifier_evaluate": [K / "study.json", K / "train.json", K / "evaluate.json"],
 }
-NESTED = ["train#trainer#max_epochs", "network_def#refine", "optimizer#lr", "fusion_network_def#features"]
+NESTED = ["train#trainer#max_epochs", "network_def#refine", "optimizer#lr", "classifier_def#block_inplanes"]
 
 
 def _argv(files: list[Path], *args: str, command: str = "run") -> list[str]:
@@ -146,8 +144,8 @@ def test_a_mutated_key_never_fuses_the_samples(family: str, real: str, typo: str
         ("evaluate", ["--clinicalfmamba_def#refine", "true", "--metrics", "['SD']", "--fail_on", "all"]),
         ("train", ["--train#trainer#max_epochs", "2", "--optimizer#params", "x", "--loss#w_intensity", "1"]),
         ("export", ["--network_def#features", "[4, 8, 16]"]),
-        ("study", ["--fusion_network_def#dilations", "[1, 3]", "--classifier_def#block_inplanes", "[4, 8, 8, 8]"]),
-        ("classifier_train", ["--fold", "-1", "--arm", "mean", "--allow_untrained", "true"]),
+        ("study", ["--fusion_overrides", "{}", "--classifier_def#block_inplanes", "[4, 8, 8, 8]", "--allow_untrained", "true"]),
+        ("study", ["--external_dataset_dir", "x", "--classifiers", "['@radiomics']", "--cnn#epochs", "2"]),
     ],
 )
 def test_real_and_nested_ids_are_accepted(family: str, args: list[str]) -> None:

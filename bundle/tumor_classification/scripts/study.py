@@ -1,31 +1,32 @@
 """The classification study: does a classifier do better on fused images than on either sequence alone?
 
-:class:`ClassificationStudy` runs the whole protocol (``bundle/tumor_classification/configs/study.json``):
+:class:`ClassificationStudy` runs the whole protocol (``configs/study.json``):
 
 1. cohort: eligible patients (labelled, both sequences real), the excluded ones counted with reasons;
-2. folds: stratified patient-level k-fold for each seed, computed once and shared by every arm and task;
+2. folds: stratified patient-level k-fold for each seed, computed once and shared by every arm, classifier and
+   task;
 3. arms: FLAIR alone, T1c alone, both as two channels, ClinicalFMamba-fused, mean- and max-fused (any list);
-4. for each arm, seed, fold and task: a classifier trained with the fixed recipe (:mod:`.training`) on the
-   training patients' slices, then scored on the test patients (out-of-fold) and on the training patients
-   (only to fix the decision threshold);
-5. statistics (:mod:`.stats`) and the report (:mod:`.report`).
+4. classifier families (:mod:`.classifiers`): a CNN trained on slices, radiomics + penalised logistic regression
+   (with and without the mask's shape features), ...; for each arm, seed, fold, classifier and task, the
+   classifier is fitted on the training patients only and scores the test patients (out-of-fold) and the
+   training patients (only to fix the decision threshold);
+5. optional external validation: each arm and classifier is fitted on **all** patients of the development
+   cohort (per seed) and scores every patient of an external cohort;
+6. statistics (:mod:`.stats`) and the report (:mod:`.report`), per classifier.
 
 Tasks:
 
-- ``patient`` — the patient label (LGG: WHO grade III vs II). The classifier is trained on the tumour slices
-  (``tumour == 1``; all slices when the cohort has no slice labels), every slice carrying its patient's label.
-  A patient's score is the **mean of its tumour slices' probabilities** (``aggregation``: mean, median or max).
-  Unit of analysis = patient.
-- ``slice`` — tumour vs no tumour per slice, trained and scored on all slices. Unit of analysis = slice; the
+- ``patient`` — the patient label (LGG: WHO grade III vs II). Unit of analysis = patient.
+- ``slice`` — tumour vs no tumour per slice (classifiers that see whole slices only). Unit = slice; the
   bootstrap still resamples patients.
 
-Statistics per task and arm: ROC AUC of each test fold (mean ± sd over folds and seeds); per-seed pooled
-out-of-fold AUC (mean ± sd over seeds); the **pooled out-of-fold score** of a unit = mean over seeds of its
-out-of-fold probability, whose AUC gets a 95% percentile bootstrap CI (patients resampled); DeLong's paired test
+Statistics per classifier, task and arm: ROC AUC of each test fold (mean ± sd over folds and seeds); per-seed
+pooled out-of-fold AUC (mean ± sd over seeds); the **pooled out-of-fold score** of a unit = mean over seeds of
+its out-of-fold score, whose AUC gets a 95% percentile bootstrap CI (patients resampled); DeLong's paired test
 and a paired patient-bootstrap CI of the AUC difference, fused arm vs each other arm, on the pooled scores;
 F1, accuracy, sensitivity and specificity of each test fold at the threshold fixed on that fold's training
-patients (``threshold_rule``: Youden's J by default, computed on the trained classifier's scores of its own
-training units), mean ± sd over folds and seeds.
+patients (``threshold_rule``: Youden's J by default), mean ± sd over folds and seeds. External validation
+reports the same statistics, a "fold" there being one seed's model trained on the whole development cohort.
 """
 
 from __future__ import annotations
@@ -38,20 +39,20 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from tqdm import tqdm
 
-from .arms import Arm, FusionArm, load_pairs
+from .arms import Arm, ChannelArm, FusionArm, load_masks, load_pairs
+from .classifiers import ArmImages, Classifier
 from .cohort import Cohort
 from .folds import fold_assignment
 from .report import write_report, write_roc_figure
 from .stats import (
-    aggregate_scores,
     auc,
     bootstrap_auc,
     choose_threshold,
@@ -59,14 +60,17 @@ from .stats import (
     paired_bootstrap_delta,
     threshold_metrics,
 )
-from .training import build_classifier, fit_classifier, predict_proba
 
 __all__ = ["TASKS", "ClassificationStudy", "summarise"]
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("patient", "slice")
-RESULT_FILES = ("report.md", "results.csv", "comparisons.csv", "fold_metrics.csv", "predictions.csv", "folds.csv", "roc_curves.png", "run_info.json")
+RESULT_FILES = (
+    "report.md", "results.csv", "comparisons.csv", "fold_metrics.csv", "predictions.csv", "folds.csv",
+    "roc_curves.png", "run_info.json", "external_results.csv", "external_comparisons.csv",
+    "external_predictions.csv", "external_fold_metrics.csv", "external_roc_curves.png",
+)  # fmt: skip
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
@@ -191,51 +195,67 @@ def summarise(
     return {"results": results, "comparisons": comparisons, "roc": roc}
 
 
+def summarise_by_classifier(
+    predictions: Sequence[Mapping[str, Any]],
+    fold_metrics: Sequence[Mapping[str, Any]],
+    classifiers: Sequence[str],
+    arms: Sequence[str],
+    fused_arm: str | None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`summarise` for each classifier; rows get a leading ``classifier`` column and ``roc`` is keyed by
+    classifier first."""
+    out: dict[str, Any] = {"results": [], "comparisons": [], "roc": {}}
+    for name in classifiers:
+        p = [r for r in predictions if r["classifier"] == name]
+        f = [r for r in fold_metrics if r["classifier"] == name]
+        if not p:
+            continue
+        st = summarise(p, f, arms, fused_arm, n_boot, alpha, seed)
+        out["results"] += [{"classifier": name, **r} for r in st["results"]]
+        out["comparisons"] += [{"classifier": name, **r} for r in st["comparisons"]]
+        out["roc"][name] = st["roc"]
+    return out
+
+
 class ClassificationStudy:
-    """The cross-validated classification study over input arms (see the module docstring).
+    """The cross-validated classification study over input arms and classifier families (module docstring).
 
     Args:
         cohort: the :class:`~.cohort.Cohort` (eligible patients only; exclusions recorded in it).
         arms: the input arms (:class:`~.arms.ChannelArm`, :class:`~.arms.FusionArm`); all use the same folds.
-        classifier_def: callable building the classifier, called with ``{in_channels_arg: channels}`` (a MONAI
-            network given with ``"_mode_": "callable"``), one logit output.
+        classifiers: the classifier families (:class:`~.classifiers.CNNClassifier`,
+            :class:`~.classifiers.RadiomicsClassifier`, ...); names must be unique.
         fused_arm: name of the arm compared with all others (DeLong, bootstrap).
-        tasks: subset of ``("patient", "slice")``.
+        tasks: subset of ``("patient", "slice")``; each classifier runs the tasks it supports.
         n_folds: k of the stratified patient-level k-fold.
         seeds: one fold assignment (and one set of classifier initialisations) per seed.
         folds_to_run: run only the first ``folds_to_run`` folds of each seed (smoke tests); ``None`` = all.
         image_size: the side the slices are resized to (the fusion runs at this size too).
-        in_channels_arg: keyword of ``classifier_def`` that takes the number of input channels.
-        epochs, batch_size, learning_rate, weight_decay, flip_prob, class_balance: the training recipe.
-        aggregation: slice-to-patient score aggregation for the ``patient`` task (``mean``, ``median``, ``max``).
-        threshold_rule: ``youden``, ``f1`` or a number; fixed on the training patients of each fold.
+        threshold_rule: ``youden``, ``f1`` or a number; fixed on the training units of each fold.
         n_boot, alpha, stats_seed: bootstrap resamples, 1 - CI level, bootstrap seed.
-        output_dir: where the report, tables and figure go.
+        output_dir: where the report, tables and figures go.
         cache_dir: where fused images are cached (keyed by cohort, size and fusion weights); ``None`` = no cache.
         overwrite: replace the results of an earlier run in ``output_dir`` (otherwise that is an error).
-        device: where the classifiers train (``None``: CUDA if available, else CPU).
         num_threads: torch CPU threads (``None``: leave as is).
+        external_cohort: an external validation cohort (``None``: none); see the module docstring.
+        progress: show a progress bar (tqdm) over the arm x seed x fold x classifier fits.
+        config: values recorded in ``run_info.json``.
     """
 
     def __init__(
         self,
         cohort: Cohort,
         arms: Sequence[Arm],
-        classifier_def: Callable[..., nn.Module],
+        classifiers: Sequence[Classifier],
         fused_arm: str | None = "clinicalfmamba",
         tasks: Sequence[str] = TASKS,
         n_folds: int = 5,
         seeds: Sequence[int] = (0, 1, 2),
         folds_to_run: int | None = None,
         image_size: int = 128,
-        in_channels_arg: str = "n_input_channels",
-        epochs: int = 5,
-        batch_size: int = 32,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 1e-4,
-        flip_prob: float = 0.5,
-        class_balance: bool = True,
-        aggregation: str = "mean",
         threshold_rule: str | float = "youden",
         n_boot: int = 2000,
         alpha: float = 0.05,
@@ -243,13 +263,17 @@ class ClassificationStudy:
         output_dir: str | os.PathLike = "eval/study",
         cache_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
-        device: str | torch.device | None = None,
         num_threads: int | None = None,
+        external_cohort: Cohort | None = None,
+        progress: bool = True,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         names = [a.name for a in arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")
+        clf_names = [c.name for c in classifiers]
+        if not clf_names or len(set(clf_names)) != len(clf_names):
+            raise ValueError(f"give at least one classifier, with unique names; got {clf_names}")
         unknown = set(tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
@@ -257,7 +281,7 @@ class ClassificationStudy:
             raise ValueError(f"fused_arm {fused_arm!r} is not one of the arms {names}")
         self.cohort = cohort
         self.arms = list(arms)
-        self.classifier_def = classifier_def
+        self.classifiers = list(classifiers)
         self.fused_arm = fused_arm
         self.tasks = [t for t in TASKS if t in tasks]
         if "slice" in self.tasks and not cohort.has_slice_labels:
@@ -267,49 +291,17 @@ class ClassificationStudy:
         self.seeds = [int(s) for s in seeds]
         self.folds_to_run = self.n_folds if folds_to_run is None else max(1, min(int(folds_to_run), self.n_folds))
         self.image_size = int(image_size)
-        self.in_channels_arg = in_channels_arg
-        self.recipe = {
-            "epochs": int(epochs),
-            "batch_size": int(batch_size),
-            "learning_rate": float(learning_rate),
-            "weight_decay": float(weight_decay),
-            "flip_prob": float(flip_prob),
-            "class_balance": bool(class_balance),
-        }
-        self.aggregation = aggregation
         self.threshold_rule = threshold_rule
         self.n_boot, self.alpha, self.stats_seed = int(n_boot), float(alpha), int(stats_seed)
         self.output_dir = Path(output_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.overwrite = bool(overwrite)
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.num_threads = num_threads
+        self.external = external_cohort
+        self.progress = bool(progress)
         self.config = dict(config or {})
 
     # ------------------------------------------------------------------------------------------------
-    def _task_slices(self, task: str) -> tuple[np.ndarray, np.ndarray]:
-        """Indices into ``cohort.slices`` used by ``task`` and the slice targets."""
-        sl = self.cohort.slices
-        if task == "patient":
-            use_tumour = self.cohort.has_slice_labels
-            idx = [i for i, s in enumerate(sl) if (s.tumour == 1 or not use_tumour)]
-            target = [self.cohort.labels[sl[i].patient] for i in idx]
-        else:
-            idx = [i for i, s in enumerate(sl) if s.tumour is not None]
-            target = [int(sl[i].tumour) for i in idx]
-        return np.asarray(idx, dtype=np.int64), np.asarray(target, dtype=np.int64)
-
-    def _unit_scores(self, task: str, idx: np.ndarray, target: np.ndarray, probs: np.ndarray) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-        """(units, patients, labels, scores): patients with aggregated scores, or the slices themselves."""
-        sl = self.cohort.slices
-        if task == "patient":
-            patients = [sl[i].patient for i in idx]
-            agg = aggregate_scores(patients, probs, self.aggregation)
-            units = sorted(agg)
-            return units, units, np.asarray([self.cohort.labels[u] for u in units]), np.asarray([agg[u] for u in units])
-        units = [f"{sl[i].patient}/{sl[i].slice_id}" for i in idx]
-        return units, [sl[i].patient for i in idx], target.copy(), probs
-
     def _check_output_dir(self) -> None:
         existing = [f for f in RESULT_FILES if (self.output_dir / f).exists()]
         if existing and not self.overwrite:
@@ -318,6 +310,51 @@ class ClassificationStudy:
                 "choose another --output_dir"
             )
         self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def _jobs(self, clf: Classifier) -> list[str]:
+        return [t for t in self.tasks if t in clf.tasks]
+
+    def _arm_images(self, arm: Arm, cohort: Cohort, pairs: torch.Tensor, rois: np.ndarray | None) -> ArmImages:
+        images = arm.build(pairs, cache_dir=self.cache_dir, cache_key=cohort.fingerprint())
+        if isinstance(arm, ChannelArm):
+            channel_names = [cohort.sequence_names[s].lower() for s in arm.sources]
+        else:
+            channel_names = [arm.name]
+        return ArmImages(cohort, images, pairs, rois, channel_names)
+
+    def _fit_score(
+        self, clf: Classifier, task: str, train: ArmImages, train_p: list[str], test: ArmImages, test_p: list[str],
+        fit_seed: int, row: dict[str, Any], predictions: list, fold_metrics: list,
+    ) -> None:  # fmt: skip
+        """Fit ``clf`` on ``train_p`` of ``train``, score ``test_p`` of ``test``, append the rows."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        model = clf.fit(task, train, train_p, fit_seed)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        _, _, y_tr, s_tr = clf.predict(model, task, train, train_p)
+        units, pats, y_te, s_te = clf.predict(model, task, test, test_p)
+        thr = choose_threshold(y_tr, s_tr, self.threshold_rule)
+        info = getattr(model, "fit_info", {}) or {}
+        loss = info.get("epoch_loss")
+        fold_metrics.append(
+            {
+                **row,
+                "n_train_units": len(y_tr),
+                "n_test_units": len(y_te),
+                "auc": auc(y_te, s_te),
+                "threshold": thr,
+                **threshold_metrics(y_te, s_te, thr),
+                "train_auc": auc(y_tr, s_tr),
+                "final_train_loss": loss[-1] if loss else math.nan,
+                "inner_cv_auc": info.get("inner_auc", math.nan),
+                "selected": json.dumps(info["best_params"], sort_keys=True) if "best_params" in info else "",
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+            }
+        )
+        predictions.extend(
+            {**row, "unit": u, "patient": p, "label": int(yv), "score": float(sv)}
+            for u, p, yv, sv in zip(units, pats, y_te, s_te)
+        )
 
     def run(self) -> dict[str, Any]:
         """Run the protocol and write the outputs; returns the summary (``results``, ``comparisons``, ...)."""
@@ -328,112 +365,89 @@ class ClassificationStudy:
         summary = self.cohort.summary()
         logger.info(
             "cohort %s: %d eligible patients (%d positive / %d negative), %d slices; %d patients excluded %s",
-            summary["cohort"],
-            summary["n_patients"],
-            summary["n_positive"],
-            summary["n_negative"],
-            summary["n_slices"],
-            summary["n_excluded"],
-            summary["excluded_reasons"],
-        )
+            summary["cohort"], summary["n_patients"], summary["n_positive"], summary["n_negative"],
+            summary["n_slices"], summary["n_excluded"], summary["excluded_reasons"],
+        )  # fmt: skip
         folds = fold_assignment(self.cohort.labels, self.n_folds, self.seeds)
         fold_rows = [
             {"seed": s, "patient": p, "label": self.cohort.labels[p], "fold": f} for s in self.seeds for p, f in sorted(folds[s].items())
         ]
+        need_masks = any(getattr(c, "needs_masks", False) for c in self.classifiers)
         t0 = time.perf_counter()
         pairs = load_pairs(self.cohort, self.image_size)
+        rois = load_masks(self.cohort, self.image_size) if need_masks else None
+        ext_pairs = load_pairs(self.external, self.image_size) if self.external is not None else None
+        ext_rois = load_masks(self.external, self.image_size) if (self.external is not None and need_masks) else None
         load_seconds = time.perf_counter() - t0
         logger.info("loaded %d slice pairs at %dx%d in %.1f s", pairs.shape[0], self.image_size, self.image_size, load_seconds)
-        task_data = {t: self._task_slices(t) for t in self.tasks}
-        patient_of = np.asarray([s.patient for s in self.cohort.slices])
 
         predictions: list[dict[str, Any]] = []
         fold_metrics: list[dict[str, Any]] = []
+        ext_predictions: list[dict[str, Any]] = []
+        ext_fold_metrics: list[dict[str, Any]] = []
         arm_info: list[dict[str, Any]] = []
-        n_units_total = len(self.arms) * len(self.seeds) * self.folds_to_run
-        done = 0
-        train_seconds: list[float] = []
-        cpu_seconds: list[float] = []
-        t_train_start = time.perf_counter()
+        patients = self.cohort.patients
+        n_fits = sum(len(self._jobs(c)) for c in self.classifiers) * len(self.arms) * len(self.seeds)
+        n_fits *= self.folds_to_run + (1 if self.external is not None else 0)
+        seconds: dict[str, list[float]] = {c.name: [] for c in self.classifiers}
+        bar = tqdm(total=n_fits, desc="study fits", unit="fit", disable=not self.progress, dynamic_ncols=True)
         for arm in self.arms:
             t_arm = time.perf_counter()
-            images = arm.build(pairs, cache_dir=self.cache_dir, cache_key=f"{self.cohort.fingerprint()}")
+            data = self._arm_images(arm, self.cohort, pairs, rois)
+            ext = self._arm_images(arm, self.external, ext_pairs, ext_rois) if self.external is not None else None
             info = arm.describe()
             info["build_seconds"] = round(time.perf_counter() - t_arm, 1)
             arm_info.append(info)
             for seed in self.seeds:
-                for fold in range(self.folds_to_run):
-                    t_unit, c_unit = time.perf_counter(), time.process_time()
-                    for ti, task in enumerate(self.tasks):
-                        idx, target = task_data[task]
-                        test_mask = np.asarray([folds[seed][p] == fold for p in patient_of[idx]])
-                        tr, te = idx[~test_mask], idx[test_mask]
-                        fit_seed = seed * 1000 + fold * 10 + ti
-                        net = build_classifier(self.classifier_def, arm.in_channels, self.in_channels_arg, fit_seed)
-                        fit = fit_classifier(net, images, target[~test_mask], tr, seed=fit_seed, device=self.device, **self.recipe)
-                        p_tr = predict_proba(net, images, tr, device=self.device)
-                        p_te = predict_proba(net, images, te, device=self.device)
-                        _, _, y_tr, s_tr = self._unit_scores(task, tr, target[~test_mask], p_tr)
-                        units, pats, y_te, s_te = self._unit_scores(task, te, target[test_mask], p_te)
-                        thr = choose_threshold(y_tr, s_tr, self.threshold_rule)
-                        m = threshold_metrics(y_te, s_te, thr)
-                        a = auc(y_te, s_te)
-                        fold_metrics.append(
-                            {
-                                "task": task,
-                                "arm": arm.name,
-                                "seed": seed,
-                                "fold": fold,
-                                "n_train_units": len(y_tr),
-                                "n_test_units": len(y_te),
-                                "n_train_slices": len(tr),
-                                "auc": a,
-                                "threshold": thr,
-                                **m,
-                                "train_auc": auc(y_tr, s_tr),
-                                "final_train_loss": fit["epoch_loss"][-1] if fit["epoch_loss"] else math.nan,
-                                "seconds": fit["seconds"],
-                                "cpu_seconds": fit["cpu_seconds"],
-                            }
-                        )
-                        predictions.extend(
-                            {"task": task, "arm": arm.name, "seed": seed, "fold": fold, "unit": u, "patient": p, "label": int(yv), "score": float(sv)}
-                            for u, p, yv, sv in zip(units, pats, y_te, s_te)
-                        )
-                        logger.info(
-                            "arm %s seed %d fold %d/%d task %s: %d train / %d test units, fit %.1f s, test AUC %.3f",
-                            arm.name, seed, fold + 1, self.n_folds, task, len(y_tr), len(y_te), fit["seconds"], a,
-                        )
-                    done += 1
-                    train_seconds.append(time.perf_counter() - t_unit)
-                    cpu_seconds.append(time.process_time() - c_unit)
-                    rate = (time.perf_counter() - t_train_start) / done
-                    logger.info("progress %d/%d arm-seed-fold units, %.1f s per unit, about %.1f min left", done, n_units_total, train_seconds[-1], rate * (n_units_total - done) / 60)
-            del images
+                for fold in list(range(self.folds_to_run)) + ([-1] if ext is not None else []):
+                    if fold >= 0:
+                        train_p = [p for p in patients if folds[seed][p] != fold]
+                        test_p = [p for p in patients if folds[seed][p] == fold]
+                        test, preds, fms = data, predictions, fold_metrics
+                    else:  # external validation: trained on every development patient
+                        train_p, test_p = patients, ext.cohort.patients
+                        test, preds, fms = ext, ext_predictions, ext_fold_metrics
+                    for clf in self.classifiers:
+                        for ti, task in enumerate(self._jobs(clf)):
+                            t_fit = time.perf_counter()
+                            fit_seed = seed * 1000 + (fold if fold >= 0 else 90) * 10 + ti
+                            row = {"classifier": clf.name, "task": task, "arm": arm.name, "seed": seed, "fold": fold}
+                            self._fit_score(clf, task, data, train_p, test, test_p, fit_seed, row, preds, fms)
+                            seconds[clf.name].append(time.perf_counter() - t_fit)
+                            what = f"{clf.name} {arm.name} seed {seed} fold {fold} {task}"
+                            bar.set_postfix_str(f"{what}: AUC {fms[-1]['auc']:.3f}")
+                            bar.update(1)
+                            logger.debug("%s: test AUC %.3f", what, fms[-1]["auc"])
+            del data, ext
+        bar.close()
         arm_names = [a.name for a in self.arms]
-        stats = summarise(predictions, fold_metrics, arm_names, self.fused_arm, self.n_boot, self.alpha, self.stats_seed)
+        clf_names = [c.name for c in self.classifiers]
+        common = (clf_names, arm_names, self.fused_arm, self.n_boot, self.alpha, self.stats_seed)
+        stats = summarise_by_classifier(predictions, fold_metrics, *common)
+        ext_stats = (
+            summarise_by_classifier(ext_predictions, ext_fold_metrics, *common) if self.external is not None else None
+        )
         labels = {a.name: (a.label if isinstance(a, FusionArm) else a.name) for a in self.arms}
         weights = {a.name: getattr(a, "weights", "n/a") for a in self.arms}
-        for r in stats["results"]:
-            r["arm_label"] = labels[r["arm"]]
-            r["fusion_weights"] = weights[r["arm"]]
+        for st in (stats, ext_stats):
+            for r in (st or {}).get("results", []):
+                r["arm_label"] = labels[r["arm"]]
+                r["fusion_weights"] = weights[r["arm"]]
         run_info = {
             "cohort": summary,
             "excluded_patients": dict(sorted(self.cohort.excluded.items())),
+            "external_cohort": self.external.summary() if self.external is not None else None,
             "tasks": self.tasks,
             "arms": arm_info,
+            "classifiers": [{**c.describe(), "tasks": self._jobs(c)} for c in self.classifiers],
             "fused_arm": self.fused_arm,
             "n_folds": self.n_folds,
             "folds_run": self.folds_to_run,
             "seeds": self.seeds,
             "image_size": self.image_size,
-            "classifier": repr(self.classifier_def),
-            "recipe": self.recipe,
-            "aggregation": self.aggregation,
             "threshold_rule": self.threshold_rule,
             "n_boot": self.n_boot,
             "alpha": self.alpha,
-            "device": str(self.device),
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
@@ -441,18 +455,21 @@ class ClassificationStudy:
             "seconds": {
                 "total": round(time.perf_counter() - t_start, 1),
                 "load_images": round(load_seconds, 1),
-                "per_arm_seed_fold_mean": round(float(np.mean(train_seconds)), 2) if train_seconds else None,
-                "per_arm_seed_fold_all": [round(x, 2) for x in train_seconds],
-                "per_arm_seed_fold_cpu_mean": round(float(np.mean(cpu_seconds)), 2) if cpu_seconds else None,
+                "per_fit_mean": {k: round(float(np.mean(v)), 2) for k, v in seconds.items() if v},
+                "per_classifier_total": {k: round(float(np.sum(v)), 1) for k, v in seconds.items() if v},
                 "fusion": {a["arm"]: a.get("fuse_seconds") for a in arm_info if a.get("kind") == "fusion"},
             },
             "config": self.config,
         }
-        self._write(stats, predictions, fold_metrics, fold_rows, run_info, labels)
+        ext_out = (ext_stats, ext_predictions, ext_fold_metrics) if ext_stats is not None else None
+        self._write(stats, predictions, fold_metrics, fold_rows, run_info, labels, ext_out)
         logger.info("study finished in %.1f min; report: %s", (time.perf_counter() - t_start) / 60, self.output_dir / "report.md")
-        return {**stats, "run_info": run_info, "predictions": predictions, "fold_metrics": fold_metrics}
+        out = {**stats, "run_info": run_info, "predictions": predictions, "fold_metrics": fold_metrics}
+        if ext_stats is not None:
+            out["external"] = {**ext_stats, "predictions": ext_predictions, "fold_metrics": ext_fold_metrics}
+        return out
 
-    def _write(self, stats, predictions, fold_metrics, fold_rows, run_info, labels) -> None:
+    def _write(self, stats, predictions, fold_metrics, fold_rows, run_info, labels, external=None) -> None:
         """Write every result into a temporary folder beside them, then move the files into place: a failure
         while writing leaves no partial set of results."""
         with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=".partial-") as tmp:
@@ -463,8 +480,18 @@ class ClassificationStudy:
             _write_csv(out / "predictions.csv", predictions)
             _write_csv(out / "folds.csv", fold_rows)
             write_roc_figure(out / "roc_curves.png", stats["roc"], labels, self.cohort, stats["results"])
+            if external is not None:
+                ext_stats, ext_pred, ext_fm = external
+                _write_csv(out / "external_results.csv", ext_stats["results"])
+                _write_csv(out / "external_comparisons.csv", ext_stats["comparisons"])
+                _write_csv(out / "external_predictions.csv", ext_pred)
+                _write_csv(out / "external_fold_metrics.csv", ext_fm)
+                write_roc_figure(
+                    out / "external_roc_curves.png", ext_stats["roc"], labels, self.external, ext_stats["results"],
+                    subtitle="external cohort, mean over seeds",
+                )  # fmt: skip
             (out / "run_info.json").write_text(json.dumps(run_info, indent=2, default=str))
-            write_report(out / "report.md", stats, run_info, self.cohort, labels)
+            write_report(out / "report.md", stats, run_info, self.cohort, labels, external[0] if external else None)
             for path in sorted(out.iterdir()):
                 os.replace(path, self.output_dir / path.name)
 

@@ -3,13 +3,13 @@
 Every arm starts from the same pre-processed pair tensor (:func:`load_pairs`): for each slice, sequence A and
 sequence B are read, resized to ``size x size`` (area interpolation) and min-max normalised to [0, 1] each,
 giving ``(N, 2, size, size)`` with channel 0 = A (FLAIR), channel 1 = B (post-contrast T1). That is the input
-convention of the root bundle's fusion network (channel 0 = reference, channel 1 = other sequence).
+convention of the fusion bundle's network (channel 0 = reference, channel 1 = other sequence).
 
 - :class:`ChannelArm` — a selection of the two channels: A alone, B alone, or both stacked (2-channel input).
-- :class:`FusionArm` — a fusion module applied to the pair, giving a 1-channel image in [0, 1]: the root
-  bundle's ``ClinicalFMamba`` (with its trained weights when ``ckpt_path`` exists) or a classic rule from
-  ``scripts.baselines`` (mean, max, Laplacian pyramid). The fusion is fixed (it never sees labels), so
-  computing it once for all slices before the folds leaks nothing.
+- :class:`FusionArm` — a fusion module applied to the pair, giving a 1-channel image in [0, 1]: the
+  ClinicalFMamba fusion bundle's network (:func:`.fusion.load_fusion_bundle`, or its exported TorchScript
+  model) or a classic rule (:class:`.fusion.MeanFusion`, :class:`.fusion.MaxFusion`). The fusion is fixed (it
+  never sees labels), so computing it once for all slices before the folds leaks nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 
 from .cohort import Cohort, read_image, select_channel
 
-__all__ = ["Arm", "ChannelArm", "FusionArm", "load_fusion_weights", "load_pairs", "state_fingerprint"]
+__all__ = ["Arm", "ChannelArm", "FusionArm", "load_masks", "load_pairs", "state_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,26 @@ def load_pairs(cohort: Cohort, size: int) -> torch.Tensor:
     return out
 
 
+def load_masks(cohort: Cohort, size: int) -> np.ndarray:
+    """``(N, size, size)`` bool tumour masks of every slice of ``cohort`` (area-resized, kept where >= 0.5 of a
+    pixel is tumour; all-False for a slice without tumour). A slice labelled as tumour without a mask file is an
+    error naming the slice."""
+    resize = Resize((size, size), mode="area")
+    out = np.zeros((len(cohort.slices), size, size), dtype=bool)
+    for i, rec in enumerate(cohort.slices):
+        if rec.mask is None:
+            if rec.tumour == 0:
+                continue
+            raise ValueError(
+                f"slice {rec.patient}/{rec.slice_id} has no tumour mask; the radiomics classifiers need a 'mask' "
+                "column in the cohort table (non-zero = tumour)"
+            )
+        m = read_image(rec.mask)
+        m = (m.max(axis=-1) if m.ndim == 3 else m).astype(np.float32) > 0
+        out[i] = np.asarray(resize(torch.from_numpy(m.astype(np.float32))[None]))[0] >= 0.5
+    return out
+
+
 def state_fingerprint(module: nn.Module) -> str:
     """Short hash of a module's parameters and buffers (identifies the weights a fused image came from)."""
     h = hashlib.sha256()
@@ -66,16 +86,6 @@ def state_fingerprint(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def load_fusion_weights(network: nn.Module, ckpt_path: str | os.PathLike) -> None:
-    """Load a root-bundle checkpoint: a plain state dict (what ``configs/train.json`` saves as ``model.pt``) or
-    a dict holding it under ``"model"`` (an ignite checkpoint with several objects). Read with
-    ``weights_only=True``; weights of another configuration raise a ``ValueError`` saying so
-    (:func:`scripts.weights.load_network_weights`)."""
-    from ..weights import load_network_weights
-
-    load_network_weights(network, ckpt_path)
 
 
 class Arm:
@@ -113,13 +123,9 @@ class FusionArm(Arm):
 
     Args:
         name: arm name.
-        fusion: an ``nn.Module`` mapping ``(B, 2, H, W)`` in [0, 1] to ``(B, 1, H, W)`` (the root bundle's
-            ``scripts.networks.ClinicalFMamba`` or a ``scripts.baselines`` rule).
-        ckpt_path: trained weights for a learnable fusion module (``None`` for parameter-free rules). If the
-            file does not exist the module keeps its random initialisation and the arm is reported as
-            UNTRAINED everywhere (or an error is raised with ``require_weights``).
-        require_weights: raise instead of running a learnable fusion module without trained weights (the
-            study config's default: ``require_fusion_weights`` is ``not allow_untrained``).
+        fusion: an ``nn.Module`` mapping ``(B, 2, H, W)`` in [0, 1] to ``(B, 1, H, W)``: the fusion bundle's
+            network (:func:`.fusion.load_fusion_bundle`; its ``weights`` attribute says ``"trained"`` or
+            ``"untrained"``, the latter reported as UNTRAINED everywhere) or a parameter-free rule.
         batch_size: fusion batch size.
         device: where to run the fusion (default: CPU).
     """
@@ -128,8 +134,6 @@ class FusionArm(Arm):
         self,
         name: str,
         fusion: nn.Module,
-        ckpt_path: str | os.PathLike | None = None,
-        require_weights: bool = False,
         batch_size: int = 16,
         device: str | torch.device | None = None,
     ) -> None:
@@ -138,29 +142,16 @@ class FusionArm(Arm):
         self.in_channels = 1
         self.batch_size = int(batch_size)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        learnable = any(True for _ in fusion.parameters())
-        self.learnable = learnable
-        self.ckpt_path = str(ckpt_path) if ckpt_path else None
-        if learnable and self.ckpt_path and Path(self.ckpt_path).is_file():
-            load_fusion_weights(fusion, self.ckpt_path)
-            self.weights = "trained"
-        elif learnable:
-            if require_weights:
-                raise FileNotFoundError(
-                    f"arm {name}: trained fusion weights not found at {self.ckpt_path}; train the root bundle "
-                    "(configs/train.json), pass --fusion_ckpt FILE, or pass --allow_untrained true to study the arm "
-                    "with random fusion weights (reported as UNTRAINED)"
-                )
-            self.weights = "untrained"
-            logger.warning(
-                "arm %s: no fusion weights at %s -- the fusion network keeps its RANDOM initialisation; the arm is "
-                "reported as UNTRAINED",
-                name,
-                self.ckpt_path,
-            )
+        # a network with parameters, or a model that declares its weights (an exported TorchScript fusion model)
+        self.learnable = any(True for _ in fusion.parameters()) or hasattr(fusion, "weights")
+        self.ckpt_path = getattr(fusion, "ckpt_path", None)
+        if self.learnable:
+            self.weights = str(getattr(fusion, "weights", "trained"))
+            if self.weights == "untrained":
+                logger.warning("arm %s: the fusion network has RANDOM weights; the arm is reported as UNTRAINED", name)
         else:
             self.weights = "none (parameter-free rule)"
-        self.fingerprint = state_fingerprint(fusion) if learnable else type(fusion).__name__
+        self.fingerprint = state_fingerprint(fusion) if self.learnable else type(fusion).__name__
 
     @property
     def label(self) -> str:
@@ -210,7 +201,7 @@ class FusionArm(Arm):
         return {
             "arm": self.name,
             "kind": "fusion",
-            "module": type(self.fusion).__name__,
+            "module": type(getattr(self.fusion, "network", self.fusion)).__name__,
             "in_channels": 1,
             "weights": self.weights,
             "ckpt_path": self.ckpt_path,

@@ -21,6 +21,8 @@ column              required   meaning
                                aggregated over the ``tumour == 1`` slices only; blank on every row = no slice task
 ``slice``           no         slice id (default: row number within the patient)
 ``exclude``         no         non-empty = exclude the patient (the text is the reason, e.g. "T1c missing")
+``mask``            no         tumour mask of the slice (non-zero = tumour), same size as ``seq_a``; needed by the
+                               radiomics classifiers (features inside the tumour)
 =================== ========== ==================================================================================
 
 LGG adapter (``format="lgg_tcga"``): ``../shared/data/lgg_tcga`` (``patients.csv``, ``slices.csv``,
@@ -28,7 +30,7 @@ LGG adapter (``format="lgg_tcga"``): ``../shared/data/lgg_tcga`` (``patients.csv
 (channel 1), sequence B post-contrast T1 (channel 2) by default; patients whose sequence B was replaced by a
 FLAIR copy (``post_contrast_missing`` / ``pre_contrast_missing``) or who have no grade are excluded with the
 reason recorded. The patient label is ``grade_G3`` (WHO grade III = 1, grade II = 0) and the slice label is
-``tumour``.
+``tumour``; the slice's ``mask`` (FLAIR abnormality) is the radiomics ROI.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class SliceRecord:
     seq_a_channel: int | None = None
     seq_b_channel: int | None = None
     tumour: int | None = None
+    mask: str | None = None
 
 
 @dataclass
@@ -209,6 +212,7 @@ def lgg_tcga_cohort(root: str | os.PathLike, sequences: Sequence[str] = ("flair"
             seq_a_channel=ch_a,
             seq_b_channel=ch_b,
             tumour=int(row["tumour"]),
+            mask=str(root / row["mask"]) if row.get("mask") else None,
         )
         for row in _read_csv(root / "slices.csv")
         if row["patient"] in labels
@@ -275,6 +279,7 @@ def csv_cohort(
                 seq_a_channel=_opt_int(row.get("seq_a_channel")),
                 seq_b_channel=_opt_int(row.get("seq_b_channel")),
                 tumour=_opt_int(row.get("tumour")),
+                mask=_abs(row["mask"]) if row.get("mask") else None,
             )
         )
     for p in excluded:
@@ -338,10 +343,7 @@ def read_image(path: str) -> np.ndarray:
     from monai.data import NibabelReader
     from monai.transforms import LoadImage
 
-    from ..data import check_nifti_size
-
     try:
-        check_nifti_size(path)
         arr = np.squeeze(np.asarray(LoadImage(reader=NibabelReader(), image_only=True)(path)))
     except Exception as e:
         raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {str(e).strip()[-300:]}") from e

@@ -1,17 +1,21 @@
-"""Study helpers of the companion bundle ``bundle/tumor_classification`` (tumour classification on fused images).
+"""Python package of the tumour-classification companion bundle (tumour classification on fused images).
 
 - :mod:`.cohort` — cohorts: the LGG (TCGA) adapter and the generic "bring your own cohort" per-slice CSV;
 - :mod:`.folds` — stratified patient-level k-fold, the same for every arm;
+- :mod:`.fusion` — the fusion bundle loaded as a pipeline would (bundle folder or TorchScript), mean / max rules;
 - :mod:`.arms` — input arms (sequence A / B alone, both as two channels, fused by ClinicalFMamba or a baseline);
-- :mod:`.training` — the fixed classifier recipe shared by all arms;
+- :mod:`.training` — the fixed CNN recipe shared by all arms;
+- :mod:`.features` — IBSI-named radiomics features (numpy, scikit-image);
+- :mod:`.classifiers` — classifier families: CNN on slices, radiomics + penalised logistic regression;
 - :mod:`.stats` — ROC AUC, DeLong test, patient-level bootstrap CIs, slice-to-patient aggregation, thresholds;
 - :mod:`.study` — the whole protocol (:class:`~.study.ClassificationStudy`);
 - :mod:`.report` — markdown report and ROC figure;
-- :mod:`.datalist` — datalists for the companion bundle's MONAI ``train.json`` / ``evaluate.json``.
 """
 
-from .arms import ChannelArm, FusionArm, load_fusion_weights, load_pairs
+from .arms import ChannelArm, FusionArm, load_masks, load_pairs
+from .classifiers import ArmImages, CNNClassifier, RadiomicsClassifier, WholeSliceClassifier
 from .cohort import Cohort, SliceRecord, csv_cohort, lgg_tcga_cohort, load_cohort
+from .fusion import MaxFusion, MeanFusion, load_fusion_bundle, load_fusion_torchscript
 from .folds import fold_assignment, stratified_patient_folds
 from .stats import (
     aggregate_scores,
@@ -26,6 +30,11 @@ from .stats import (
 from .study import ClassificationStudy, summarise
 
 __all__ = [
+    "ArmImages",
+    "CNNClassifier",
+    "RadiomicsClassifier",
+    "WholeSliceClassifier",
+    "load_masks",
     "ChannelArm",
     "ClassificationStudy",
     "Cohort",
@@ -41,7 +50,10 @@ __all__ = [
     "fold_assignment",
     "lgg_tcga_cohort",
     "load_cohort",
-    "load_fusion_weights",
+    "load_fusion_bundle",
+    "load_fusion_torchscript",
+    "MaxFusion",
+    "MeanFusion",
     "load_pairs",
     "paired_bootstrap_delta",
     "stratified_patient_folds",

@@ -81,8 +81,8 @@ def conclusion_lines(stats: Mapping[str, Any], run_info: Mapping[str, Any], coho
     if untrained:
         out.append(
             f"**Warning: the fused arm `{fused}` used a fusion network WITHOUT trained weights (random initialisation; "
-            "no root `models/model.pt` was found). Its numbers say nothing about ClinicalFMamba; rerun the study after "
-            "training the root bundle.**"
+            "the fusion bundle had no `models/model.pt`). Its numbers say nothing about ClinicalFMamba; rerun the "
+            "study after training the fusion bundle.**"
         )
         out.append("")
     for task in run_info["tasks"]:
@@ -117,7 +117,64 @@ def conclusion_lines(stats: Mapping[str, Any], run_info: Mapping[str, Any], coho
     return out
 
 
-def write_report(path: Path, stats: Mapping[str, Any], run_info: Mapping[str, Any], cohort: Cohort, labels: Mapping[str, str]) -> None:
+def _classifier_text(c: Mapping[str, Any]) -> str:
+    if c.get("kind") == "cnn":
+        return (
+            f"`{c['classifier']}`: CNN `{c['network']}` trained on slices, recipe {c['recipe']}; patient score = "
+            f"{c['aggregation']} of its tumour-slice probabilities"
+        )
+    if c.get("kind") == "radiomics":
+        what = "intensity, histogram and GLCM texture inside the tumour mask" + (
+            " plus the mask's 2-D shape (identical in every arm)" if c.get("shape_features") else " (no shape features)"
+        )
+        return (
+            f"`{c['classifier']}`: one radiomics vector per patient ({what}; {c['n_bins']} grey levels), then "
+            f"univariate selection of k in {c['k_grid']} features and L2 logistic regression with C in {c['c_grid']}, "
+            f"k and C chosen by a {c['inner_folds']}-fold inner CV on the training patients only"
+        )
+    if c.get("kind") == "wholeslice":
+        return (
+            f"`{c['classifier']}`: per slice, features of the whole head region without the tumour mask (z-scored per "
+            f"patient; {c['n_bins']} grey levels), univariate selection of k in {c['k_grid']} features and L2 logistic "
+            f"regression with C in {c['c_grid']}, chosen by a {c['inner_folds']}-fold inner CV grouped by patient on "
+            "the training patients only"
+        )
+    return f"`{c['classifier']}`: {c}"
+
+
+def _subset(stats: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return {
+        "results": [r for r in stats["results"] if r["classifier"] == name],
+        "comparisons": [c for c in stats["comparisons"] if c["classifier"] == name],
+    }
+
+
+def _sections(stats: Mapping[str, Any], run_info: Mapping[str, Any], cohort: Cohort, labels: Mapping[str, str], level: str) -> list[str]:
+    lines: list[str] = []
+    for c in run_info["classifiers"]:
+        sub = _subset(stats, c["classifier"])
+        if not sub["results"]:
+            continue
+        info = {**run_info, "tasks": c["tasks"]}
+        lines += [f"{level} Classifier `{c['classifier']}`", "", *conclusion_lines(sub, info, cohort, labels), ""]
+        for task in c["tasks"]:
+            lines += [
+                f"{level}# {c['classifier']} — {task_title(task, cohort)}",
+                "",
+                results_markdown(sub["results"], sub["comparisons"], task, labels),
+                "",
+            ]
+    return lines
+
+
+def write_report(
+    path: Path,
+    stats: Mapping[str, Any],
+    run_info: Mapping[str, Any],
+    cohort: Cohort,
+    labels: Mapping[str, str],
+    external: Mapping[str, Any] | None = None,
+) -> None:
     summ = run_info["cohort"]
     excluded = run_info.get("excluded_patients", {})
     reasons = summ["excluded_reasons"]
@@ -134,12 +191,15 @@ def write_report(path: Path, stats: Mapping[str, Any], run_info: Mapping[str, An
         "",
         f"Protocol: stratified patient-level {run_info['n_folds']}-fold cross-validation"
         + (f" (only the first {run_info['folds_run']} fold(s) run)" if run_info["folds_run"] != run_info["n_folds"] else "")
-        + f", seeds {run_info['seeds']}, the same folds for every arm; slices resized to {run_info['image_size']}×{run_info['image_size']}; "
-        f"classifier `{run_info['classifier']}`; recipe {run_info['recipe']}. "
-        f"Patient score = {run_info['aggregation']} of the tumour-slice probabilities. Threshold rule for F1/accuracy: "
+        + f", seeds {run_info['seeds']}, the same folds for every arm and classifier; slices resized to "
+        f"{run_info['image_size']}×{run_info['image_size']}. Threshold rule for F1/accuracy: "
         f"{run_info['threshold_rule']} on each fold's training units. Bootstrap: {run_info['n_boot']} resamples of patients, "
         f"{100 * (1 - run_info['alpha']):.0f}% percentile CI. Pooled out-of-fold (OOF) score of a unit = mean over seeds "
-        "of its out-of-fold probability; DeLong and the paired bootstrap compare these pooled scores.",
+        "of its out-of-fold score; DeLong and the paired bootstrap compare these pooled scores.",
+        "",
+        "Classifiers:",
+        "",
+        *[f"- {_classifier_text(c)}; tasks: {', '.join(c['tasks'])}." for c in run_info["classifiers"]],
         "",
         "Arms: " + "; ".join(
             f"`{a['arm']}` = "
@@ -147,52 +207,74 @@ def write_report(path: Path, stats: Mapping[str, Any], run_info: Mapping[str, An
             for a in run_info["arms"]
         ),
         "",
-        "## Conclusion",
-        "",
-        *conclusion_lines(stats, run_info, cohort, labels),
-        "",
         "A difference is called significant when DeLong's p < α **and** the patient-resampled bootstrap CI of ΔAUC "
         "excludes 0 (at slice level DeLong treats slices as independent, the bootstrap does not).",
         "",
-    ]
-    for task in run_info["tasks"]:
-        lines += [f"## Results — {task_title(task, cohort)}", "", results_markdown(stats["results"], stats["comparisons"], task, labels), ""]
-    lines += [
+        "## Cross-validated results",
+        "",
+        *_sections(stats, run_info, cohort, labels, "###"),
         "![ROC curves](roc_curves.png)",
         "",
-        f"Time: {secs['total'] / 60:.1f} min in total, {secs['per_arm_seed_fold_mean']} s per arm × seed × fold "
-        f"(all tasks), on {run_info['device']} with {run_info['torch_threads']} torch thread(s), {run_info['cpu_count']} CPUs.",
+    ]
+    if external is not None:
+        ext = run_info["external_cohort"]
+        lines += [
+            "## External validation",
+            "",
+            f"Every arm and classifier trained on all {summ['n_patients']} patients of `{summ['cohort']}` (once per seed), "
+            f"then scored on the external cohort `{ext['cohort']}`: {ext['n_patients']} patients ({ext['n_positive']} "
+            f"positive, {ext['n_negative']} negative), {ext['n_slices']} slices. Pooled score = mean over seeds; the "
+            "\"AUC per fold\" column is per seed. Files `external_results.csv`, `external_comparisons.csv`, "
+            "`external_predictions.csv`.",
+            "",
+            *_sections(external, run_info, cohort, labels, "###"),
+            "![external ROC curves](external_roc_curves.png)",
+            "",
+        ]
+    per_fit = ", ".join(f"{k} {v} s" for k, v in secs["per_fit_mean"].items())
+    lines += [
+        f"Time: {secs['total'] / 60:.1f} min in total; mean per fit: {per_fit}; {run_info['torch_threads']} torch "
+        f"thread(s), {run_info['cpu_count']} CPUs.",
         "",
-        "Files: `results.csv` (this table), `comparisons.csv` (fused vs each arm), `fold_metrics.csv`, "
+        "Files: `results.csv` (these tables), `comparisons.csv` (fused vs each arm), `fold_metrics.csv`, "
         "`predictions.csv` (out-of-fold scores), `folds.csv` (fold of every patient per seed), `run_info.json`.",
         "",
     ]
     path.write_text("\n".join(lines))
 
 
-def write_roc_figure(path: Path, roc: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], labels: Mapping[str, str], cohort: Cohort, results: Sequence[Mapping[str, Any]]) -> None:
+def write_roc_figure(
+    path: Path,
+    roc: Mapping[str, Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]]],
+    labels: Mapping[str, str],
+    cohort: Cohort,
+    results: Sequence[Mapping[str, Any]],
+    subtitle: str = "pooled out-of-fold, mean over seeds",
+) -> None:
+    """One panel per classifier and task: ROC curves of every arm (``roc[classifier][task][arm] = (y, s)``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    tasks = [t for t in roc if roc[t]]
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6 * max(1, len(tasks)), 6), squeeze=False)
-    res = {(r["task"], r["arm"]): r for r in results}
-    for ax, task in zip(axes[0], tasks):
-        for arm, (y, s) in roc[task].items():
+    panels = [(c, t) for c in roc for t in roc[c] if roc[c][t]]
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 6), squeeze=False)
+    res = {(r["classifier"], r["task"], r["arm"]): r for r in results}
+    for ax, (clf, task) in zip(axes[0], panels):
+        for arm, (y, s) in roc[clf][task].items():
             if len(np.unique(y)) < 2:
                 continue
             fpr, tpr, _ = roc_curve(y, s)
-            r = res.get((task, arm), {})
+            r = res.get((clf, task, arm), {})
             ax.plot(fpr, tpr, lw=1.6, label=f"{labels.get(arm, arm)}: {_f(r.get('pooled_auc'))} [{_f(r.get('pooled_auc_ci_low'))}, {_f(r.get('pooled_auc_ci_high'))}]")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
-        ax.set_title(f"{task_title(task, cohort)}\n(pooled out-of-fold, mean over seeds)", fontsize=10)
+        ax.set_title(f"{clf} — {task_title(task, cohort)}\n({subtitle})", fontsize=10)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8, title="arm: pooled AUC [95% CI]", title_fontsize=8)
         ax.set_aspect("equal")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
