@@ -123,3 +123,12 @@ def test_scripts_have_no_import_cycle_beyond_the_known_ones():
     # a known cycle that has gone must leave the allow-list too
     gone = [sorted(c) for c in KNOWN_CYCLES - found]
     assert not gone, f"no longer cycles, remove them from KNOWN_CYCLES: {gone}"
+
+
+def test_the_companion_bundle_cli_copy_matches_the_fusion_bundle_cli() -> None:
+    """bundle/tumor_classification/scripts/cli.py is a copy (the companion imports nothing from the fusion bundle):
+    apart from its opening docstring line(s), it must stay equal to scripts/cli.py."""
+    root = Path(__file__).resolve().parents[1]
+    original = (root / "scripts" / "cli.py").read_text().splitlines()
+    copy = (root / "bundle" / "tumor_classification" / "scripts" / "cli.py").read_text().splitlines()
+    assert copy[2:] == original[1:], "update bundle/tumor_classification/scripts/cli.py from scripts/cli.py"

@@ -294,7 +294,20 @@ def check_command_line(argv: Sequence[str] | None = None, allowed: Iterable[str]
     parser.read_config(files)
     own = command_arguments(kwargs["__command__"]) | {"__command__"}
     overrides = {k: v for k, v in kwargs.items() if k not in own}
-    check_override_keys(parser.get(), overrides, configs=" + ".join(files), allowed=allowed)
+    check_override_keys(
+        parser.get(), overrides, configs=" + ".join(files), allowed=set(allowed) | tracking_ids(kwargs.get("tracking"))
+    )
+
+
+def tracking_ids(tracking: Any) -> set[str]:
+    """Ids that ``--tracking NAME`` adds to the config (MONAI's experiment-management settings, e.g. MLflow's
+    ``tracking_uri``, ``experiment_name``, ``run_name``), so they are valid overrides with it; none without it."""
+    if not tracking:
+        return set()
+    from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+    settings = DEFAULT_EXP_MGMT_SETTINGS.get(str(_parse_value(tracking)))
+    return set(settings["configs"]) if settings else set()
 
 
 # --- errors ----------------------------------------------------------------------------------------------
