@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
-from monai.utils import ensure_tuple
+from monai.utils import ensure_tuple_rep
 
 __all__ = ["TiledInferer"]
 
@@ -68,7 +68,7 @@ class TiledInferer(Inferer):
             "image of %s pixels is above max_pixels=%d: fused in %s windows (overlap %.2f, %s blending)",
             "x".join(map(str, inputs.shape[2:])),
             self.max_pixels,
-            "x".join(map(str, ensure_tuple(self.tiled.roi_size))),
+            "x".join(map(str, ensure_tuple_rep(self.tiled.roi_size, inputs.ndim - 2))),
             self.tiled.overlap,
             self.tiled.mode,
         )

@@ -39,7 +39,7 @@ def _cli(out: Path, *args: str, background: bool = False, timeout: float = 300):
     command = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
         "--meta_file", str(META), "--logging_file", str(LOGGING), "--output_dir", str(out),
-        "--network_def", MEAN_CLI, "--load_pretrain", "false", *args,
+        "--network_def", MEAN_CLI, "--load_pretrain", "False", *args,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if background:
