@@ -53,6 +53,7 @@ __all__ = [
     "dims_message",
     "geometry_differences",
     "harvard_datalist",
+    "has_split_field",
     "load_datalist",
     "series_of",
     "series_split",
@@ -379,6 +380,23 @@ def harvard_datalist(
         if not items:
             raise ValueError(f"empty datalist: {Path(root) / 'pairs.csv'} has no pairs of tasks {list(tasks)}")
     return items
+
+
+def has_split_field(source: PathLike | Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a datalist source carries a ``split`` field (CSV column, JSON/list entry key); a folder has none."""
+    if isinstance(source, (list, tuple)):
+        return any(isinstance(d, Mapping) and "split" in d for d in source)
+    path = Path(str(source)).expanduser()
+    if path.suffix.lower() == ".csv" and path.is_file():
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+        return "split" in [c.strip() for c in header]
+    if path.suffix.lower() == ".json" and path.is_file():
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+        entries = content.get("testing", []) if isinstance(content, Mapping) else content
+        return isinstance(entries, list) and any(isinstance(d, Mapping) and "split" in d for d in entries)
+    return False
 
 
 _SLICE_SUFFIX = re.compile(r"^(.+?)[_\-. ]+(?:z|slice|sl|s)?\d+$", re.IGNORECASE)

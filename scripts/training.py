@@ -31,7 +31,7 @@ from ignite.handlers import ProgressBar
 from monai.data.utils import set_rnd
 from monai.handlers import from_engine
 
-from scripts.data import load_datalist, series_split
+from scripts.data import has_split_field, load_datalist, series_split
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -54,24 +54,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^(?:.*_)?checkpoint_epoch=(\d+)\.pt$")
 #: the one resume checkpoint of a run folder, overwritten after every epoch (:class:`ResumeCheckpoint`)
 RESUME_FILENAME = "resume.pt"
-
-
-def _declares_split(source: str | os.PathLike | Sequence[Mapping[str, Any]]) -> bool:
-    """Whether a datalist source assigns pairs to splits (a ``split`` field / column)."""
-    if isinstance(source, (list, tuple)):
-        return any(isinstance(d, Mapping) and "split" in d for d in source)
-    path = Path(str(source))
-    if path.suffix.lower() == ".csv" and path.is_file():
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return "split" in [c.strip() for c in (next(csv.reader(f), None) or [])]
-    if path.suffix.lower() == ".json" and path.is_file():
-        import json
-
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
-        rows = content.get("training", content.get("testing", [])) if isinstance(content, Mapping) else content
-        return any(isinstance(d, Mapping) and "split" in d for d in rows or [])
-    return False  # a folder: pairs without a split
 
 
 def fusion_datalist(
@@ -100,7 +82,7 @@ def fusion_datalist(
     """
     if not isinstance(source, (list, tuple)) and (Path(str(source)) / "pairs.csv").is_file():
         source = Path(str(source)) / "pairs.csv"
-    if split is not None and not _declares_split(source):
+    if split is not None and not has_split_field(source):
         items = series_split(load_datalist(source), val_fraction=val_fraction, source=source)
         wanted_splits = {split} if isinstance(split, str) else set(split)
         items = [{k: v for k, v in d.items() if k != "split"} for d in items if d["split"] in wanted_splits]
@@ -109,8 +91,10 @@ def fusion_datalist(
     if tasks is not None:
         wanted = {tasks} if isinstance(tasks, str) else set(tasks)
         items = [d for d in items if d.get("task") in wanted]
+        if not items:
+            raise ValueError(f"empty datalist: no pairs of tasks {sorted(wanted)} in split {split!r} of {source}")
     if not items:
-        raise ValueError(f"empty datalist: no pairs of tasks {tasks} in split {split!r} of {source}")
+        raise ValueError(f"empty datalist: no pairs in split {split!r} of {source}")
     return items
 
 

@@ -565,8 +565,11 @@ def pending_pairs(
 ) -> list[dict[str, Any]]:
     """The pairs still to fuse, decided before any compute: the output folder is checked for writability
     (:func:`check_output_dir`), and without ``overwrite`` the pairs whose output (:func:`fused_output_path`)
-    exists are skipped and counted in ``summary``, so a re-run fuses only what is missing.
+    exists are skipped and counted in ``summary``, so a re-run fuses only what is missing. An empty ``datalist``
+    (every pair set aside) touches nothing.
     """
+    if not datalist:
+        return []
     check_output_dir(output_dir)
     pending: list[dict[str, Any]] = []
     for item in datalist:

@@ -74,7 +74,7 @@ def exportable():
     from scripts.weights import load_network_weights
 
     definition = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["network_def"]
-    options = {k: v for k, v in definition.items() if not k.startswith("_")}
+    options = {k: v for k, v in definition.items() if not k.startswith("_") and k != "spatial_dims"}
     return load_network_weights(ExportableClinicalFMamba(**options), WEIGHTS).eval()
 
 
