@@ -571,12 +571,12 @@ RGB_INTENTS = {"rgb vector": 3, "rgba vector": 4}
 def nifti_frames_message(path: str, frames: int, intent: str) -> str | None:
     """Why a NIfTI image with ``frames`` values per voxel (its 4th/5th dimension) cannot be one image of a pair.
 
-    One value per voxel is a grey image. Several are accepted as colour only when the header says so: intent
-    ``"rgb vector"`` (NIfTI code 2003) with 3 values or ``"rgba vector"`` (2004) with 4; anything else (a time
-    series, several echoes or sequences in one file) is refused instead of being read as RGB. Returns ``None``
-    when the image is accepted.
+    One value per voxel is a grey image. 3 or 4 values, which would read as RGB(A), are accepted as colour only
+    when the header says so: intent ``"rgb vector"`` (NIfTI code 2003) with 3 values or ``"rgba vector"`` (2004)
+    with 4; a time series or several echoes or sequences in one file are refused instead of being read as colour.
+    Returns ``None`` when the image is accepted here (other counts are left to :func:`channels_message`).
     """
-    if frames == 1 or RGB_INTENTS.get(intent) == frames:
+    if frames not in (3, 4) or RGB_INTENTS.get(intent) == frames:
         return None
     return (
         f"{path}: a {frames}-frame 4D NIfTI (intent '{intent or 'none'}') is not one image: pass one 3D volume or 2D "

@@ -97,7 +97,8 @@ def test_training_epoch_timing_runs_the_train_config(tmp_path):
     seconds = training_epoch_seconds(
         tmp_path / "run", datalist=str(tmp_path / "data"), network_def=tiny, patch_size=[32, 32], batch_size=2
     )
-    assert 0 < seconds < time.perf_counter() - start  # the epoch alone: less than the whole workflow    with open(tmp_path / "run" / "training_log.csv", newline="") as f:
+    assert 0 < seconds < time.perf_counter() - start  # the epoch alone: less than the whole workflow
+    with open(tmp_path / "run" / "training_log.csv", newline="") as f:
         log = list(csv.DictReader(f))
     assert [r["epoch"] for r in log] == ["1"] and log[0]["iterations"] == "2"  # 3 pairs, batch 2
     assert not log[0].get("val_qabf")  # no validation in the timed epoch

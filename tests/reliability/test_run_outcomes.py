@@ -97,8 +97,8 @@ def test_a_4d_nifti_marked_as_rgb_is_fused_as_colour(tmp_path: Path) -> None:
 def test_the_loader_refuses_a_multi_frame_nifti_given_directly(tmp_path: Path) -> None:
     from scripts.transforms import LoadPaird
 
-    pair = {"mri": str(nifti(tmp_path / "a.nii.gz")), "other": str(_four_d(tmp_path / "b.nii.gz", frames=2))}
-    with pytest.raises(ValueError, match=r"b\.nii\.gz: a 2-frame 4D NIfTI \(intent 'none'\) is not one image"):
+    pair = {"mri": str(nifti(tmp_path / "a.nii.gz")), "other": str(_four_d(tmp_path / "b.nii.gz", frames=4))}
+    with pytest.raises(ValueError, match=r"b\.nii\.gz: a 4-frame 4D NIfTI \(intent 'none'\) is not one image"):
         LoadPaird()(pair)
 
 
