@@ -6,7 +6,8 @@
 Runs ``configs/inference.json`` as shipped (``models/model.pt``, default input ``docs/samples``) into a temporary
 folder and records, for every output file, its shape, the mean of its values on the 0-255 scale and the means of
 an 8 x 8 grid of blocks (:func:`image_signature`), and per task the mean Q^AB/F and SF of the fused samples and of
-the max rule (:func:`sample_scores`, read by ``tests/test_shipped_weights.py``). Block means, not checksums: the selective-scan kernels round
+the max rule (:func:`sample_scores`, read by ``tests/test_shipped_weights.py``). Block means, not checksums: the
+selective-scan kernels round
 differently on other CPUs (vector width, thread count), which can move a pixel of an 8-bit output by one grey
 level; that moves a block mean by far less than :data:`TOLERANCE`, a wrong orientation, weight file or
 pre-processing step by far more.
@@ -88,7 +89,9 @@ def signatures(output_dir: str | Path) -> dict[str, dict[str, Any]]:
     return {str(p.relative_to(root)): image_signature(read_output(p)) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def compare(found: dict[str, dict[str, Any]], pinned: dict[str, dict[str, Any]], tolerance: float = TOLERANCE) -> list[str]:
+def compare(
+    found: dict[str, dict[str, Any]], pinned: dict[str, dict[str, Any]], tolerance: float = TOLERANCE
+) -> list[str]:
     """The differences between two sets of signatures beyond ``tolerance`` grey levels (empty: they agree)."""
     problems = []
     if sorted(found) != sorted(pinned):
@@ -100,7 +103,9 @@ def compare(found: dict[str, dict[str, Any]], pinned: dict[str, dict[str, Any]],
             continue
         worst = float(np.abs(np.asarray(a["blocks"]) - np.asarray(b["blocks"])).max())
         if abs(a["mean"] - b["mean"]) > tolerance or worst > tolerance:
-            problems.append(f"{name}: mean {a['mean']} vs pinned {b['mean']}, largest block-mean difference {worst:.3f}")
+            problems.append(
+                f"{name}: mean {a['mean']} vs pinned {b['mean']}, largest block-mean difference {worst:.3f}"
+            )
     return problems
 
 
@@ -161,15 +166,16 @@ def main() -> None:
 
     weights = BUNDLE_ROOT / "models" / "model.pt"
     record = {
-        "_desc_": "signatures of configs/inference.json's outputs on docs/samples with models/model.pt; regenerate with "
-        "`python -m scripts.pin_outputs` when the weights change",
+        "_desc_": "signatures of configs/inference.json's outputs on docs/samples with models/model.pt; "
+        "regenerate with `python -m scripts.pin_outputs` when the weights change",
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "tolerance": TOLERANCE,
         "scores": scores,
         "outputs": found,
     }
     text = json.dumps(record, indent=1)
-    text = re.sub(r"\[\s+([-0-9.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)  # rows on one line
+    # number lists (block rows, shapes) on one line each
+    text = re.sub(r"\[\s+([-0-9.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     PINNED.write_text(text + "\n")
     print(f"pinned {len(found)} outputs in {PINNED}")
 

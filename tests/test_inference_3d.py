@@ -35,7 +35,7 @@ def _write_case(root: Path, shape=(20, 26, 13)) -> np.ndarray:
 
 def _run_3d(tmp_path, **override) -> ConfigWorkflow:
     wf = ConfigWorkflow(
-        config_file=[str(BUNDLE_ROOT / "configs" / "inference.json"), str(BUNDLE_ROOT / "configs" / "inference_3d.json")],
+        config_file=[str(BUNDLE_ROOT / "configs" / name) for name in ("inference.json", "inference_3d.json")],
         meta_file=str(BUNDLE_ROOT / "metadata.json"),
         logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"),
         workflow_type="infer",

@@ -88,7 +88,7 @@ def test_a_4d_nifti_marked_as_rgb_is_fused_as_colour(tmp_path: Path) -> None:
     reasons = {d["task"]: r for d, r in check.failed}
     assert "a 3-frame 4D NIfTI (intent 'vector') is not one image" in reasons["Y-MRI"]
     assert "a 4-frame 4D NIfTI (intent 'rgb vector') is not one image" in reasons["Z-MRI"]
-    wf, err = run_inference(tmp_path / "out", dataset_dir=str(tmp_path / "data"))
+    wf, err = run_inference(tmp_path / "out", dataset_dir=str(tmp_path / "data"), fail_on="all")  # 2 of 3 fail
     assert err is None, messages(err)
     assert len(wf.parser.get_parsed_content("summary").written) == 1
     assert files_under(tmp_path / "out") == ["X-MRI/p_fused.nii.gz"]
@@ -245,7 +245,7 @@ def test_tiled_fusion_of_a_real_upsampled_pair_matches_the_whole_image_pass(shar
         tiled = TiledInferer(roi_size=256, max_pixels=1, overlap=0.25)(x, net)
     diff = (tiled - whole).abs() * 255
     mean, p99 = float(diff.mean()), float(diff.quantile(0.99))
-    assert mean < 1.5 and p99 < 8.0, (mean, p99)
+    assert mean < 0.6 and p99 < 6.0, (mean, p99)  # the stated tolerance (measured: 0.35 and 5.4 grey levels)
 
 
 # --- training split -------------------------------------------------------------------------------------------
@@ -284,3 +284,18 @@ def test_a_datalist_with_a_split_column_keeps_it(tmp_path: Path) -> None:
     datalist = write_datalist(tmp_path / "data" / "pairs.csv", rows)
     assert [d["id"] for d in fusion_datalist(str(datalist), split="val")] == ["3001"]
     assert [d["id"] for d in fusion_datalist(str(tmp_path / "data"), split="train")] == ["0001", "1001", "2001"]
+
+
+def test_train_config_never_validates_on_its_training_pairs(tmp_path: Path) -> None:
+    """configs/train.json on a folder without a split file: its train and validation datalists hold disjoint
+    series."""
+    from monai.bundle import ConfigParser
+
+    for pair_id in ("2001", "2002", "3001", "3002", "5001", "6001", "6002", "6003"):
+        good_pair(tmp_path / "data", pair_id)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "datalist": str(tmp_path / "data")})
+    train, val = (parser.get_parsed_content(f"{part}#datalist") for part in ("train", "validate"))
+    assert train and val and {d["id"][0] for d in train}.isdisjoint({d["id"][0] for d in val})
+    assert len(train) + len(val) == 8
