@@ -18,6 +18,9 @@ Ratios printed:
   pairs per second and against its own FLOP floor (forward + backward conv and matmul FLOPs / matmul rate), and
   the Harvard train-split epoch (446 pairs, 112 steps) it implies; then one real epoch of
   ``configs/train.json`` on the Harvard train split, timed (``--no-epoch`` skips it; needs ``../shared/data``);
+- large 2D images: one 2048^2 and one 4096^2 pair (an upsampled sample) fused through ``configs/inference.json``
+  (tiled above 1024^2 pixels) in a fresh process each, reporting its peak resident memory (``--images`` sets the
+  sides; ``--images`` with no value skips them);
 - 3D: one 128^3 volume pair fused whole by the 3D network of ``configs/inference_3d.json``, timed in a fresh
   process whose peak resident memory (``ru_maxrss``, model and input included) is reported (``--no-3d`` skips it).
 """
@@ -32,7 +35,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +55,7 @@ from scripts.ssm import (
     set_scan_backend,
 )
 
-__all__ = ["cpu_description", "matmul_rate", "network_flops", "paired_floor_ratio", "time_call", "volume_probe", "network_3d_from_config"]
+__all__ = ["image_probe", "cpu_description", "matmul_rate", "network_flops", "paired_floor_ratio", "time_call", "volume_probe", "network_3d_from_config"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -345,6 +350,60 @@ def volume_probe(size: int = 128, repeats: int = 3) -> dict[str, float]:
     return {"seconds": timed["seconds"], "ratio": timed["ratio"], "gflop": flops / 1e9, "peak_rss_gb": peak_kb / 1024**2}
 
 
+def image_probe(size: int = 2048, **override: Any) -> dict[str, float]:
+    """Fuse one ``size`` x ``size`` pair through ``configs/inference.json`` as shipped (weights, tiling, writer);
+    wall seconds, this process's peak RSS (GB) and the network calls (1 for a whole-image pass, else the tiles).
+
+    The pair is the embedded CT-MRI sample 34012 upsampled (bicubic) to the size, written as PNGs to a temporary
+    folder. ``override``: config values (e.g. ``tile_above_pixels``, ``tile_size`` for a quick run). Meant to run
+    in a fresh process (``python -m scripts.benchmark --image-probe 4096``) so that the peak belongs to it alone.
+    """
+    import tempfile
+
+    from monai.bundle import ConfigWorkflow
+    from PIL import Image
+
+    configs = BUNDLE_ROOT / "configs"
+    sample = BUNDLE_ROOT / "docs" / "samples" / "CT-MRI"
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for folder in ("MRI", "CT"):
+            (Path(tmp) / folder).mkdir()
+            Image.open(sample / folder / "34012.png").convert("L").resize((size, size), Image.BICUBIC).save(
+                Path(tmp) / folder / "34012.png"
+            )
+        rows.append({"mri": f"{tmp}/MRI/34012.png", "other": f"{tmp}/CT/34012.png", "task": "CT-MRI", "id": "34012"})
+        wf = ConfigWorkflow(
+            config_file=str(configs / "inference.json"),
+            meta_file=str(BUNDLE_ROOT / "metadata.json"),
+            logging_file=str(configs / "logging.conf"),
+            workflow_type="infer",
+            bundle_root=str(BUNDLE_ROOT),
+            datalist=rows,
+            output_dir=f"{tmp}/out",
+            **override,
+        )
+        wf.initialize()
+        network = wf.parser.get_parsed_content("network")
+        calls = []
+        network.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape[2:])))
+        start = time.perf_counter()
+        wf.run()
+        seconds = time.perf_counter() - start
+        written = len(wf.parser.get_parsed_content("summary").written)
+        wf.finalize()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"seconds": seconds, "peak_rss_gb": peak_kb / 1024**2, "network_calls": len(calls), "written": written}
+
+
+def _image_probe_subprocess(size: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark", "--image-probe", str(size)],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _volume_probe_subprocess(size: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "--volume-probe", str(size)],
@@ -353,7 +412,13 @@ def _volume_probe_subprocess(size: int) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: bool = True) -> list[tuple[str, str]]:
+def run(
+    quick: bool = False,
+    size: int = 256,
+    volume: int | None = 128,
+    epoch: bool = True,
+    images: Sequence[int] = (2048, 4096),
+) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
 
     def report(name: str, value: str) -> None:
@@ -441,6 +506,14 @@ def run(quick: bool = False, size: int = 256, volume: int | None = 128, epoch: b
         else:
             report("Harvard train epoch, measured", f"skipped ({harvard} not found)")
 
+    for side in images:
+        probe = _image_probe_subprocess(side)
+        how = "whole image" if probe["network_calls"] == 1 else f"{probe['network_calls']} tiles"
+        report(
+            f"{side}x{side} pair through configs/inference.json: peak resident memory (fresh process)",
+            f"{probe['peak_rss_gb']:.2f} GB ({how}, {probe['seconds']:.1f} s)",
+        )
+
     if volume:
         probe = _volume_probe_subprocess(volume)
         report(f"3D network FLOPs, one {volume}^3 pair (inference_3d.json network)", f"{probe['gflop']:.1f} GFLOP")
@@ -459,13 +532,21 @@ def main() -> None:
     parser.add_argument("--volume", type=int, default=128, help="volume side for the 3D timing and peak memory")
     parser.add_argument("--no-3d", action="store_true", help="skip the 3D volume measurement")
     parser.add_argument("--no-epoch", action="store_true", help="skip the measured Harvard training epoch (minutes)")
+    parser.add_argument(
+        "--images", type=int, nargs="*", default=[2048, 4096], help="sides of the large 2D pairs whose peak memory is measured"
+    )
     parser.add_argument("--volume-probe", type=int, help=argparse.SUPPRESS)  # internal: the 3D measurement process
+    parser.add_argument("--image-probe", type=int, help=argparse.SUPPRESS)  # internal: the large-image process
     parser.add_argument("--markdown", help="also write the results as a markdown table to this file")
     args = parser.parse_args()
     if args.volume_probe:
         print(json.dumps(volume_probe(args.volume_probe)))
         return
-    rows = run(quick=args.quick, size=args.size, volume=None if args.no_3d else args.volume, epoch=not args.no_epoch)
+    if args.image_probe:
+        print(json.dumps(image_probe(args.image_probe)))
+        return
+    volume = None if args.no_3d else args.volume
+    rows = run(quick=args.quick, size=args.size, volume=volume, epoch=not args.no_epoch, images=args.images)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("| measurement | result |\n| --- | --- |\n")

@@ -30,6 +30,8 @@ import csv
 import json
 import logging
 import os
+import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ __all__ = [
     "NIFTI_EXTENSIONS",
     "PairCheck",
     "channels_message",
+    "check_nifti_frames",
     "check_nifti_size",
     "check_pairs",
     "check_tasks",
@@ -50,7 +53,11 @@ __all__ = [
     "dims_message",
     "geometry_differences",
     "harvard_datalist",
+    "has_split_field",
     "load_datalist",
+    "series_of",
+    "series_split",
+    "nifti_frames_message",
     "split_extension",
     "unsupported_format_message",
 ]
@@ -375,6 +382,89 @@ def harvard_datalist(
     return items
 
 
+def has_split_field(source: PathLike | Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a datalist source carries a ``split`` field (CSV column, JSON/list entry key); a folder has none."""
+    if isinstance(source, (list, tuple)):
+        return any(isinstance(d, Mapping) and "split" in d for d in source)
+    path = Path(str(source)).expanduser()
+    if path.suffix.lower() == ".csv" and path.is_file():
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+        return "split" in [c.strip() for c in header]
+    if path.suffix.lower() == ".json" and path.is_file():
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+        entries = content.get("testing", []) if isinstance(content, Mapping) else content
+        return isinstance(entries, list) and any(isinstance(d, Mapping) and "split" in d for d in entries)
+    return False
+
+
+_SLICE_SUFFIX = re.compile(r"^(.+?)[_\-. ]+(?:z|slice|sl|s)?\d+$", re.IGNORECASE)
+
+
+def series_of(item: Mapping[str, Any]) -> str:
+    """The series (one acquisition, or one patient) a pair belongs to, for splits that never separate slices of
+    one series: its ``series`` or ``patient`` field when present, else derived from its id:
+
+    - ``<name><sep><slice number>`` (``brats_2013_pat0001_1_z063``, ``TCGA_CS_4941_19960909_12``, ``case7-slice3``):
+      the part before the last separator ``_ - . `` and the slice number (``z``/``slice``/``sl``/``s`` prefix allowed);
+    - an all-digit id of 4 or more digits (the Harvard atlas numbering, ``34012``): all but its last 3 digits (``34``);
+    - anything else: the id itself (each pair its own series).
+    """
+    for key in ("series", "patient"):
+        if item.get(key) not in (None, ""):
+            return str(item[key])
+    pair_id = str(item.get("id") or split_extension(str(item.get("mri") or item.get("image") or ""))[0])
+    if pair_id.isdigit() and len(pair_id) >= 4:
+        return pair_id[:-3]
+    match = _SLICE_SUFFIX.match(pair_id)
+    return match.group(1) if match else pair_id
+
+
+def series_split(
+    items: Sequence[Mapping[str, Any]], val_fraction: float = 0.2, source: Any = "datalist"
+) -> list[dict[str, Any]]:
+    """Assign every pair a ``split`` (``"train"`` or ``"val"``) by whole series (:func:`series_of`), per task.
+
+    For each task the series are ordered by a hash of their name (deterministic, independent of file order) and
+    taken into ``"val"`` until about ``val_fraction`` of the task's pairs are there; at least one series of each
+    task stays in ``"train"``. A task with a single series stays entirely in ``"train"`` (with a warning); when no
+    task can spare a series the split is refused, naming the fix (a ``split`` column). The sizes are logged.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    by_task: dict[str, dict[str, list[int]]] = {}
+    for i, item in enumerate(items):
+        by_task.setdefault(str(item.get("task", "")), {}).setdefault(series_of(item), []).append(i)
+    val: set[int] = set()
+    for task, groups in sorted(by_task.items()):
+        if len(groups) < 2:
+            logger.warning("task '%s' of %s: all %d pairs are one series; none can be held out for validation",
+                           task or "(none)", source, sum(map(len, groups.values())))
+            continue
+        total = sum(map(len, groups.values()))
+        order = sorted(groups, key=lambda g: (zlib.crc32(f"{task}/{g}".encode()), g))
+        taken = 0
+        for name in order[:-1]:
+            if taken >= val_fraction * total:
+                break
+            val.update(groups[name])
+            taken += len(groups[name])
+    if not val:
+        raise ValueError(
+            f"{source} has no split and its pairs cannot be split by series (every task's pairs are one series), so "
+            "training would validate on its own training pairs; give the datalist a 'split' column (train / val) "
+            "with whole series or patients in each"
+        )
+    out = [{**item, "split": "val" if i in val else "train"} for i, item in enumerate(items)]
+    n_series = {s: len({(d.get("task"), series_of(d)) for d in out if d["split"] == s}) for s in ("train", "val")}
+    logger.info(
+        "%s has no split: split by series (docs/troubleshooting.md): %d train pairs (%d series), %d val pairs "
+        "(%d series)", source, len(out) - len(val), n_series["train"], len(val), n_series["val"],
+    )
+    return out
+
+
 def load_datalist(
     source: PathLike | Sequence[Mapping[str, Any]],
     split: str | Sequence[str] | None = None,
@@ -412,6 +502,7 @@ class _Header:
     shape: tuple[int, ...]  # spatial shape in MONAI order (PNG: width first)
     channels: int
     affine: Any = None  # 4x4 world affine of a NIfTI file, else None
+    intent: str = ""  # NIfTI intent name ("rgb vector", ...); "" for other formats
 
 
 def _read_header(path: str) -> _Header:
@@ -428,13 +519,14 @@ def _read_header(path: str) -> _Header:
             img = nib.load(path)
             shape = tuple(int(s) for s in img.shape)
             affine = img.affine
+            intent = str(img.header.get_intent()[0]) if hasattr(img.header, "get_intent") else ""
             if ext == ".nii":  # cheap for uncompressed files; .nii.gz streams are checked when read
                 check_nifti_size(path)
         except Exception as e:
             raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
         if len(shape) >= 4:  # (X, Y, Z, C) or NIfTI vector (X, Y, Z, 1, C)
-            return _Header(shape[:3], shape[-1], affine)
-        return _Header(shape, 1, affine)
+            return _Header(shape[:3], shape[-1], affine, intent)
+        return _Header(shape, 1, affine, intent)
     if ext in IMAGE_EXTENSIONS:
         from PIL import Image
 
@@ -471,6 +563,38 @@ def dims_message(path: str, spatial_dims: int, shape: Sequence[int]) -> str:
         f"{path}: a {spatial_dims}D workflow needs {spatial_dims}D images (or single slices), this image has "
         f"spatial shape {tuple(shape)}; {fix}"
     )
+
+
+RGB_INTENTS = {"rgb vector": 3, "rgba vector": 4}
+
+
+def nifti_frames_message(path: str, frames: int, intent: str) -> str | None:
+    """Why a NIfTI image with ``frames`` values per voxel (its 4th/5th dimension) cannot be one image of a pair.
+
+    One value per voxel is a grey image. 3 or 4 values, which would read as RGB(A), are accepted as colour only
+    when the header says so: intent ``"rgb vector"`` (NIfTI code 2003) with 3 values or ``"rgba vector"`` (2004)
+    with 4; a time series or several echoes or sequences in one file are refused instead of being read as colour.
+    Returns ``None`` when the image is accepted here (other counts are left to :func:`channels_message`).
+    """
+    if frames not in (3, 4) or RGB_INTENTS.get(intent) == frames:
+        return None
+    return (
+        f"{path}: a {frames}-frame 4D NIfTI (intent '{intent or 'none'}') is not one image: pass one 3D volume or 2D "
+        "slice per file (extract the frame you mean, e.g. with nibabel or `fslroi`); a colour NIfTI must say so in "
+        "its header (intent code 'rgb vector' with 3 values per voxel or 'rgba vector' with 4: "
+        "`img.header.set_intent('rgb vector')` in nibabel); both images of a pair in one file go under 'image' "
+        "(2 frames)"
+    )
+
+
+def check_nifti_frames(path: PathLike) -> None:
+    """Raise :func:`nifti_frames_message`'s error for a multi-frame NIfTI file that is not marked as colour."""
+    header = _read_header(os.fspath(path))
+    if header.affine is None:
+        return
+    message = nifti_frames_message(os.fspath(path), header.channels, header.intent)
+    if message:
+        raise ValueError(message)
 
 
 def channels_message(path: str, channels: int) -> str:
@@ -525,6 +649,10 @@ def _check_header(item: Mapping[str, str], spatial_dims: int | None, resample: b
     for key in _PAIR_KEYS:
         header = _read_header(item[key])
         pil = split_extension(item[key])[1].lower() in IMAGE_EXTENSIONS
+        if header.affine is not None:
+            frames = nifti_frames_message(item[key], header.channels, header.intent)
+            if frames:
+                return frames
         if header.channels not in (1, 3, 4) and not (pil and header.channels == 2):  # PIL "LA": grey + alpha
             return channels_message(item[key], header.channels)
         if spatial_dims is not None and len(_squeeze_trailing(header.shape, spatial_dims)) != spatial_dims:

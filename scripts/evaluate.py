@@ -45,6 +45,7 @@ from torch import nn
 
 from scripts.baselines import LaplacianPyramidFusion, MaxFusion, MeanFusion
 from scripts.data import IMAGE_EXTENSIONS, PairCheck, PathLike, check_pairs, load_datalist, split_extension
+from scripts.data import has_split_field as _has_split_field
 from scripts.metrics import get_profile
 from scripts.transforms import AttachChromad, ycbcr_to_rgb
 
@@ -77,23 +78,6 @@ _ALL = "all"
 # ------------------------------------------------------------------------------------------------
 # datalist and method
 # ------------------------------------------------------------------------------------------------
-
-
-def _has_split_field(source: PathLike | Sequence[Mapping[str, Any]]) -> bool:
-    """Whether a datalist source carries a ``split`` field (CSV column, JSON/list entry key)."""
-    if isinstance(source, (list, tuple)):
-        return any(isinstance(d, Mapping) and "split" in d for d in source)
-    path = Path(str(source)).expanduser()
-    if path.suffix.lower() == ".csv" and path.is_file():
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
-        return "split" in [c.strip() for c in header]
-    if path.suffix.lower() == ".json" and path.is_file():
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
-        entries = content.get("testing", []) if isinstance(content, Mapping) else content
-        return isinstance(entries, list) and any(isinstance(d, Mapping) and "split" in d for d in entries)
-    return False
 
 
 def evaluation_datalist(

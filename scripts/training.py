@@ -31,7 +31,7 @@ from ignite.handlers import ProgressBar
 from monai.data.utils import set_rnd
 from monai.handlers import from_engine
 
-from scripts.data import load_datalist
+from scripts.data import has_split_field, load_datalist, series_split
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -60,26 +60,41 @@ def fusion_datalist(
     source: str | os.PathLike | Sequence[Mapping[str, Any]],
     split: str | Sequence[str] | None = None,
     tasks: str | Sequence[str] | None = None,
+    val_fraction: float = 0.2,
 ) -> list[dict[str, str]]:
     """Pairs of one split (and some tasks) from a datalist source.
+
+    A source without split information (a Harvard-layout folder without ``pairs.csv``, a CSV / JSON / list
+    without a ``split`` field) is split by series, never by slice: :func:`scripts.data.series_split` puts whole
+    series (pairs sharing an acquisition, :func:`scripts.data.series_of`) of each task into ``"val"``
+    (about ``val_fraction`` of the pairs) and the rest into ``"train"``, deterministically, and logs the sizes.
+    Training therefore never validates on its own training pairs.
 
     Args:
         source: a folder holding a ``pairs.csv`` (the Harvard copy), any source :func:`scripts.data.load_datalist`
             reads (CSV / JSON file with a ``split`` field, Harvard-layout folder), or a list of pair dicts.
         split: keep only entries of this split (``"train"``, ``"val"``, ...); ``None`` keeps all.
         tasks: keep only these tasks (e.g. ``["CT-MRI"]``); ``None`` keeps all.
+        val_fraction: share of the pairs the series split puts into ``"val"`` (sources without a split only).
 
     Returns:
         list of ``{"mri", "other", "task", "id"}`` dicts (or ``{"image", ...}`` for single-file pairs).
     """
     if not isinstance(source, (list, tuple)) and (Path(str(source)) / "pairs.csv").is_file():
         source = Path(str(source)) / "pairs.csv"
-    items = load_datalist(source, split=split)
+    if split is not None and not has_split_field(source):
+        items = series_split(load_datalist(source), val_fraction=val_fraction, source=source)
+        wanted_splits = {split} if isinstance(split, str) else set(split)
+        items = [{k: v for k, v in d.items() if k != "split"} for d in items if d["split"] in wanted_splits]
+    else:
+        items = load_datalist(source, split=split)
     if tasks is not None:
         wanted = {tasks} if isinstance(tasks, str) else set(tasks)
         items = [d for d in items if d.get("task") in wanted]
         if not items:
             raise ValueError(f"empty datalist: no pairs of tasks {sorted(wanted)} in split {split!r} of {source}")
+    if not items:
+        raise ValueError(f"empty datalist: no pairs in split {split!r} of {source}")
     return items
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -54,6 +55,7 @@ from scripts.data import (
     IMAGE_EXTENSIONS,
     NIFTI_EXTENSIONS,
     channels_message,
+    check_nifti_frames,
     check_nifti_size,
     dims_message,
     geometry_differences,
@@ -69,7 +71,11 @@ __all__ = [
     "LoadPaird",
     "SaveFusedd",
     "SplitLumaChromad",
+    "check_output_dir",
+    "fused_output_path",
+    "pending_pairs",
     "rgb_to_ycbcr",
+    "run_fusion",
     "validate_pair",
     "ycbcr_to_rgb",
 ]
@@ -192,6 +198,8 @@ class LoadPaird(MapTransform):
         ref_key, other_key = self.keys
         if ref_key in d and other_key in d:
             for key in self.keys:
+                if not isinstance(d[key], torch.Tensor) and split_extension(d[key])[1].lower() in NIFTI_EXTENSIONS:
+                    check_nifti_frames(d[key])  # several frames per voxel: colour only if the header says so
                 d[key] = d[key] if isinstance(d[key], torch.Tensor) else self.load(d[key])
             return d
         if self.image_key not in d:
@@ -425,10 +433,11 @@ class AttachChromad(MapTransform):
 class FusionSummary:
     """Fused pairs written, skipped (outputs exist) and failed (with the reason), logged at the end of a run.
 
-    ``failed`` starts with the pairs set aside before fusion (:func:`scripts.data.check_pairs`); the writer adds
-    pairs whose outputs could not be written. ``untrained``: the network ran with random weights
-    (``--allow_untrained true``), said in the summary line. :meth:`raise_if_failed` turns failures into the run's
-    error (exit status 1 on the command line).
+    ``failed`` starts with the pairs set aside before fusion (:func:`scripts.data.check_pairs`); :func:`pending_pairs`
+    adds the pairs skipped because their outputs exist, the writer the pairs written or whose outputs could not be
+    written. ``untrained``: the network ran with random weights (``--allow_untrained true``), said in the summary
+    line. ``interrupted`` is set by :func:`run_fusion` when the user stops the run. :meth:`raise_if_failed` turns
+    failures into the run's error (exit status 1 on the command line).
     """
 
     def __init__(self, failed: Sequence[tuple[Mapping[str, Any], str]] = (), untrained: bool = False) -> None:
@@ -436,6 +445,7 @@ class FusionSummary:
         self.skipped: list[list[str]] = []
         self.failed: list[tuple[Mapping[str, Any], str]] = list(failed)
         self.untrained = bool(untrained)
+        self.interrupted = False
 
     def add_written(self, paths: Sequence[str]) -> None:
         self.written.append(list(paths))
@@ -457,7 +467,7 @@ class FusionSummary:
             text += f" ({self.failed_names()})"
         if self.untrained:
             text += "; UNTRAINED network: random weights (--allow_untrained true), outputs are not meaningful"
-        return text
+        return text + (" (interrupted)" if self.interrupted else "")
 
     def raise_if_failed(self, fail_on: str = "any", total: int | None = None) -> None:
         """Raise :class:`scripts.cli.RunFailedError` (exit status 1) when pairs failed.
@@ -497,6 +507,129 @@ class FusionSummary:
         for item, reason in self.failed:
             log.error("failed pair %s: %s", item.get("id", item), reason)
         return text
+
+
+def _clean_name(name: Any) -> str:
+    """A pair id or task as one file-name component."""
+    return str(name).replace(os.sep, "_").replace("/", "_").strip() or "pair"
+
+
+def fused_output_path(
+    item: Mapping[str, Any],
+    output_dir: str | os.PathLike,
+    output_postfix: str = "fused",
+    ref_key: str = "mri",
+    image_key: str = "image",
+) -> Path:
+    """The main output file of a pair, from its datalist entry: ``output_dir/<task>/<id>_<postfix><ext>``.
+
+    ``<ext>`` is the reference file's NIfTI extension, else ``.png`` (a colour pair also gets ``<id>_<postfix>_y.png``,
+    written together with it). ``id`` defaults to the reference file's name, no ``<task>`` folder when the pair
+    has none. :class:`SaveFusedd` writes to this path.
+    """
+    ref_path = str(item.get(ref_key) or item.get(image_key) or "")
+    stem, ext = split_extension(ref_path)
+    pair_id = _clean_name(item.get("id") or stem)
+    folder = Path(output_dir) / _clean_name(item["task"]) if item.get("task") else Path(output_dir)
+    base = f"{pair_id}_{output_postfix}" if output_postfix else pair_id
+    return folder / (f"{base}{ext.lower()}" if ext.lower() in NIFTI_EXTENSIONS else f"{base}.png")
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Create ``output_dir`` if needed and check that a file can be written there; errors name the folder."""
+    folder = Path(output_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"cannot create the output folder {folder}: {type(e).__name__}: {e.strerror or e}; choose another "
+            "--output_dir"
+        ) from e
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check_"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"the output folder {folder} is not writable ({type(e).__name__}: {e.strerror or e}); nothing was fused. "
+            "Fix its permissions or choose another --output_dir"
+        ) from e
+    return folder
+
+
+def pending_pairs(
+    datalist: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    summary: FusionSummary | None = None,
+    output_postfix: str = "fused",
+) -> list[dict[str, Any]]:
+    """The pairs still to fuse, decided before any compute: the output folder is checked for writability
+    (:func:`check_output_dir`), and without ``overwrite`` the pairs whose output (:func:`fused_output_path`)
+    exists are skipped and counted in ``summary``, so a re-run fuses only what is missing. An empty ``datalist``
+    (every pair set aside) touches nothing.
+    """
+    if not datalist:
+        return []
+    check_output_dir(output_dir)
+    pending: list[dict[str, Any]] = []
+    for item in datalist:
+        path = fused_output_path(item, output_dir, output_postfix)
+        if path.exists() and not overwrite:
+            if summary is not None:
+                summary.add_skipped([str(path)])
+            continue
+        pending.append(dict(item))
+    if len(pending) < len(datalist):
+        logger.warning(
+            "%d of %d pairs already fused in %s (outputs exist): skipped without computing them; "
+            "set overwrite=true to fuse them again",
+            len(datalist) - len(pending), len(datalist), output_dir,
+        )
+    return pending
+
+
+def run_fusion(
+    evaluator: Any, summary: FusionSummary, log: logging.Logger | None = None, total: int | None = None
+) -> None:
+    """Run ``evaluator`` (the fusion loop, an ignite engine) so that Ctrl-C stops it cleanly.
+
+    The first interrupt (SIGINT) lets the pair in progress finish and be written, then ends the loop
+    (``engine.terminate()``); a second one stops at once (:class:`SaveFusedd` writes a pair whole or not at all,
+    so no partial file is left either way). The summary of what was written is logged and the process exits
+    with status 130 (the shell's code for SIGINT) without a traceback. Re-running the same command fuses the
+    remaining pairs only (:func:`pending_pairs`).
+    """
+    import signal
+    import threading
+
+    log = log or logger
+    state = {"interrupted": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if state["interrupted"]:
+            raise KeyboardInterrupt
+        state["interrupted"] = True
+        log.warning("interrupt received: finishing the pair in progress, then stopping (Ctrl-C again stops at once)")
+        evaluator.terminate()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        evaluator.run()
+    except KeyboardInterrupt:
+        state["interrupted"] = True
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if state["interrupted"]:
+        summary.interrupted = True
+        log.error(
+            "interrupted by the user after %d of %s pairs; no partial file was left. Re-run the same command to fuse "
+            "the remaining pairs (finished ones are skipped)",
+            len(summary.written), total if total is not None else "?",
+        )
+        summary.log(log)
+        raise SystemExit(130)
 
 
 def _atomic_write(write: Callable[[str], None], path: Path, overwrite: bool) -> bool:
@@ -588,23 +721,15 @@ class SaveFusedd(MapTransform):
                 return _filename(candidate), candidate.meta
         raise ValueError(f"cannot tell the reference file of '{key}': no '{self.ref_key}' image with metadata")
 
-    @staticmethod
-    def _clean(name: Any) -> str:
-        return str(name).replace(os.sep, "_").replace("/", "_").strip() or "pair"
-
     def output_paths(self, d: Mapping[Hashable, Any], key: Hashable) -> tuple[list[Path], str, Mapping[str, Any]]:
-        """Output files of one pair, the reference file and its metadata."""
+        """Output files of one pair (:func:`fused_output_path`, then the grey ``_y`` image of a colour pair), the
+        reference file and its metadata."""
         ref_path, ref_meta = self._reference(d, key)
-        stem, ext = split_extension(ref_path)
-        pair_id = self._clean(d.get("id") or stem)
-        folder = self.output_dir / self._clean(d["task"]) if d.get("task") else self.output_dir
-        base = f"{pair_id}_{self.output_postfix}" if self.output_postfix else pair_id
-        if ext.lower() in NIFTI_EXTENSIONS:
-            return [folder / f"{base}{ext.lower()}"], ref_path, ref_meta
-        paths = [folder / f"{base}.png"]
-        if d.get(self.colour_key) is not None:
-            paths.append(folder / f"{base}_y.png")
-        return paths, ref_path, ref_meta
+        item = {"mri": ref_path, "id": d.get("id"), "task": d.get("task")}
+        main = fused_output_path(item, self.output_dir, self.output_postfix)
+        if main.name.endswith(NIFTI_EXTENSIONS) or d.get(self.colour_key) is None:
+            return [main], ref_path, ref_meta
+        return [main, main.with_name(main.name[: -len(".png")] + "_y.png")], ref_path, ref_meta
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

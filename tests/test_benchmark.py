@@ -16,13 +16,26 @@ def test_3d_network_comes_from_the_inference_config():
     assert out.shape == (1, 1, 16, 16, 8)
 
 
-def test_volume_probe_reports_time_flops_and_peak_memory():
+def _peak_rss_gb() -> float:
+    """This process's high-water resident memory from /proc (VmHWM), the figure ``ru_maxrss`` reports."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024**2
+
+
+def test_volume_probe_reports_time_flops_and_peak_memory(monkeypatch):
+    import scripts.benchmark as benchmark
+
+    timed = {"seconds": 1.25, "ratio": 3.5, "low": 3.0, "high": 4.0, "rate": 1e9}
+    calls = []
+    monkeypatch.setattr(benchmark, "paired_floor_ratio", lambda fn, flops, repeats: calls.append((fn(), flops)) or timed)
     probe = volume_probe(size=16, repeats=1)
-    assert probe["seconds"] > 0 and probe["ratio"] > 0 and probe["peak_rss_gb"] > 0.05
+    assert probe["seconds"] == 1.25 and probe["ratio"] == 3.5  # the paired timing of the 3D pass, reported as is
+    assert calls[0][0].shape == (1, 1, 16, 16, 16)  # the timed call is the 3D network on a 16^3 pair
+    assert probe["peak_rss_gb"] == pytest.approx(_peak_rss_gb(), rel=0.02)
     # FLOPs scale with the voxel count: 8x the volume, about 8x the FLOPs (conv + matmul dominate)
     net = network_3d_from_config().eval()
     small, large = (network_flops(net, torch.rand(1, 2, s, s, s)) for s in (16, 32))
-    assert abs(probe["gflop"] * 1e9 - small) / small < 1e-6
+    assert abs(probe["gflop"] * 1e9 - small) / small < 1e-6 and calls[0][1] == small
     assert 6.0 < large / small < 9.0
 
 
@@ -34,10 +47,27 @@ def test_training_step_flops_count_forward_and_backward():
     assert 2.5 * forward < step < 3.5 * forward  # backward: about twice the forward's products
 
 
-def test_training_step_timing_runs_a_real_step():
-    from scripts.benchmark import training_step_seconds
+def test_training_step_timing_runs_a_real_step(monkeypatch):
+    import types
 
-    assert training_step_seconds(batch=1, crop=32, repeats=1) > 0
+    import scripts.benchmark as benchmark
+
+    made = []
+    real_network = benchmark.network_2d_from_config
+
+    def recording_network():
+        net = real_network()
+        made.append((net, [p.detach().clone() for p in net.parameters()]))
+        return net
+
+    clock = iter([10.0, 10.75, 20.0, 20.5, 30.0, 31.0])  # timed calls of 0.75, 0.5 and 1.0 s on a fake clock
+    monkeypatch.setattr(benchmark, "network_2d_from_config", recording_network)
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert benchmark.training_step_seconds(batch=1, crop=32, repeats=3) == pytest.approx(0.75)  # the median
+    (net, before), = made
+    # warm-up + 3 timed steps of Adam: every trained parameter moved
+    moved = [not torch.equal(a, b) for a, b in zip(before, net.parameters())]
+    assert sum(moved) > 0.9 * len(moved)
 
 
 def test_training_epoch_timing_runs_the_train_config(tmp_path):
@@ -61,10 +91,13 @@ def test_training_epoch_timing_runs_the_train_config(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     tiny = {"_target_": "scripts.networks.ClinicalFMamba", "features": [4, 8, 8], "depth": 1, "decoder_depth": 1, "d_state": 4, "swap_d_state": 4}
+    import time
+
+    start = time.perf_counter()
     seconds = training_epoch_seconds(
         tmp_path / "run", datalist=str(tmp_path / "data"), network_def=tiny, patch_size=[32, 32], batch_size=2
     )
-    assert seconds > 0
+    assert 0 < seconds < time.perf_counter() - start  # the epoch alone: less than the whole workflow
     with open(tmp_path / "run" / "training_log.csv", newline="") as f:
         log = list(csv.DictReader(f))
     assert [r["epoch"] for r in log] == ["1"] and log[0]["iterations"] == "2"  # 3 pairs, batch 2
@@ -135,3 +168,14 @@ def test_cpu_description_names_model_isa_and_cpus():
     assert cpu_description(two) == "AMD EPYC (family 25 model 17 stepping 1, AVX-512, 2 logical CPUs)"
     one = block.format(i=0, extra="").replace("cpu family\t: 25\n", "")
     assert cpu_description(one) == "AMD EPYC (AVX2, 1 logical CPU)"
+
+
+def test_image_probe_fuses_a_large_pair_in_tiles_and_reports_its_peak_memory():
+    """The large-image measurement of the benchmark, at a quick size: a 64 x 64 pair above a 32 x 32 threshold is
+    fused in 3 x 3 windows of 32 (overlap 0.25) through configs/inference.json, and written."""
+    from scripts.benchmark import image_probe
+
+    probe = image_probe(64, tile_above_pixels=32 * 32, tile_size=32)
+    assert probe["network_calls"] == 9 and probe["written"] == 1
+    assert probe["peak_rss_gb"] == pytest.approx(_peak_rss_gb(), rel=0.02)
+    assert image_probe(32, tile_above_pixels=32 * 32, tile_size=32)["network_calls"] == 1  # at the threshold: whole

@@ -123,7 +123,7 @@ def test_cli_run_with_datalist_and_output_dir(tmp_path: Path) -> None:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert _outputs(out_dir) == sorted(EXPECTED + EXPECTED_Y)
-    assert "selective-scan backend" in log and ("pairs on cpu" in log or "pairs on cuda" in log)
+    assert "selective-scan backend" in log and ("fusing 7 pairs (0 skipped: outputs exist) on c" in log)
     assert "7 pairs written, 0 skipped, 0 failed" in log
 
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.evaluate import compare
+from scripts.metrics import compute_metrics
 from scripts.networks import ClinicalFMamba
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,16 @@ def _write_cases(root: Path, names: list[str], seed: int) -> None:
             vol = np.full(SHAPE, -2.0, np.float32)
             vol[4:-4, 3:-3, 2:-2] = rng.standard_normal((SHAPE[0] - 8, SHAPE[1] - 6, SHAPE[2] - 4))
             nib.save(nib.Nifti1Image(vol, affine), case / f"{modality}_subtrMeanDivStd.nii.gz")
+
+
+def _normalised(case: Path) -> tuple[np.ndarray, np.ndarray]:
+    """FLAIR and T1c of a case as the 3D configs scale them: minimum -> 0, 99.9th percentile -> 1, clipped."""
+    out = []
+    for modality in ("Flair", "T1c"):
+        x = nib.load(case / f"{modality}_subtrMeanDivStd.nii.gz").get_fdata()
+        low, high = np.percentile(x, 0.0), np.percentile(x, 99.9)
+        out.append(np.clip((x - low) / (high - low), 0.0, 1.0))
+    return out[0], out[1]
 
 
 def _dataset(tmp_path: Path) -> Path:
@@ -102,8 +114,12 @@ def test_3d_evaluate_config_scores_baselines_on_volumes(tmp_path):
         assert sorted(r["id"] for r in rows) == ["case_d", "case_e"]
         assert {r["task"] for r in rows} == {"T1c-Flair"}
         for r in rows:
-            # each fusion is closer to its sources than unrelated volumes: SSIM sum well above 0
-            assert 0.5 < float(r["SSIM"]) <= 2.0 and float(r["EN"]) > 0
+            # the scores of the rule applied by hand to the volumes as the 3D config normalises them
+            a, b = _normalised(data / "test" / r["id"])
+            fused = (a + b) / 2 if method == "mean" else np.maximum(a, b)
+            expected = compute_metrics(fused, a, b, profile="cddfuse", metrics=["SSIM", "EN"])
+            assert float(r["SSIM"]) == pytest.approx(expected["SSIM"], rel=1e-4, abs=1e-4)
+            assert float(r["EN"]) == pytest.approx(expected["EN"], rel=1e-4, abs=1e-4)
         assert (out / method / "figure.png").is_file()
     with open(written["comparison_clinicalfmamba_csv"], newline="") as f:
         table = list(csv.DictReader(f))

@@ -290,7 +290,7 @@ INFERENCE = [
     # outputs
     Case("on_error_raise_stops_before_fusing", "inference", _one_good_one_bad, "raises", r"differ in size: .*MRI/bad\.png"),
     Case("existing_output_is_kept", "inference", _existing_output, "ok", check=_check_not_overwritten),
-    Case("unwritable_output_is_reported", "inference", _output_dir_is_a_file, "set_aside", r"(FileExistsError|NotADirectoryError)", check=_check_nothing_written),
+    Case("unwritable_output_is_reported", "inference", _output_dir_is_a_file, "raises", r"cannot create the output folder .*out: FileExistsError", check=_check_nothing_written),
 ]
 
 
@@ -528,7 +528,7 @@ DOCUMENTED = {
     "weights_truncated": "PATH is not a readable PyTorch weights file",
     "weights_with_pickled_objects": "PATH is not a readable PyTorch weights file",
     "on_error_raise_stops_before_fusing": "`--on_error skip\\|raise`",
-    "unwritable_output_is_reported": "pair 'ID' failed, nothing written",
+    "unwritable_output_is_reported": "cannot create the output folder DIR",
     "eval_missing_checkpoint": "method 'clinicalfmamba' needs trained weights, but the checkpoint PATH was not found",
     "eval_weights_of_another_configuration": "weights in PATH do not match the configured ClinicalFMamba",
     "eval_shape_differs": "no valid pairs to evaluate (N set aside: REASON; ...)",
@@ -559,7 +559,7 @@ DOCUMENTED = {
     "rgb_reference_becomes_grey": "(none: RGB where grey is expected)",
     "constant_image": "warning `PATH is constant (every voxel V): it normalises to zeros and adds nothing`",
     "odd_size_padded_and_cropped_back": "(none: size not divisible by 8)",
-    "existing_output_is_kept": "outputs exist, pair 'ID' skipped (overwrite=false)",
+    "existing_output_is_kept": "N of M pairs already fused in DIR (outputs exist): skipped without computing them",
     "eval_constant_image_scores_finite": "metrics stay finite",
 }
 
