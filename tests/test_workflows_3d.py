@@ -88,6 +88,16 @@ def test_3d_training_config_trains_validates_and_saves(tmp_path):
     assert rows[-1]["iterations"] == "4"
     assert all(np.isfinite(float(r["train_loss"])) for r in rows)
     ssim = float(rows[-1]["val_ssim"])  # 3D SSIM(F, A) + SSIM(F, B) of the validation volume
+    # recomputed outside the evaluator: the validation volume as the config prepares it, the final (epoch 2)
+    # network through MONAI's sliding window, the cddfuse SSIM summed over the two sources
+    from monai.inferers import sliding_window_inference
+
+    image = wf.parser.get_parsed_content("validate#dataset")[0]["image"][None]
+    network = wf.parser.get_parsed_content("network").eval()
+    with torch.no_grad():
+        fused = sliding_window_inference(image, [16, 16, 16], 1, network, overlap=0.25, mode="gaussian")
+    expected = compute_metrics(fused[0, 0], image[0, 0], image[0, 1], profile="cddfuse", metrics=["SSIM"])["SSIM"]
+    assert ssim == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert 0.0 < ssim <= 2.0
     assert (out / "model.pt").is_file() and (out / "resume.pt").is_file()
     state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
