@@ -8,7 +8,7 @@
  *     d_t   = softplus(delta_t + delta_bias)            (or without the softplus)
  *     h_t   = exp(d_t * A) * h_{t-1} + d_t * u_t * B_t  (N states per channel)
  *     y_t   = <C_t, h_t> + D * u_t
- * Order of work in the float32 forward (docs/performance.md, session 7): the blocks of one lane take turns over
+ * Order of work in the float32 forward (docs/performance.md): the blocks of one lane take turns over
  * chunks of TIME_CHUNK steps (a chunk's rows, 8 KB apart at the mixers' shapes, stay in cache and TLB for the next
  * block), and each block computes DELTA_AHEAD steps' d_t before their recurrence steps, so that the softplus'
  * latency overlaps instead of sitting on every step's critical path. With AVX-512 the exponentials are
@@ -624,8 +624,7 @@ static inline __attribute__((always_inline)) void mixer_scan_f32_range(int64_t L
 
 /* mixer_scan_f32_range with the channel count P, the state size N and the delta rank R as compile-time constants for
  * the shipped networks' mixers (2D: P 256, N 8 or 16, R 8; 3D: P 128, N 8, R 4), so that the loops over channels,
- * states and ranks unroll and their operands stay in registers; other shapes run the generic code. One
- * single-modality mixer call: 9.2 -> 7.6 ms on one thread (docs/performance.md, session 9). */
+ * states and ranks unroll and their operands stay in registers; other shapes run the generic code. */
 static void mixer_scan_f32_items(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
                                  const float *x, int64_t x_stride, const int64_t *index, const float *taps,
                                  const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
