@@ -96,10 +96,10 @@ CANDIDATES: tuple[Candidate, ...] = (
         {"refine": False, "source_selection": False},
     ),
     Candidate(
-        "selection",
-        "with refinement and source selection",
-        "training/harvard2d_selection_v2",
-        {"refine": True, "source_selection": True},
+        "refine",
+        "with the refinement block",
+        "training/harvard2d_refine_v2",
+        {"refine": True, "source_selection": False},
     ),
 )
 

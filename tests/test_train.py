@@ -360,12 +360,15 @@ def test_parameter_groups_scale_the_selection_learning_rate(data: Path, tmp_path
     assert len(wf.parser.get_parsed_content("optimizer").param_groups) == 1
 
 
-def test_paper_overlay_builds_the_published_network() -> None:
-    """configs/train_paper.json (candidate (a) of docs/evaluation_protocol.md) only switches the additions off."""
-    files = [str(TRAIN), str(BUNDLE_ROOT / "configs" / "train_paper.json")]
+@pytest.mark.parametrize("overlay, refine", [("train_paper.json", False), ("train_refine.json", True)])
+def test_candidate_overlays_build_the_protocol_networks(overlay: str, refine: bool) -> None:
+    """The two candidates of docs/evaluation_protocol.md: (a) the published network, (b) with the refinement block;
+    neither has the source-selection output, so the optimizer has one parameter group."""
+    files = [str(TRAIN), str(BUNDLE_ROOT / "configs" / overlay)]
     parser = ConfigWorkflow(config_file=files, workflow_type="train", bundle_root=str(BUNDLE_ROOT)).parser
     net = parser.get_parsed_content("network_def")
-    assert net.refine is None and net.selection is None
+    assert (net.refine is not None) == refine and net.selection is None
+    assert parser.get_parsed_content("max_epochs") == 30 and parser.get_parsed_content("val_interval") == 2
 
 
 def test_record_command_appends_a_shell_line_per_start(tmp_path: Path) -> None:
