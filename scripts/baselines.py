@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "BASELINES",
     "MeanFusion",
     "MaxFusion",
     "LaplacianPyramidFusion",
@@ -124,3 +125,7 @@ class LaplacianPyramidFusion(nn.Module):
             fused.append(torch.where(pick_b, detail[:, 1:2], detail[:, 0:1]))
         fused.append(bands[-1].mean(dim=1, keepdim=True))
         return reconstruct_laplacian_pyramid(fused).clamp(0.0, 1.0)
+
+
+#: the baseline registry: method name -> fusion rule, used by evaluation, model selection and DICOM fusion
+BASELINES: dict[str, type[nn.Module]] = {"mean": MeanFusion, "max": MaxFusion, "laplacian": LaplacianPyramidFusion}

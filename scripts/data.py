@@ -17,8 +17,8 @@ Sources understood by :func:`load_datalist`:
 - a JSON file holding a list of such dicts or a Decathlon-style ``{"testing": [...]}``; relative paths are
   resolved against the JSON file's folder.
 
-Missing files and empty datalists raise errors naming the file. :func:`check_pairs` then checks every
-pair before any compute is spent: first from the file headers (empty or unsupported files, channel counts,
+Missing files and empty datalists raise errors naming the file. :func:`scripts.pair_check.check_pairs` then
+checks every pair before any compute is spent: first from the file headers (empty or unsupported files, channel counts,
 dimensionality, sizes, NIfTI voxel grids), then, with ``read_pixels``, by decoding the pixels with the
 bundle's own loading transforms (truncated or corrupt files, NaN/Inf voxels). Pairs that cannot be fused
 are set aside with a reason naming the file(s), or stop the run (``on_error="raise"``).
@@ -33,7 +33,7 @@ import os
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -41,11 +41,9 @@ __all__ = [
     "brats_datalist",
     "IMAGE_EXTENSIONS",
     "NIFTI_EXTENSIONS",
-    "PairCheck",
     "channels_message",
     "check_nifti_frames",
     "check_nifti_size",
-    "check_pairs",
     "check_tasks",
     "datalist_from_csv",
     "datalist_from_folder",
@@ -54,6 +52,7 @@ __all__ = [
     "geometry_differences",
     "harvard_datalist",
     "has_split_field",
+    "header_problem",
     "load_datalist",
     "series_of",
     "series_split",
@@ -478,7 +477,7 @@ def load_datalist(
         split: for CSV/JSON sources, keep only entries of this split.
         errors: if given, entries that name a missing file (or no file), and reference images without a partner
             in a folder, are appended here as ``(entry, reason)`` and left out, instead of stopping with an error
-            (``on_error="skip"`` of :func:`check_pairs`). A source that cannot be read at all still raises.
+            (``on_error="skip"`` of :func:`scripts.pair_check.check_pairs`). A source that cannot be read at all still raises.
     """
     if isinstance(source, (list, tuple)):
         return _finish(_filter_split(list(source), split, "datalist"), Path.cwd(), "datalist", errors)
@@ -605,35 +604,7 @@ def channels_message(path: str, channels: int) -> str:
     )
 
 
-@dataclass
-class PairCheck:
-    """Result of :func:`check_pairs`: pairs that can be fused and ``(pair, reason)`` for those that cannot."""
-
-    valid: list[dict[str, str]] = field(default_factory=list)
-    failed: list[tuple[dict[str, str], str]] = field(default_factory=list)
-
-
-def check_tasks(
-    datalist: Sequence[Mapping[str, Any]], expected_tasks: str | Sequence[str] | None, source: Any = "datalist"
-) -> None:
-    """Refuse a datalist holding pairs of tasks other than ``expected_tasks`` (``None``: any task)."""
-    if expected_tasks is None:
-        return
-    wanted = {expected_tasks} if isinstance(expected_tasks, str) else {str(t) for t in expected_tasks}
-    found: dict[str, int] = {}
-    for d in datalist:
-        found[str(d.get("task", ""))] = found.get(str(d.get("task", "")), 0) + 1
-    other = {t or "(no task)": n for t, n in sorted(found.items()) if t not in wanted}
-    if other:
-        where = source if isinstance(source, (str, os.PathLike)) else "the datalist"
-        raise ValueError(
-            f"{where} mixes tasks: it holds pairs of {other} (pairs per task), but this workflow expects only "
-            f"{sorted(wanted)}; filter the datalist to those tasks (evaluate.json / train.json: --tasks), or set "
-            "--expected_tasks null to fuse every pair"
-        )
-
-
-def _check_header(item: Mapping[str, str], spatial_dims: int | None, resample: bool, tolerance: float) -> str | None:
+def header_problem(item: Mapping[str, str], spatial_dims: int | None, resample: bool, tolerance: float) -> str | None:
     """Why a pair cannot be fused, from the file headers only; ``None`` when the headers look fine."""
     if _SINGLE_KEY in item and "mri" not in item:
         header = _read_header(item[_SINGLE_KEY])
@@ -679,64 +650,23 @@ def _check_header(item: Mapping[str, str], spatial_dims: int | None, resample: b
     return None
 
 
-def check_pairs(
-    datalist: PathLike | Sequence[Mapping[str, Any]],
-    on_error: str = "skip",
-    split: str | Sequence[str] | None = None,
-    spatial_dims: int | None = None,
-    expected_tasks: str | Sequence[str] | None = None,
-    read_pixels: bool = True,
-    resample: bool = False,
-    tolerance: float = 1e-3,
-    set_aside: Sequence[tuple[Mapping[str, Any], str]] = (),
-) -> PairCheck:
-    """Check every pair before any compute: readable, supported, consistent, finite.
+def check_tasks(
+    datalist: Sequence[Mapping[str, Any]], expected_tasks: str | Sequence[str] | None, source: Any = "datalist"
+) -> None:
+    """Refuse a datalist holding pairs of tasks other than ``expected_tasks`` (``None``: any task)."""
+    if expected_tasks is None:
+        return
+    wanted = {expected_tasks} if isinstance(expected_tasks, str) else {str(t) for t in expected_tasks}
+    found: dict[str, int] = {}
+    for d in datalist:
+        found[str(d.get("task", ""))] = found.get(str(d.get("task", "")), 0) + 1
+    other = {t or "(no task)": n for t, n in sorted(found.items()) if t not in wanted}
+    if other:
+        where = source if isinstance(source, (str, os.PathLike)) else "the datalist"
+        raise ValueError(
+            f"{where} mixes tasks: it holds pairs of {other} (pairs per task), but this workflow expects only "
+            f"{sorted(wanted)}; filter the datalist to those tasks (evaluate.json / train.json: --tasks), or set "
+            "--expected_tasks null to fuse every pair"
+        )
 
-    Header checks (no pixels read): the files exist and are not empty, their format is supported, their
-    channel counts are 1, 3 or 4 (2 for a single-file pair), their dimensionality fits ``spatial_dims``, both
-    images have the same size and, for NIfTI pairs, the same voxel grid (spacing, orientation, origin within
-    ``tolerance``). With ``read_pixels`` the pair is then loaded with the workflows' own transforms
-    (:func:`scripts.transforms.validate_pair`), which also finds truncated or corrupt pixel data and NaN/Inf
-    voxels.
 
-    Args:
-        datalist: a datalist or any source :func:`load_datalist` reads (folder, CSV, JSON).
-        on_error: ``"skip"``: log an error naming the file(s) and set the pair aside in ``failed``; a datalist
-            entry naming a missing file is a bad pair like any other;
-            ``"raise"``: raise at the first bad pair or datalist entry (nothing is fused).
-        split: for CSV/JSON sources, keep only entries of this split.
-        spatial_dims: 2 or 3: the workflow's dimensionality (``None``: not checked).
-        expected_tasks: the tasks the workflow is meant for; a datalist holding other tasks is refused
-            (:func:`check_tasks`). ``None``: any task.
-        read_pixels: also decode the pixels (twice the reading, but every unreadable pair is found up front).
-        resample: NIfTI pairs on different voxel grids are accepted (the workflow resamples the other image
-            onto the reference grid) instead of set aside.
-        tolerance: voxel-grid tolerance (:func:`geometry_differences`).
-        set_aside: entries already found bad while the datalist was built (``(entry, reason)``), reported first.
-    """
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    bad_entries: list[tuple[dict[str, str], str]] | None = [] if on_error == "skip" else None
-    items = load_datalist(datalist, split=split, errors=bad_entries)
-    check_tasks(items, expected_tasks, datalist)
-    result = PairCheck()
-    for item, reason in [*set_aside, *(bad_entries or [])]:
-        logger.error("skipping datalist entry: %s", reason)
-        result.failed.append((dict(item), reason))
-    for item in items:
-        try:
-            reason = _check_header(item, spatial_dims, resample, tolerance)
-            if reason is None and read_pixels:
-                from scripts.transforms import validate_pair
-
-                validate_pair(item, spatial_dims=spatial_dims, resample=resample, tolerance=tolerance)
-        except Exception as e:
-            reason = str(e)
-        if reason is None:
-            result.valid.append(dict(item))
-            continue
-        if on_error == "raise":
-            raise ValueError(reason)
-        logger.error("skipping pair: %s", reason)
-        result.failed.append((dict(item), reason))
-    return result

@@ -67,6 +67,8 @@ from pydicom.uid import (
 )
 from torch import nn
 
+from scripts.baselines import BASELINES
+
 __all__ = [
     "IMAGE_TYPE",
     "METHODS",
@@ -87,7 +89,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("clinicalfmamba", "mean", "max", "laplacian")
+METHODS = ("clinicalfmamba", *BASELINES)
 _METHOD_NAMES = {"clinicalfmamba": "ClinicalFMamba", "mean": "mean", "max": "max", "laplacian": "Laplacian pyramid"}
 STORED_MAX = 4095  # fused [0, 1] -> 0..4095 (12 bits stored in 16)
 # value 3 "OTHER": a defined term of the MR Image IOD (required there); value 4 names the derivation
@@ -396,11 +398,8 @@ def load_fusion_network(
     ``models/model_3d.pt``; plain or ``{"model": state_dict}``) loaded strictly. A missing checkpoint is an error: DICOM output is never made with random weights.
     ``mean``, ``max``, ``laplacian``: the classic baselines of :mod:`scripts.baselines`.
     """
-    from scripts.baselines import LaplacianPyramidFusion, MaxFusion, MeanFusion
-
-    baselines = {"mean": MeanFusion, "max": MaxFusion, "laplacian": LaplacianPyramidFusion}
-    if method in baselines:
-        return baselines[method]()
+    if method in BASELINES:
+        return BASELINES[method]()
     if method != "clinicalfmamba":
         raise ValueError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
     from monai.bundle import ConfigParser

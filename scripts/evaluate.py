@@ -43,8 +43,9 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from scripts.baselines import LaplacianPyramidFusion, MaxFusion, MeanFusion
-from scripts.data import IMAGE_EXTENSIONS, PairCheck, PathLike, check_pairs, load_datalist, split_extension
+from scripts.baselines import BASELINES
+from scripts.data import IMAGE_EXTENSIONS, PathLike, load_datalist, split_extension
+from scripts.pair_check import PairCheck, check_pairs
 from scripts.data import has_split_field as _has_split_field
 from scripts.metrics import get_profile
 from scripts.transforms import AttachChromad, ycbcr_to_rgb
@@ -55,6 +56,7 @@ __all__ = [
     "NETWORK_METHOD",
     "FusionReport",
     "compare",
+    "csv_text",
     "comparison_markdown",
     "evaluation_datalist",
     "evaluation_pairs",
@@ -64,13 +66,13 @@ __all__ = [
     "read_rows",
     "summarise",
     "summary_markdown",
+    "write_text_atomic",
 ]
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 NETWORK_METHOD = "clinicalfmamba"
-BASELINES: dict[str, type[nn.Module]] = {"mean": MeanFusion, "max": MaxFusion, "laplacian": LaplacianPyramidFusion}
 METHODS: tuple[str, ...] = (NETWORK_METHOD, *BASELINES)
 _ALL = "all"
 
@@ -126,7 +128,7 @@ def evaluation_pairs(
     on_error: str = "skip",
     **check: Any,
 ) -> PairCheck:
-    """:func:`evaluation_datalist` checked by :func:`scripts.data.check_pairs`; with ``on_error="skip"`` a datalist
+    """:func:`evaluation_datalist` checked by :func:`scripts.pair_check.check_pairs`; with ``on_error="skip"`` a datalist
     entry naming a missing file is set aside like any bad pair. ``check``: further ``check_pairs`` arguments."""
     errors: list[tuple[dict[str, str], str]] | None = [] if on_error == "skip" else None
     items = evaluation_datalist(datalist, split=split, tasks=tasks, errors=errors)
@@ -252,7 +254,7 @@ def comparison_markdown(
     return summary_markdown(rows, metric_names, method_column="method")
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file in the same folder, then move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -264,7 +266,8 @@ def _write_text(path: Path, text: str) -> None:
             tmp.unlink()
 
 
-def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """``rows`` as CSV text with a header of ``columns`` (extra keys ignored, ``\n`` line ends)."""
     import io
 
     buf = io.StringIO()
@@ -638,10 +641,10 @@ class FusionReport:
         paths = self.report_paths()
         for p in self.profiles:
             names = self.metric_names[p]
-            _write_text(paths[f"metrics_{p}"], _csv_text(self.rows[p], ["task", "id", "method", *names]))
+            write_text_atomic(paths[f"metrics_{p}"], csv_text(self.rows[p], ["task", "id", "method", *names]))
             columns = ["task", "n"] + [f"{m}_{s}" for m in names for s in ("mean", "std")]
-            _write_text(paths[f"summary_{p}"], _csv_text(self.summary(p), columns))
-            _write_text(paths[f"markdown_{p}"], self.markdown(p))
+            write_text_atomic(paths[f"summary_{p}"], csv_text(self.summary(p), columns))
+            write_text_atomic(paths[f"markdown_{p}"], self.markdown(p))
             self.written.update({k: paths[k] for k in (f"metrics_{p}", f"summary_{p}", f"markdown_{p}")})
             logger.info("%s, profile %s:\n%s", self.method, p, "\n".join(summary_markdown(self.summary(p), names)))
         if paths["figure"].exists() and not self.overwrite:
@@ -763,7 +766,7 @@ def compare(
         table = sorted(table, key=lambda s: (tasks.index(s["task"]), list(summaries).index(s["method"])))
         columns = ["task", "method", "n"] + [f"{m}_{s}" for m in names[p] for s in ("mean", "std")]
         md_path, csv_path = targets[p]
-        _write_text(csv_path, _csv_text(table, columns))
+        write_text_atomic(csv_path, csv_text(table, columns))
         lines = [f"# Fusion metrics: {', '.join(methods)}, profile `{p}`", ""]
         lines += [
             f"- data: {description}",
@@ -779,7 +782,7 @@ def compare(
             "",
         ]
         lines += _conventions_markdown(p, names[p]) + [""] + comparison_markdown(summaries, names[p]) + [""]
-        _write_text(md_path, "\n".join(lines))
+        write_text_atomic(md_path, "\n".join(lines))
         written[f"comparison_{p}_md"], written[f"comparison_{p}_csv"] = md_path, csv_path
         logger.info("comparison (profile %s): %s", p, md_path)
     if failures:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.evaluate import BASELINES, NETWORK_METHOD, _csv_text, _write_text, compare, read_rows, summarise
+from scripts.baselines import BASELINES
+from scripts.evaluate import NETWORK_METHOD, csv_text, write_text_atomic, compare, read_rows, summarise
 
 __all__ = [
     "CANDIDATES",
@@ -274,15 +275,15 @@ def score_split(
         rows = [r for name in methods for r in per_method[p][name][0]]
         names = per_method[p][methods[0]][1]
         pairs_path, summary_path = _record_paths(out, p)
-        _write_text(pairs_path, _csv_text(rows, ["task", "id", "method", *names]))
+        write_text_atomic(pairs_path, csv_text(rows, ["task", "id", "method", *names]))
         summaries[p] = _summary_record(rows, names, methods)
         record = {"split": split, "profile": p, "metrics": list(names), "methods": summaries[p]}
-        _write_text(summary_path, json.dumps(_json_safe(record), indent=1) + "\n")
+        write_text_atomic(summary_path, json.dumps(_json_safe(record), indent=1) + "\n")
     shutil.rmtree(scratch, ignore_errors=True)
     result: dict[str, Any] = {"split": split, "methods": methods}
     if split == "val":
         result = _selection(summaries[RANK_PROFILE], candidates, methods, root)
-        _write_text(out / "selection.json", json.dumps(_json_safe(result), indent=1) + "\n")
+        write_text_atomic(out / "selection.json", json.dumps(_json_safe(result), indent=1) + "\n")
         logger.info("selected candidate: %s (mean ranks %s)", result["selected"], result["mean_ranks"])
     return result
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.evaluate import _write_text, format_mean_std
+from scripts.evaluate import write_text_atomic, format_mean_std
 from scripts.model_selection import CDDFUSE_PUBLISHED, RANK_METRICS, TASKS
 
 __all__ = ["BEGIN", "END", "render", "update_card", "main"]
@@ -157,7 +157,7 @@ def update_card(card: Path, results_dir: Path, check: bool = False) -> bool:
     if new == text:
         return True
     if not check:
-        _write_text(card, new)
+        write_text_atomic(card, new)
     return False
 
 

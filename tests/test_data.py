@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from scripts.data import (
-    check_pairs,
     datalist_from_csv,
     datalist_from_folder,
     datalist_from_json,
@@ -20,6 +19,7 @@ from scripts.data import (
     load_datalist,
     split_extension,
 )
+from scripts.pair_check import check_pairs
 
 SAMPLES = Path(__file__).resolve().parents[1] / "docs" / "samples"
 

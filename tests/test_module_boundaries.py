@@ -16,11 +16,6 @@ SCRIPTS = ROOT / "scripts"
 #: ``scripts.ssm``'s public entry points
 KERNEL_MODULES = {"scripts.ssm.compiled", "scripts.ssm.compiled_grad", "scripts.ssm.compiled_backend"}
 
-#: import cycles that remain outside this change's scope, each to be removed by the change that untangles it:
-#: ``scripts.data`` and ``scripts.transforms`` share the pair validation (issue 23, item 4)
-KNOWN_CYCLES: set[frozenset[str]] = {frozenset({"scripts.data", "scripts.transforms"})}
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -117,12 +112,9 @@ def test_the_plain_model_imports_nothing_of_the_inference_speed_layer(module):
     assert not imported & speed, f"scripts/networks/{module}.py imports {sorted(imported & speed)}"
 
 
-def test_scripts_have_no_import_cycle_beyond_the_known_ones():
-    found = set(cycles(import_graph()))
-    assert found - KNOWN_CYCLES == set(), f"new import cycle(s): {[sorted(c) for c in found - KNOWN_CYCLES]}"
-    # a known cycle that has gone must leave the allow-list too
-    gone = [sorted(c) for c in KNOWN_CYCLES - found]
-    assert not gone, f"no longer cycles, remove them from KNOWN_CYCLES: {gone}"
+def test_scripts_have_no_import_cycle():
+    found = cycles(import_graph())
+    assert not found, f"import cycle(s) in scripts/: {[sorted(c) for c in found]}"
 
 
 def test_the_companion_bundle_cli_copy_matches_the_fusion_bundle_cli() -> None:

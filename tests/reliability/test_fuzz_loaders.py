@@ -1,7 +1,7 @@
 """Fuzzing the loaders with random, truncated and bit-flipped bytes (hypothesis profile ``reliability``).
 
 Targets: the pair loader of the workflows (:class:`scripts.transforms.LoadPaird`: PNG through MONAI's
-``PILReader``, NIfTI through its ``NibabelReader``), the header check of :func:`scripts.data.check_pairs`, the
+``PILReader``, NIfTI through its ``NibabelReader``), the header check of :func:`scripts.pair_check.check_pairs`, the
 DICOM series reader of :mod:`scripts.dicom` (pydicom), the classification bundle's :func:`read_image` and the
 weights reader. Contract: a loader either returns a finite image or raises ``ValueError`` /
 ``FileNotFoundError`` naming the file (or the DICOM folder) -- never another exception, a hang or a huge
@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from reliability_helpers import RELIABILITY, examples, nifti_bytes, png_bytes, texture
 
 from tumor_classification_scripts.cohort import read_image
-from scripts.data import check_pairs
+from scripts.pair_check import check_pairs
 from scripts.dicom import read_series
 from scripts.transforms import LoadPaird
 from scripts.weights import read_state_dict

@@ -48,7 +48,7 @@ def _wrapped(err: Exception) -> RuntimeError:
             try:
                 raise err
             except Exception as e:
-                raise RuntimeError("Failed to instantiate component 'scripts.data.check_pairs' with keywords: x") from e
+                raise RuntimeError("Failed to instantiate component 'scripts.pair_check.check_pairs' with keywords: x") from e
         except Exception as e:
             raise RuntimeError("Failed to evaluate ConfigExpression: '$@pair_check.valid'") from e
     except RuntimeError as outer:

@@ -77,7 +77,7 @@ def test_a_4d_nifti_time_series_is_refused_from_the_command_line(tmp_path: Path)
 
 
 def test_a_4d_nifti_marked_as_rgb_is_fused_as_colour(tmp_path: Path) -> None:
-    from scripts.data import check_pairs
+    from scripts.pair_check import check_pairs
 
     nifti(tmp_path / "data" / "MRI" / "p.nii.gz")
     _four_d(tmp_path / "data" / "X" / "p.nii.gz", frames=3, intent="rgb vector")
