@@ -30,7 +30,8 @@ ARMS = ["flair", "t1c", "flair+t1c", "clinicalfmamba", "mean", "max"]
 
 
 def tiny_args(shared_data: Path, out: Path) -> dict:
-    """1 fold of a 2-fold split, 8 patients x 4 slices, 32x32, 1 epoch, tiny CNN, 2-fold inner CV, tiny grids."""
+    """1 fold of a 2-fold split, 8 patients x 4 slices, 32x32 (CNN inputs too), 1 epoch, tiny CNN, 2-fold inner CV, tiny
+    grids."""
     return {
         "dataset_dir": str(shared_data / "lgg_tcga"),
         "fusion_bundle_dir": str(ROOT),
@@ -51,6 +52,7 @@ def tiny_args(shared_data: Path, out: Path) -> dict:
         "wholeslice_inner_folds": 2,
         "wholeslice_c_grid": [1.0],
         "wholeslice_k_grid": [5],
+        "cnn_input_size": 32,
         "classifier_def#block_inplanes": [4, 8, 8, 8],
     }
 

@@ -4,7 +4,8 @@
 - :mod:`.folds` — stratified patient-level k-fold, the same for every arm;
 - :mod:`.fusion` — the fusion bundle loaded as a pipeline would (bundle folder or TorchScript), mean / max rules;
 - :mod:`.arms` — input arms (sequence A / B alone, both as two channels, fused by ClinicalFMamba or a baseline);
-- :mod:`.training` — the fixed CNN recipe shared by all arms;
+- :mod:`.cnn_inputs` — what the CNN sees: head z-scoring, tumour / head crops, MONAI augmentation;
+- :mod:`.training` — the CNN recipe shared by all arms (the one training loop, early stopping);
 - :mod:`.features` — IBSI-named radiomics features (numpy, scikit-image);
 - :mod:`.classifiers` — classifier families: CNN on slices, radiomics + penalised logistic regression;
 - :mod:`.stats` — ROC AUC, DeLong test, patient-level bootstrap CIs, slice-to-patient aggregation, thresholds;

@@ -2,8 +2,10 @@
 
 Every family sees the same :class:`ArmImages` (one arm's images of one cohort) and the same patient folds:
 
-- :class:`CNNClassifier` — a MONAI 2-D network trained on slices with the fixed recipe of :mod:`.training`;
-  a patient's score is the aggregate (mean by default) of its tumour slices' probabilities. Both tasks.
+- :class:`CNNClassifier` — a MONAI 2-D network trained on slices with the recipe of :mod:`.training` (early
+  stopping on an inner validation split of the training patients) on the inputs of :mod:`.cnn_inputs`
+  (tumour-centred crops for the patient task, head crops without the mask for the slice task); a patient's
+  score is the aggregate (mean by default) of its tumour slices' probabilities. Both tasks.
 - :class:`RadiomicsClassifier` — one IBSI-named feature vector per patient (:mod:`.features`: intensity,
   histogram and GLCM texture inside the tumour mask of the stacked tumour slices, plus the mask's morphology
   unless ``with_shape=False``), then a scikit-learn pipeline fitted on the training patients only: drop constant
@@ -20,7 +22,6 @@ Every family sees the same :class:`ArmImages` (one arm's images of one cohort) a
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cnn_inputs import INPUT_MODES, build_augmentation, cnn_inputs
 from .cohort import Cohort
 from .features import head_mask, patient_features, whole_slice_features
 from .stats import aggregate_scores
-from .training import build_classifier, fit_classifier, predict_proba
+from .training import (
+    balanced_weights,
+    build_classifier,
+    fit_classifier,
+    inner_validation_split,
+    predict_proba,
+)
 
 __all__ = ["ArmImages", "CNNClassifier", "Classifier", "RadiomicsClassifier", "Scores", "WholeSliceClassifier"]
 
@@ -104,10 +112,26 @@ class Classifier:
 class CNNClassifier(Classifier):
     """A MONAI 2-D network per arm, task and fold, trained with :func:`.training.fit_classifier`.
 
+    Inputs (:func:`.cnn_inputs.cnn_inputs`): every slice z-scored inside its head region, then a square crop
+    resized to ``input_size``: around the tumour mask for the patient task (``patient_input="tumour"``), around
+    the head for the slice task (which never sees the mask). Training: per-sample weights that balance the
+    classes (and, for the patient task, the patients: a patient with many tumour slices weighs as much as one
+    with few), the MONAI augmentation of :func:`.cnn_inputs.build_augmentation`, at most ``epochs`` epochs with
+    early stopping on an inner validation split of the **training patients** (``val_fraction`` of them, whole
+    patients, stratified), the best epoch restored. A patient's score is the ``aggregation`` of its tumour
+    slices' probabilities.
+
     Args:
         classifier_def: callable building the network, called with ``{in_channels_arg: channels}``; one logit.
         in_channels_arg: keyword of ``classifier_def`` for the number of input channels.
-        epochs, batch_size, learning_rate, weight_decay, flip_prob, class_balance: the training recipe.
+        epochs: maximum number of epochs; ``patience``: epochs without a better validation AUC before stopping.
+        batch_size, learning_rate, weight_decay: AdamW training.
+        val_fraction: share of the training patients held out for early stopping (0: no validation, all epochs).
+        input_size: side of the network input; ``crop_margin``: margin around the tumour box on each side (a
+            fraction of its size); ``min_crop_fraction``: smallest tumour box side, as a fraction of the image side.
+        patient_input: ``"tumour"`` (crop around the mask) or ``"head"`` (the whole head) for the patient task.
+        augment_prob, rotate_degrees, scale, translate_fraction, intensity_scale, intensity_shift: augmentation.
+        patient_balance: weight the patient task's slices so that every patient counts the same.
         aggregation: slice-to-patient aggregation for the patient task (``mean``, ``median``, ``max``).
         device: where the network trains.
         name: the family's name in the results.
@@ -119,16 +143,29 @@ class CNNClassifier(Classifier):
         self,
         classifier_def: Callable[..., nn.Module],
         in_channels_arg: str = "n_input_channels",
-        epochs: int = 6,
+        epochs: int = 40,
+        patience: int = 8,
         batch_size: int = 32,
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-4,
-        flip_prob: float = 0.5,
-        class_balance: bool = True,
+        val_fraction: float = 0.2,
+        input_size: int = 64,
+        crop_margin: float = 0.25,
+        min_crop_fraction: float = 0.25,
+        patient_input: str = "tumour",
+        augment_prob: float = 0.5,
+        rotate_degrees: float = 10.0,
+        scale: float = 0.1,
+        translate_fraction: float = 0.05,
+        intensity_scale: float = 0.1,
+        intensity_shift: float = 0.1,
+        patient_balance: bool = True,
         aggregation: str = "mean",
         device: str | torch.device | None = None,
         name: str = "cnn",
     ) -> None:
+        if patient_input not in INPUT_MODES:
+            raise ValueError(f"patient_input must be one of {INPUT_MODES}, got {patient_input!r}")
         self.name = str(name)
         self.classifier_def = classifier_def
         self.in_channels_arg = in_channels_arg
@@ -137,23 +174,74 @@ class CNNClassifier(Classifier):
             "batch_size": int(batch_size),
             "learning_rate": float(learning_rate),
             "weight_decay": float(weight_decay),
-            "flip_prob": float(flip_prob),
-            "class_balance": bool(class_balance),
+            "patience": int(patience),
         }
+        self.val_fraction = float(val_fraction)
+        self.inputs_spec = {
+            "size": int(input_size),
+            "margin": float(crop_margin),
+            "min_side_fraction": float(min_crop_fraction),
+        }
+        self.patient_input = patient_input
+        self.augment_spec = {
+            "prob": float(augment_prob),
+            "rotate_degrees": float(rotate_degrees),
+            "scale": float(scale),
+            "translate_fraction": float(translate_fraction),
+            "intensity_scale": float(intensity_scale),
+            "intensity_shift": float(intensity_shift),
+            "size": int(input_size),
+        }
+        self.patient_balance = bool(patient_balance)
         self.aggregation = aggregation
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device if device is not None else auto)
 
+    @property
+    def needs_masks(self) -> bool:  # type: ignore[override]
+        return self.patient_input == "tumour"
+
+    def input_mode(self, task: str) -> str:
+        """``"tumour"`` or ``"head"``: the crop the task's images get (the slice task never sees the mask)."""
+        return self.patient_input if task == "patient" else "head"
+
+    def inputs(self, data: ArmImages, task: str) -> torch.Tensor:
+        """``(N, C, input_size, input_size)`` network inputs of every slice of ``data`` for ``task`` (memoised)."""
+        mode = self.input_mode(task)
+        key = ("cnn_inputs", mode, tuple(sorted(self.inputs_spec.items())))
+        if key not in data.cache:
+            rois = data.rois if mode == "tumour" else None
+            x, fallbacks = cnn_inputs(data.images, data.heads, rois, mode, **self.inputs_spec)
+            lost = sum(bool(f) and s.tumour == 1 for f, s in zip(fallbacks, data.cohort.slices))
+            if lost:
+                logger.info("%s: %d tumour slice(s) with a mask empty at image_size get the head crop", self.name, lost)
+            data.cache[key] = x
+        return data.cache[key]
+
     def fit(self, task: str, data: ArmImages, patients: Sequence[str], seed: int) -> nn.Module:
         idx, target = data.task_slices(task, patients)
-        net = build_classifier(self.classifier_def, data.images.shape[1], self.in_channels_arg, seed)
-        fit = fit_classifier(net, data.images, target, idx, seed=seed, device=self.device, **self.recipe)
+        images = self.inputs(data, task)
+        groups = [data.cohort.slices[i].patient for i in idx]
+        tr, va = inner_validation_split(idx, target, groups, self.val_fraction, seed)
+        balance_patients = task == "patient" and self.patient_balance
+        weights = balanced_weights(target[tr], [groups[i] for i in tr] if balance_patients else None)
+        augment = build_augmentation(seed, dihedral=self.input_mode(task) == "tumour", **self.augment_spec)
+        net = build_classifier(self.classifier_def, images.shape[1], self.in_channels_arg, seed)
+        fit = fit_classifier(
+            net, images, target[tr], idx[tr], seed=seed, sample_weights=weights, augment=augment,
+            val_index=idx[va], val_targets=target[va], device=self.device, **self.recipe,
+        )  # fmt: skip
+        fit["val_patients"] = sorted({groups[i] for i in va})
+        # the study's fold table: the early-stopping choice (as the feature families' inner-CV choice)
+        fit["best_params"] = {"best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"]}
+        if fit["val_auc"]:
+            fit["inner_auc"] = fit["val_auc"][fit["best_epoch"] - 1]
         net.fit_info = fit  # type: ignore[attr-defined]
         return net
 
     def predict(self, model: nn.Module, task: str, data: ArmImages, patients: Sequence[str]) -> Scores:
         idx, target = data.task_slices(task, patients)
-        probs = predict_proba(model, data.images, idx, device=self.device)
+        probs = predict_proba(model, self.inputs(data, task), idx, device=self.device)
         sl = data.cohort.slices
         if task == "patient":
             agg = aggregate_scores([sl[i].patient for i in idx], probs, self.aggregation)
@@ -168,6 +256,10 @@ class CNNClassifier(Classifier):
             "kind": "cnn",
             "network": repr(self.classifier_def),
             "recipe": self.recipe,
+            "val_fraction": self.val_fraction,
+            "inputs": {**self.inputs_spec, "patient_task": self.patient_input, "slice_task": "head"},
+            "augmentation": self.augment_spec,
+            "patient_balance": self.patient_balance,
             "aggregation": self.aggregation,
         }
 
