@@ -3,7 +3,8 @@
 CI does not rerun the studies; instead the published tables are recomputed from the published out-of-fold
 predictions with independent code (scikit-learn's AUC) and the bundle's DeLong test, and the model card is
 checked to quote them. ``results/`` holds the feature-based classifiers' study (with its external-validation
-files absent: the shared cohort has no external set), ``results/cnn/`` the CNN's study.
+files absent: the shared cohort has no external set), ``results/cnn/`` the CNN's study with its earlier fixed
+recipe, ``results/cnn_recipe/`` the current CNN recipe on the single-sequence arms (one seed).
 """
 
 from __future__ import annotations
@@ -89,3 +90,20 @@ def test_model_card_quotes_the_published_numbers() -> None:
             assert f"{float(c['auc_fused']):.3f}" in card and f"{float(c['auc_other']):.3f}" in card, _key(c)
             assert f"{float(c['delta_auc']):+.3f}" in card, (folder.name, c.get("classifier"), c["other_arm"])
     assert "does not beat" in card  # the plain statement of the outcome
+
+
+def test_cnn_recipe_measurement_is_consistent_and_quoted() -> None:
+    """``results/cnn_recipe/``: the current CNN recipe on the single-sequence arms (one seed, no fused arm)."""
+    folder = RESULTS / "cnn_recipe"
+    p = pooled(folder)
+    rows = _rows(folder, "results.csv")
+    assert {r["arm"] for r in rows} == {"flair", "t1c", "flair+t1c"}
+    assert {r["task"] for r in rows} == {"patient", "slice"}
+    card = (BUNDLE / "docs" / "README.md").read_text()
+    for r in rows:
+        units, y, s = p[_key(r)]
+        assert len(units) == {"patient": 78, "slice": 1232}[r["task"]]
+        assert roc_auc_score(y, s) == pytest.approx(float(r["pooled_auc"]), abs=1e-5), _key(r)
+        low, high = float(r["pooled_auc_ci_low"]), float(r["pooled_auc_ci_high"])
+        quoted = f"{float(r['pooled_auc']):.3f} [{low:.3f}, {high:.3f}]"
+        assert quoted in card, quoted
