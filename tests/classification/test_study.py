@@ -96,6 +96,7 @@ def test_copied_bundle_runs_with_only_the_fusion_bundle_path(shared_data, tmp_pa
     assert info["cohort"]["n_patients"] == 8 and info["cohort"]["n_excluded"] == 10
     report = (out / "report.md").read_text()
     assert "Excluded: 10 patients" in report and "Classifier `radiomics_image`" in report
+    assert "32x32 crops around the tumour (patient task) and the head (slice task, never the mask)" in report
     # the same test patients in every classifier and arm: the shared folds
     preds = _rows(out / "predictions.csv")
     folds = _rows(out / "folds.csv")

@@ -117,11 +117,25 @@ def conclusion_lines(stats: Mapping[str, Any], run_info: Mapping[str, Any], coho
     return out
 
 
+def _cnn_inputs_text(c: Mapping[str, Any]) -> str:
+    """What the CNN saw per task and how it stopped (empty for a CNN entry without these keys)."""
+    inputs = c.get("inputs")
+    if not isinstance(inputs, Mapping):
+        return ""
+    size = inputs.get("size")
+    return (
+        f"; inputs z-scored inside the head, {size}x{size} crops around the {inputs.get('patient_task')} "
+        f"(patient task) and the {inputs.get('slice_task')} (slice task, never the mask); early stopping on "
+        f"{c.get('val_fraction')} of the training patients, best epoch restored"
+    )
+
+
 def _classifier_text(c: Mapping[str, Any]) -> str:
     if c.get("kind") == "cnn":
         return (
-            f"`{c['classifier']}`: CNN `{c['network']}` trained on slices, recipe {c['recipe']}; patient score = "
-            f"{c['aggregation']} of its tumour-slice probabilities"
+            f"`{c['classifier']}`: CNN `{c['network']}` trained on slices, recipe {c['recipe']}"
+            + _cnn_inputs_text(c)
+            + f"; patient score = {c['aggregation']} of its tumour-slice probabilities"
         )
     if c.get("kind") == "radiomics":
         what = "intensity, histogram and GLCM texture inside the tumour mask" + (
