@@ -95,6 +95,7 @@ def read_record(spec: str, root: str | Path = BUNDLE_ROOT) -> dict[str, dict[str
     if path.suffix.lower() != ".json":
         return read_summary_table(path)
     record = json.loads(path.read_text(encoding="utf-8"))
+    record = record.get("methods", record)  # summary_<profile>.json: {"split", "profile", "metrics", "methods"}
     if method not in record:
         raise ValueError(f"{path}: name the method as {rel}#METHOD, one of {sorted(record)}")
     return {

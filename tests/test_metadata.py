@@ -99,10 +99,12 @@ def test_read_summary_table_values_and_errors(tmp_path: Path) -> None:
 
 
 def test_read_record_takes_one_method_of_a_model_selection_summary(tmp_path: Path) -> None:
-    record = {
+    methods = {
         "candidate_a": {"CT-MRI": {"n": 2, "Qabf": {"mean": 0.6, "std": 0.1}, "MI": {"mean": None, "std": None}}},
         "max": {"CT-MRI": {"n": 2, "Qabf": {"mean": 0.5, "std": 0.1}}},
     }
+    # the layout scripts.model_selection writes
+    record = {"split": "test", "profile": "cddfuse", "metrics": ["Qabf", "MI"], "methods": methods}
     (tmp_path / "summary_cddfuse.json").write_text(json.dumps(record))
     assert read_record("summary_cddfuse.json#candidate_a", tmp_path) == {"CT-MRI": {"Qabf": 0.6}}
     with pytest.raises(ValueError, match=r"summary_cddfuse\.json#METHOD, one of \['candidate_a', 'max'\]"):
@@ -175,7 +177,9 @@ def test_ckpt_export_writes_the_runtime_packages_into_model_ts(tmp_path: Path) -
 
     tiny = {"features": [8, 8, 16], "depth": 1, "decoder_depth": 1, "d_state": 4, "swap_d_state": 4}
     torch.manual_seed(0)
-    net = ClinicalFMamba(spatial_dims=2, refine=True, source_selection=True, **tiny)
+    shipped = json.loads((ROOT / "configs" / "inference.json").read_text())["network_def"]
+    options = {k: shipped[k] for k in ("refine", "source_selection")}  # the shipped architecture, tiny widths
+    net = ClinicalFMamba(spatial_dims=2, **options, **tiny)
     torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
     ckpt_export(
         net_id="network_def",

@@ -141,3 +141,43 @@ def test_score_split_writes_consistent_records_once(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="validation split first"):
         score_split("test", output_dir=tmp_path / "other" / "test", candidates=candidates, bundle_root=BUNDLE_ROOT)
     assert math.isfinite(selection["mean_ranks"]["paper"])
+
+
+def _network_options(config: dict) -> dict:
+    return {k: v for k, v in config["network_def"].items() if k in ("refine", "source_selection")}
+
+
+def test_the_shipped_configs_build_the_selected_candidate() -> None:
+    """models/model.pt is the selected candidate's checkpoint, and every 2D config builds that candidate's network."""
+    selection = json.loads((BUNDLE_ROOT / "docs" / "results" / "val" / "selection.json").read_text())
+    chosen = selection["candidates"][selection["selected"]]
+    shipped = torch.load(BUNDLE_ROOT / "models" / "model.pt", map_location="cpu", weights_only=True)
+    trained = torch.load(BUNDLE_ROOT / chosen["run_dir"] / "model.pt", map_location="cpu", weights_only=True)
+    assert shipped.keys() == trained.keys() and all(torch.equal(shipped[k], trained[k]) for k in shipped)
+    for name in ("train.json", "inference.json", "evaluate.json"):
+        config = json.loads((BUNDLE_ROOT / "configs" / name).read_text())
+        key = "clinicalfmamba_def" if name == "evaluate.json" else "network_def"
+        options = {k: v for k, v in config[key].items() if k in ("refine", "source_selection")}
+        assert options == chosen["network"], f"configs/{name}: {options} is not the selected {chosen['network']}"
+
+
+@pytest.mark.parametrize("overlay", ["train_paper.json", "train_refine.json"])
+def test_train_json_alone_is_the_selected_candidates_recipe(overlay: str) -> None:
+    """``configs/train.json`` alone resolves to the selected candidate's configuration (its overlay changes
+    nothing but the description), so one command reproduces the shipped run from scratch."""
+    from monai.bundle import ConfigParser
+
+    selection = json.loads((BUNDLE_ROOT / "docs" / "results" / "val" / "selection.json").read_text())
+    chosen = selection["candidates"][selection["selected"]]
+    if f"train_{selection['selected']}.json" != overlay:
+        overlay_network = json.loads((BUNDLE_ROOT / "configs" / overlay).read_text())
+        assert {k.split("#")[1]: v for k, v in overlay_network.items() if k.startswith("network_def#")} != chosen[
+            "network"
+        ]
+        return
+    alone, layered = ConfigParser(), ConfigParser()
+    alone.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    layered.read_config([str(BUNDLE_ROOT / "configs" / "train.json"), str(BUNDLE_ROOT / "configs" / overlay)])
+    a, b = alone.get(), layered.get()
+    a.pop("_desc_", None), b.pop("_desc_", None)
+    assert a == b

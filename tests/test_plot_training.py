@@ -72,4 +72,4 @@ def test_the_model_card_embeds_the_shipped_curves() -> None:
     card = (ROOT / "docs" / "README.md").read_text()
     assert "figures/harvard2d_curves.png" in card
     assert (ROOT / "docs" / "figures" / "harvard2d_curves.png").is_file()
-    assert "python -m scripts.plot_training training/harvard2d/training_log.csv" in card
+    assert "python -m scripts.plot_training training/harvard2d_refine_v2/training_log.csv" in card

@@ -8,13 +8,20 @@ from pathlib import Path
 import pytest
 
 from scripts.model_selection import RANK_METRICS
-from scripts.results_card import BEGIN, END, main, render, update_card
+from scripts.results_card import BEGIN, END, main, render, render_selection, selected_run_readme, update_card
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_card_agrees_with_the_committed_records() -> None:
     assert main(["--check"]) == 0, "docs/README.md is out of date: run python -m scripts.results_card"
+
+
+def test_the_selected_run_folder_carries_the_selection_table() -> None:
+    readme = selected_run_readme(BUNDLE_ROOT / "docs" / "results")
+    assert readme is not None and readme.is_file(), "the validation selection names a run folder without README.md"
+    assert (readme.parent / "command.txt").is_file() and (readme.parent / "training_log.csv").is_file()
+    assert BEGIN in readme.read_text() and "**Selected: `" in readme.read_text()
 
 
 def _summary(profile: str, metrics, methods: dict[str, float], split: str) -> dict:
@@ -68,6 +75,7 @@ def test_render_from_records(tmp_path: Path) -> None:
     _records(tmp_path / "full", with_test=True)
     text = render(tmp_path / "full")
     assert "Test split (scored once)" in text and "Not scored yet" not in text
+    assert "The same targets on the test split" in text
     assert "| CT-MRI | CDDFuse (published) | 0 | 4.880 ± – | 79.17 ± – |" in text  # the reference row
     assert "| CT-MRI | mean | 3 | 0.250 ± 0.500 | 1.250 ± 0.500 | 2.250 ± 0.500 | 3.250 ± 0.500 |" in text
 
@@ -83,3 +91,14 @@ def test_check_detects_a_stale_card(tmp_path: Path) -> None:
     assert text.startswith("# Card\n\n" + BEGIN) and text.endswith(f"{END}\n\nrest\n") and "old numbers" not in text
     with pytest.raises(ValueError, match="no generated results block"):
         update_card(tmp_path / "results" / "val" / "selection.json", root)
+
+
+def test_the_run_folder_block_is_the_validation_part(tmp_path: Path) -> None:
+    root = _records(tmp_path / "full", with_test=True)
+    block = render_selection(root)
+    assert "**Selected: `selection`**" in block and "| CT-MRI | mean | 3 |" in block
+    assert "Test split" not in block and "CDDFuse (published)" not in block
+    (root / "val" / "selection.json").write_text(
+        (root / "val" / "selection.json").read_text().replace('"with additions",', '"with additions", "run_dir": "runs/x",')
+    )
+    assert selected_run_readme(root, bundle_root=tmp_path) == tmp_path / "runs" / "x" / "README.md"

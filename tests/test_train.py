@@ -346,9 +346,9 @@ def test_latest_checkpoint_skips_a_truncated_file(tmp_path: Path) -> None:
 
 
 def test_parameter_groups_scale_the_selection_learning_rate(data: Path, tmp_path: Path) -> None:
-    """train.json's optimizer: the source-selection output learns at 10x; a network without it has one group."""
+    """train.json's lr_multipliers: the source-selection output learns at 10x; a network without it has one group."""
     net = {**TINY_NET, "refine": True, "source_selection": True}
-    wf = _workflow(data, tmp_path / "a", network_def=net)
+    wf = _workflow(data, tmp_path / "a", network_def=net, lr_multipliers={"selection.": 10.0})
     network, optimizer = wf.parser.get_parsed_content("network"), wf.parser.get_parsed_content("optimizer")
     selection = {id(p) for p in network.selection.parameters()}
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.005, 0.05])
@@ -356,7 +356,7 @@ def test_parameter_groups_scale_the_selection_learning_rate(data: Path, tmp_path
     assert len(optimizer.param_groups[0]["params"]) + len(selection) == len(list(network.parameters()))
     scheduler = wf.parser.get_parsed_content("lr_scheduler")
     assert scheduler.base_lrs == pytest.approx([0.005, 0.05])  # each group decays from its own rate
-    wf = _workflow(data, tmp_path / "b", network_def={**TINY_NET, "source_selection": False})
+    wf = _workflow(data, tmp_path / "b", network_def={**TINY_NET, "source_selection": False}, lr_multipliers={"selection.": 10.0})
     assert len(wf.parser.get_parsed_content("optimizer").param_groups) == 1
 
 
