@@ -12,9 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 
-#: kernel modules of the scan engine (scan_kernel.c is loaded by ``compiled``): its internals, reached only through
-#: ``scripts.ssm``'s public entry points
-KERNEL_MODULES = {"scripts.ssm.compiled", "scripts.ssm.compiled_grad", "scripts.ssm.compiled_backend"}
+#: kernel modules of the scan engine (the ``native`` package builds and binds scan_kernel.c; ``compiled_backend``
+#: registers it): its internals, reached only through ``scripts.ssm``'s public entry points
+KERNEL_MODULES = {
+    "scripts.ssm.compiled_backend",
+    "scripts.ssm.native",
+    "scripts.ssm.native.binding",
+    "scripts.ssm.native.build",
+    "scripts.ssm.native.loader",
+    "scripts.ssm.native.ops",
+    "scripts.ssm.native.selfcheck",
+    "scripts.ssm.native.threads",
+}
+
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -89,9 +99,10 @@ def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 
 def test_the_graph_reader_sees_relative_lazy_and_package_imports():
     graph = import_graph()
-    assert "scripts.ssm.compiled" in graph["scripts.ssm.compiled_grad"]  # from .compiled import ...
+    assert "scripts.ssm.native.ops" in graph["scripts.ssm.native.selfcheck"]  # from . import ops
+    assert "scripts.ssm.native.binding" in graph["scripts.ssm.native.ops"]  # from .binding import ...
+    assert "scripts.ssm.reference" in graph["scripts.ssm.native.selfcheck"]  # from ..reference import ...
     assert "scripts.ssm.reference" in graph["scripts.ssm"]  # from . import reference, ...
-    assert "scripts.ssm.reference" in graph["scripts.ssm.compiled"]  # inside a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
 
 
@@ -110,6 +121,22 @@ def test_the_plain_model_imports_nothing_of_the_inference_speed_layer(module):
     imported = import_graph()[f"scripts.networks.{module}"]
     speed = {"scripts.networks.optimize", "scripts.networks.rewrites", "scripts.networks.packed_conv"}
     assert not imported & speed, f"scripts/networks/{module}.py imports {sorted(imported & speed)}"
+
+
+def test_kernel_modules_are_all_listed_and_use_no_private_names_of_each_other():
+    graph = import_graph()
+    native = {name for name in graph if name.startswith("scripts.ssm.native")}
+    assert native <= KERNEL_MODULES, f"add to KERNEL_MODULES: {sorted(native - KERNEL_MODULES)}"
+    for name in sorted(native | {"scripts.ssm.compiled_backend"}):
+        tree = ast.parse(modules()[name].read_text())
+        private = [
+            f"{node.module}.{alias.name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+            if alias.name.startswith("_")
+        ]
+        assert not private, f"{name} imports private names: {private}"
 
 
 def test_scripts_have_no_import_cycle():
