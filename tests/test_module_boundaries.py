@@ -54,7 +54,7 @@ def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
         else:
             continue
         for target in targets:
-            while target and target not in known:  # "import scripts.ssm.compiled as c" -> the module itself
+            while target and target not in known:  # "import scripts.ssm.native.ops as o" -> the module itself
                 target = target.rpartition(".")[0]
             if target.startswith("scripts") and target != name:
                 found.add(target)

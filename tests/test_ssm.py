@@ -133,7 +133,7 @@ def test_dispatch_runs_selected_backend_and_mamba_ssm_is_refused_on_cpu():
 
 
 def test_auto_backend_never_picks_mamba_ssm_for_cpu_tensors():
-    # on CPU: the run-time compiled kernel when it builds (tests/test_ssm_compiled.py), else the fast scan
+    # on CPU: the run-time compiled kernel when it builds (tests/ssm/test_native_kernels.py), else the fast scan
     assert resolve_backend("auto", "cpu") == ("compiled" if compiled_scan_available() else "fast")
 
 

@@ -5,7 +5,9 @@ import pytest
 from scripts.ssm import compiled_scan_available, compiled_scan_info
 
 #: skips a test where no kernel could be built (no C compiler); the fallback tests cover that case
-needs_kernel = pytest.mark.skipif(not compiled_scan_available(), reason=f"kernel not built: {compiled_scan_info()['error']}")
+needs_kernel = pytest.mark.skipif(
+    not compiled_scan_available(), reason=f"kernel not built: {compiled_scan_info()['error']}"
+)
 
 
 def detached(inputs, dtype=None):

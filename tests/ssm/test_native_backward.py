@@ -1,4 +1,5 @@
-"""The compiled scan with autograd (C forward with checkpoints + C backward) against autograd on the float64 reference."""
+"""The compiled scan with autograd (C forward with checkpoints + C backward) against autograd on the float64
+reference."""
 
 import pytest
 import torch
@@ -81,13 +82,19 @@ def test_backward_float32_close_to_float64_reference(kernel_calls):
     assert kernel_calls == ["scan_bwd_f32"]
     for name in grads_ref:
         assert grads[name].dtype == torch.float32
-        err, err_fast = rel_err(grads[name].double(), grads_ref[name]), rel_err(grads_fast[name].double(), grads_ref[name])
+        err, err_fast = (
+            rel_err(grads[name].double(), grads_ref[name]),
+            rel_err(grads_fast[name].double(), grads_ref[name]),
+        )
         assert err <= 1e-5, name
         assert err <= 2 * err_fast + 1e-6, name  # not less accurate than the fast backend in float32
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,every", [(torch.float64, 1), (torch.float64, 5), (torch.float64, 64), (torch.float32, 5), (torch.float32, 23)])
+@pytest.mark.parametrize(
+    "dtype,every",
+    [(torch.float64, 1), (torch.float64, 5), (torch.float64, 64), (torch.float32, 5), (torch.float32, 23)],
+)
 def test_checkpoint_interval_does_not_change_the_gradients(dtype, every):
     # float32 runs the vector kernel, which advances time in chunks: intervals that do not divide them
     inputs = make_inputs(1, 24, 64, 4, groups=2, seed=3)
@@ -96,10 +103,12 @@ def test_checkpoint_interval_does_not_change_the_gradients(dtype, every):
         args = leaves(inputs, dtype)
         tm = {k: v.permute(2, 0, 1).reshape(64, 1, 2, 12) for k, v in args.items() if k in ("u", "delta")}
         y, h = CompiledSelectiveScan.apply(
-            kernel_library(), tm["delta"], tm["u"], args["A"].reshape(2, 12, 4), args["B"].permute(3, 0, 1, 2), args["C"].permute(3, 0, 1, 2),
-            args["D"].reshape(2, 12), args["delta_bias"].reshape(2, 12), True, every,
+            kernel_library(), tm["delta"], tm["u"], args["A"].reshape(2, 12, 4), args["B"].permute(3, 0, 1, 2),
+            args["C"].permute(3, 0, 1, 2), args["D"].reshape(2, 12), args["delta_bias"].reshape(2, 12), True, every,
         )  # fmt: skip
-        return torch.autograd.grad((y.square().sum() + h.sum()), list(args.values())[:6] + [args["delta_bias"]], allow_unused=True)
+        return torch.autograd.grad(
+            (y.square().sum() + h.sum()), list(args.values())[:6] + [args["delta_bias"]], allow_unused=True
+        )
 
     reference = run(64)  # one chunk: no checkpoint but the initial state
     assert checkpoint_interval(kernel_library(), 64, 4) == 64

@@ -221,7 +221,9 @@ def test_kernel_self_check_passes_in_fresh_processes():
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     for _ in range(6):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300
+        )
         assert out.returncode == 0 and out.stdout.strip() == "None", out.stdout + out.stderr
 
 
@@ -241,8 +243,8 @@ def test_kernel_arch_comes_from_the_environment_and_is_checked(monkeypatch, capl
     assert any(build.ARCH_ENV_VAR in r.getMessage() for r in caplog.records)
 
 
-#: -march targets without AVX-512, the SIMD width (floats) and instruction set the kernels use there: the AVX2 and SSE2 code paths,
-#: which this machine's default (native) build does not run when it has AVX-512
+#: -march targets without AVX-512, the SIMD width (floats) and instruction set the kernels use there: the AVX2 and
+#: SSE2 code paths, which this machine's default (native) build does not run when it has AVX-512
 PORTABLE_TARGETS = {"x86-64-v3": (8, "AVX2+FMA"), "x86-64": (4, "SSE2")}
 
 
@@ -272,4 +274,3 @@ def test_portable_builds_pass_every_kernel_test(arch):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
-

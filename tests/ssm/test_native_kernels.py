@@ -136,11 +136,15 @@ def test_low_rank_delta_matches_explicit_projection(dtype, per_group, rank):
     y_ref = y_ref.reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
     cast = [t.to(dtype) for t in (u, dt, A, b_sel, c_sel, D, bias, w_dt)]
     assert ops.row_view(cast[1])[0].data_ptr() == cast[1].data_ptr() or dtype != torch.float64  # no copy of dt
-    y = selective_scan_time_major(*cast[:6], delta_bias=cast[6], delta_softplus=True, backend="compiled", delta_proj_weight=cast[7])
+    y = selective_scan_time_major(
+        *cast[:6], delta_bias=cast[6], delta_softplus=True, backend="compiled", delta_proj_weight=cast[7]
+    )
     assert y.dtype == dtype
     assert rel_err(y.double(), y_ref) <= (1e-12 if dtype == torch.float64 else 2e-6)
     # the other backends take the same arguments and materialise delta
-    y_fast = selective_scan_time_major(*cast[:6], delta_bias=cast[6], delta_softplus=True, backend="fast", delta_proj_weight=cast[7])
+    y_fast = selective_scan_time_major(
+        *cast[:6], delta_bias=cast[6], delta_softplus=True, backend="fast", delta_proj_weight=cast[7]
+    )
     assert rel_err(y_fast.double(), y_ref) <= (1e-12 if dtype == torch.float64 else 2e-6)
 
 
@@ -156,7 +160,9 @@ def test_causal_conv_silu_matches_reference(dtype, length, per_group, width):
     bias = torch.randn(groups, per_group, generator=g, dtype=torch.float64)
     # independent float64 reference: F.conv1d with left padding, per group
     seq = x.permute(1, 2, 3, 0).reshape(batch, groups * per_group, length)
-    conv = torch.nn.functional.conv1d(seq, weight.reshape(-1, 1, width), bias.reshape(-1), padding=width - 1, groups=groups * per_group)
+    conv = torch.nn.functional.conv1d(
+        seq, weight.reshape(-1, 1, width), bias.reshape(-1), padding=width - 1, groups=groups * per_group
+    )
     ref = torch.nn.functional.silu(conv[..., :length]).reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)
     assert rel_err(causal_conv_silu_reference(x, weight, bias), ref) <= 1e-14
     out = ops.causal_conv_silu(kernel_library(), x.to(dtype), weight.to(dtype), bias.to(dtype))
@@ -187,7 +193,9 @@ def test_causal_conv_silu_reads_the_direction_gather_in_place(dtype, length, per
     with pytest.raises(ValueError, match="int64 row numbers"):
         ops.causal_conv_silu(kernel_library(), tokens, weight, bias, index=index[:-1])
     with pytest.raises(ValueError, match="at most"):
-        ops.causal_conv_silu(kernel_library(), tokens, torch.ones(groups, per_group, kernel_library().kmax + 1), bias, index=index)
+        ops.causal_conv_silu(
+            kernel_library(), tokens, torch.ones(groups, per_group, kernel_library().kmax + 1), bias, index=index
+        )
 
 
 @needs_kernel
@@ -200,7 +208,9 @@ def test_causal_conv_silu_saturates_without_overflow():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("length,batch,members,directions,width", [(30, 2, 2, 4, 20), (7, 1, 1, 1, 16), (12, 3, 2, 2, 5)])
+@pytest.mark.parametrize(
+    "length,batch,members,directions,width", [(30, 2, 2, 4, 20), (7, 1, 1, 1, 16), (12, 3, 2, 2, 5)]
+)
 def test_gate_merge_matches_reference(dtype, length, batch, members, directions, width):
     # scan outputs back to token order, averaged over directions, gated by silu(z) (z a column slice, no copy)
     g = torch.Generator().manual_seed(width)
@@ -247,7 +257,9 @@ def test_gate_merge_refuses_rows_too_wide_to_normalise():
     width = kernel_library().pmax + 1
     y, z = torch.zeros(1, 1, 1, width), torch.zeros(1, 1, 1, width)
     with pytest.raises(ValueError, match="at most"):
-        ops.gate_merge(kernel_library(), y, torch.zeros(1, dtype=torch.int64), z, torch.ones(1, width), torch.zeros(1, width))
+        ops.gate_merge(
+            kernel_library(), y, torch.zeros(1, dtype=torch.int64), z, torch.ones(1, width), torch.zeros(1, width)
+        )
 
 
 @needs_kernel
@@ -335,15 +347,26 @@ def _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, widt
 @needs_kernel
 @pytest.mark.parametrize(
     "length,per_group,n_state,rank,width",
-    [(45, 37, 4, 3, 4), (16, 32, 16, 2, 2), (70, 16, 8, 8, 4), (40, 256, 8, 8, 4), (21, 256, 16, 8, 4), (35, 128, 8, 4, 4)],
+    [
+        (45, 37, 4, 3, 4),
+        (16, 32, 16, 2, 2),
+        (70, 16, 8, 8, 4),
+        (40, 256, 8, 8, 4),
+        (21, 256, 16, 8, 4),
+        (35, 128, 8, 4, 4),
+    ],
 )  # the last three: the shapes the kernel is specialised for (the 2D and 3D networks' mixers)
 @pytest.mark.parametrize("cross", [False, True])
 def test_fused_mixer_kernel_matches_the_separate_steps(length, per_group, n_state, rank, width, cross):
     # conv + SiLU of the gathered tokens, x projection (of the conv output or of a gathered source), scan
     members, batch, groups = 2, 2, 6
     tokens, index, p = _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, width)
-    source = _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, width, seed=1)[0] if cross else None
-    u = causal_conv_silu_reference(tokens.reshape(-1, per_group)[index].view(length, batch, groups, per_group), p["conv_weight"], p["conv_bias"])
+    source = (
+        _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, width, seed=1)[0] if cross else None
+    )
+    u = causal_conv_silu_reference(
+        tokens.reshape(-1, per_group)[index].view(length, batch, groups, per_group), p["conv_weight"], p["conv_bias"]
+    )
     s = u if source is None else source.reshape(-1, per_group)[index].view_as(u)
     dt, b_sel, c_sel = torch.einsum("lbgp,gcp->lbgc", s, p["x_proj_weight"]).split([rank, n_state, n_state], dim=-1)
     delta = torch.einsum("lbgr,gpr->lbgp", dt, p["dt_proj_weight"])
@@ -352,11 +375,13 @@ def test_fused_mixer_kernel_matches_the_separate_steps(length, per_group, n_stat
         return t.permute(1, 2, 3, 0).reshape(batch, -1, length)
 
     ref = selective_scan_ref(
-        channels_first(u), channels_first(delta), p["A"].reshape(-1, n_state), b_sel.permute(1, 2, 3, 0), c_sel.permute(1, 2, 3, 0),
-        p["D"].reshape(-1), None, p["dt_bias"].reshape(-1), True,
+        channels_first(u), channels_first(delta), p["A"].reshape(-1, n_state), b_sel.permute(1, 2, 3, 0),
+        c_sel.permute(1, 2, 3, 0), p["D"].reshape(-1), None, p["dt_bias"].reshape(-1), True,
     ).reshape(batch, groups, per_group, length).permute(3, 0, 1, 2)  # fmt: skip
     f32 = {k: v.float() for k, v in p.items()}
-    out = ops.mixer_scan(kernel_library(), tokens.float(), index, **f32, source=None if source is None else source.float())
+    out = ops.mixer_scan(
+        kernel_library(), tokens.float(), index, **f32, source=None if source is None else source.float()
+    )
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert rel_err(out.double(), ref) <= 2e-6
     with pytest.raises(ValueError, match="rows outside"):
@@ -373,13 +398,23 @@ def test_fused_mixer_kernel_with_the_merge_matches_scan_then_merge(norm, per_gro
     members, batch, length, directions = 2, 3, 40, 4
     groups = members * directions
     tokens, _, p = _mixer_inputs(members, batch, length, groups, per_group, n_state, rank, 4)
-    orders = torch.stack([torch.randperm(length, generator=torch.Generator().manual_seed(k)) for k in range(directions)])
-    index = ((torch.arange(members).view(1, 1, -1, 1) * batch + torch.arange(batch).view(1, -1, 1, 1)) * length + orders.t().reshape(length, 1, 1, directions)).reshape(-1)
+    orders = torch.stack(
+        [torch.randperm(length, generator=torch.Generator().manual_seed(k)) for k in range(directions)]
+    )
+    index = (
+        (torch.arange(members).view(1, 1, -1, 1) * batch + torch.arange(batch).view(1, -1, 1, 1)) * length
+        + orders.t().reshape(length, 1, 1, directions)
+    ).reshape(-1)
     aligned = torch.empty_like(index)  # row of the (L, B, M, K) outputs that holds each (token, direction)
-    aligned[(index.view(length, batch, members, directions) * directions + torch.arange(directions)).reshape(-1)] = torch.arange(index.numel())
+    aligned[(index.view(length, batch, members, directions) * directions + torch.arange(directions)).reshape(-1)] = (
+        torch.arange(index.numel())
+    )
     backward = aligned.view(members, batch, length, directions).permute(2, 1, 0, 3).reshape(-1)
     z = torch.randn(members, batch, length, 2 * per_group, dtype=torch.float64)[..., per_group:]
-    weight, bias = torch.randn(members, per_group, dtype=torch.float64), torch.randn(members, per_group, dtype=torch.float64)
+    weight, bias = (
+        torch.randn(members, per_group, dtype=torch.float64),
+        torch.randn(members, per_group, dtype=torch.float64),
+    )
     f32 = {k: v.float() for k, v in p.items()}
     y = ops.mixer_scan(kernel_library(), tokens.float(), index, **f32)
     ref = gate_merge_reference(y.double(), backward, z)
@@ -472,5 +507,3 @@ def test_network_inference_matches_fast_backend():
         finally:
             set_scan_backend(None)
     assert (y_comp - y_fast).abs().max() <= 1e-5
-
-

@@ -1,4 +1,5 @@
-"""Building the kernel library: compiler discovery, flags, the per-user cache, the compile time-out and the OpenMP choice.
+"""Building the kernel library: compiler discovery, flags, the per-user cache, the compile time-out and the OpenMP
+choice.
 
 The system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) compiles ``scan_kernel.c`` (with its headers) into
 a shared library, about 3 s with GCC. The library is kept in a per-user cache (:func:`kernel_cache_dir`), keyed by
@@ -70,7 +71,9 @@ def loaded_openmp_runtimes() -> set[str]:
     """Files of the GNU OpenMP runtime (libgomp) mapped into this process (Linux; empty elsewhere)."""
     try:
         with open("/proc/self/maps") as maps:
-            return {os.path.realpath(line.split(None, 5)[5].strip()) for line in maps if "libgomp" in line and "/" in line}
+            return {
+                os.path.realpath(line.split(None, 5)[5].strip()) for line in maps if "libgomp" in line and "/" in line
+            }
     except (OSError, IndexError):
         return set()
 

@@ -39,7 +39,9 @@ def _build_and_load(tmp: str) -> tuple[ctypes.CDLL, str, list[str], bool]:
             cdll = ctypes.CDLL(output)
             if build.loaded_openmp_runtimes() == before and cdll.scan_openmp() == 1:
                 return cdll, compiler, flags, True
-            _logger.info("OpenMP build of the scan kernel loaded a second OpenMP runtime; using the build without OpenMP")
+            _logger.info(
+                "OpenMP build of the scan kernel loaded a second OpenMP runtime; using the build without OpenMP"
+            )
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             _logger.info("OpenMP build of the scan kernel failed (%s); using the build without OpenMP", exc)
     output = os.path.join(tmp, "scan_kernel.so")

@@ -101,7 +101,9 @@ def scan_time_major(
     return y, h.view(batch, groups, n_state, per_group)
 
 
-def scan_channels_first(library: KernelLibrary, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def scan_channels_first(
+    library: KernelLibrary, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+):
     """:func:`scan_time_major` on mamba_ssm's (batch, dim, L) layout with the optional gate ``z``; y in u's dtype."""
     n_state = A.shape[-1]
     batch, dim, length = u.shape
@@ -143,7 +145,9 @@ def causal_conv_silu(
         length = index.numel() // (batch * groups)
         x, stride = row_view(x)
         if index.dtype != torch.int64 or index.numel() % (batch * groups):
-            raise ValueError(f"index must hold (L, {batch}, {groups}) int64 row numbers, got {index.numel()} {index.dtype}")
+            raise ValueError(
+                f"index must hold (L, {batch}, {groups}) int64 row numbers, got {index.numel()} {index.dtype}"
+            )
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= members * batch * tokens):
             raise ValueError("index refers to rows outside x")
         index = index.contiguous()

@@ -260,29 +260,32 @@ static inline __attribute__((always_inline)) void block_f32(
     for (int64_t n = 0; n < N; ++n) store(h + n * P, hs[n], w);
 }
 
-static void block_f32_full(int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta,
-                           const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
-                           const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
-                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t tb) {
-    block_f32(L, P, N, row, u_row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, W);
-}
+/* block_f32 for a full block (w = W, a compile-time constant) and for a partial one. */
+#define BLOCK_F32_ARGS                                                                                              \
+    int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta, const float *u, \
+        const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus, float *y,  \
+        float *h, const float *dtr, int64_t dt_row, const float *wdt, int64_t R, float *ckpt, int64_t T,             \
+        int64_t ckpt_row, int64_t tb
+#define BLOCK_F32_CALL                                                                                        \
+    L, P, N, row, u_row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, \
+        ckpt_row, tb
+static void block_f32_full(BLOCK_F32_ARGS) { block_f32(BLOCK_F32_CALL, W); }
+static void block_f32_part(BLOCK_F32_ARGS, int64_t w) { block_f32(BLOCK_F32_CALL, w); }
 
-static void block_f32_part(int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta,
-                           const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
-                           const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
-                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t tb, int64_t w) {
-    block_f32(L, P, N, row, u_row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, w);
-}
-
-static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta,
-                           const float *u, const float *A, const float *B, const float *C, int64_t bc_stride,
-                           const float *D, const float *bias, int softplus, float *y, float *h, const float *dtr,
-                           int64_t dt_stride, const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t lo, int64_t hi) {
+/* The scan (ScanParams), work items lo..hi-1. */
+static void scan_f32_range(const ScanParams *p, int64_t lo, int64_t hi) {
+    const int64_t L = p->L, lanes = p->lanes, G = p->G, P = p->P, N = p->N, R = p->R, T = p->T;
+    const int64_t bc_stride = p->bc_stride, dt_stride = p->dt_stride;
+    const float *delta = p->delta, *u = p->u, *A = p->A, *B = p->B, *C = p->C, *D = p->D, *bias = p->bias;
+    const float *dtr = p->dtr, *wdt = p->wdt;
+    float *y = p->y, *h = p->h, *ckpt = p->ckpt;
+    const int softplus = p->softplus != 0;
     const int64_t blocks = (P + W - 1) / W, row = lanes * P, ckpt_row = lanes * N * P;
     const int64_t bc_row = lanes * bc_stride, dt_row = lanes * dt_stride;
     for (int64_t first = lo; first < hi;) {  /* the items of one lane: its blocks b0..b1-1, a chunk of time at a time */
         const int64_t lane = first / blocks, b0 = first % blocks;
-        const int64_t last = (lane + 1) * blocks < hi ? (lane + 1) * blocks : hi, b1 = last - lane * blocks, g = lane % G;
+        const int64_t last = (lane + 1) * blocks < hi ? (lane + 1) * blocks : hi;
+        const int64_t b1 = last - lane * blocks, g = lane % G;
         for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
             const int64_t tn = L - t0 < TIME_CHUNK ? L - t0 : TIME_CHUNK;
             for (int64_t bk = b0; bk < b1; ++bk) {
@@ -293,11 +296,11 @@ static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64
                 float *ck = ckpt ? ckpt + lane * N * P + p0 : 0;
                 const float *Bl = B + t0 * bc_row + lane * bc_stride, *Cl = C + t0 * bc_row + lane * bc_stride;
                 if (w == W)
-                    block_f32_full(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
-                                   y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0);
+                    block_f32_full(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg,
+                                   softplus, y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0);
                 else
-                    block_f32_part(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
-                                   y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0, w);
+                    block_f32_part(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg,
+                                   softplus, y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0, w);
             }
         }
         first = last;
@@ -341,9 +344,12 @@ static void conv_row_f32(int64_t K, int64_t kmax, const float *const *xr, int64_
     }
 }
 
-static void conv_silu_f32_range(int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, int64_t x_stride,
-                                const int64_t *index, const float *taps, const float *bias, float *out, int64_t lo,
-                                int64_t hi) {
+/* The causal convolution + SiLU (ConvSiluParams), work items (time steps) lo..hi-1. */
+static void conv_silu_f32_range(const ConvSiluParams *p, int64_t lo, int64_t hi) {
+    const int64_t lanes = p->lanes, G = p->G, P = p->P, K = p->K, x_stride = p->x_stride;
+    const int64_t *index = p->index;
+    const float *x = p->x, *taps = p->taps, *bias = p->bias;
+    float *out = p->out;
     const int64_t row = lanes * P, GP = G * P;
     const float *xr[KMAX];
     for (int64_t t = lo; t < hi; ++t) {
@@ -376,8 +382,8 @@ static vf merge_block_f32_part(int64_t K, const float *y, const int64_t *idx, in
 
 /* One token row: the K rows idx[k] of y summed, times scale and silu(z), into buf, then (with ln_w) normalised over
  * the row and scaled as LayerNorm; out may be one of the y rows. */
-static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64_t *idx, const float *z, float row_scale,
-                               const float *ln_w, const float *ln_b, double eps, float *out) {
+static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64_t *idx, const float *z,
+                               float row_scale, const float *ln_w, const float *ln_b, double eps, float *out) {
     vf buf[PMAX / W];
     for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j)
         buf[j] = P - p0 >= W ? merge_block_f32_full(K, y + p0, idx, P, z + p0, row_scale)
@@ -404,9 +410,13 @@ static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64
     }
 }
 
-static void gate_merge_f32_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y,
-                                 const int64_t *index, const float *z, int64_t z_stride, const float *ln_w,
-                                 const float *ln_b, double eps, float *out, int64_t lo, int64_t hi) {
+/* The gated merge (GateMergeParams), work items (token positions) lo..hi-1. */
+static void gate_merge_f32_range(const GateMergeParams *p, int64_t lo, int64_t hi) {
+    const int64_t L = p->L, B = p->B, M = p->M, K = p->K, P = p->P, z_stride = p->z_stride;
+    const int64_t *index = p->index;
+    const float *y = p->y, *z = p->z, *ln_w = p->ln_w, *ln_b = p->ln_b;
+    const double eps = p->eps;
+    float *out = p->out;
     for (int64_t l = lo; l < hi; ++l)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t m = 0; m < M; ++m) {
@@ -461,11 +471,11 @@ static void project_rows_f32(int64_t rows, int64_t P, int64_t C, int64_t CP, con
 
 /* One lane, all L steps: conv, projection and scan per chunk; the chunk's outputs go to y (time-major rows) or, with
  * `tokens` set, are added into the token rows out[index[t, lane]] (stored for the first direction, first = 1). */
-static inline __attribute__((always_inline)) void mixer_lane_f32(int64_t lane, int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
-                           const float *x, int64_t x_stride, const int64_t *index, const float *taps,
-                           const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
-                           const float *wdt, const float *dt_bias, const float *A, const float *D, float *y, float *h,
-                           float *tokens, int first, float *ubuf, float *xd, float *ybuf) {
+static inline __attribute__((always_inline)) void mixer_lane_f32(
+    int64_t lane, int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K, const float *x,
+    int64_t x_stride, const int64_t *index, const float *taps, const float *conv_bias, const float *src,
+    int64_t src_stride, const float *wxt, int64_t CP, const float *wdt, const float *dt_bias, const float *A,
+    const float *D, float *y, float *h, float *tokens, int first, float *ubuf, float *xd, float *ybuf) {
     const int64_t g = lane % G, row = lanes * P, C = R + 2 * N, GP = G * P;
     const float *xr[KMAX], *s[XROWS];
     for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
@@ -509,12 +519,12 @@ static inline __attribute__((always_inline)) void mixer_lane_f32(int64_t lane, i
  * direction lanes of the set are summed into out's token rows (M, B, L, P), then each row is gated by silu(z) (rows
  * z_stride apart in (M, B, L) order), scaled by 1 / KD and normalised with ln_w, ln_b (M, P) when not NULL, as
  * gate_merge_*: no time-major y at all. */
-static inline __attribute__((always_inline)) void mixer_scan_f32_range(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
-                                 const float *x, int64_t x_stride, const int64_t *index, const float *taps,
-                                 const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
-                                 const float *wdt, const float *dt_bias, const float *A, const float *D, float *y,
-                                 float *h, int64_t KD, float *out, const float *z, int64_t z_stride, const float *ln_w,
-                                 const float *ln_b, double eps, int64_t lo, int64_t hi) {
+static inline __attribute__((always_inline)) void mixer_scan_f32_range(
+    int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K, const float *x, int64_t x_stride,
+    const int64_t *index, const float *taps, const float *conv_bias, const float *src, int64_t src_stride,
+    const float *wxt, int64_t CP, const float *wdt, const float *dt_bias, const float *A, const float *D, float *y,
+    float *h, int64_t KD, float *out, const float *z, int64_t z_stride, const float *ln_w, const float *ln_b,
+    double eps, int64_t lo, int64_t hi) {
     vf ubuf_v[TIME_CHUNK * FUSED_PMAX / W], ybuf_v[TIME_CHUNK * FUSED_PMAX / W];
     float xd[TIME_CHUNK * XMAX];
     const int64_t lanes = B * G;
@@ -540,15 +550,18 @@ static inline __attribute__((always_inline)) void mixer_scan_f32_range(int64_t L
 /* mixer_scan_f32_range with the channel count P, the state size N and the delta rank R as compile-time constants for
  * the shipped networks' mixers (2D: P 256, N 8 or 16, R 8; 3D: P 128, N 8, R 4), so that the loops over channels,
  * states and ranks unroll and their operands stay in registers; other shapes run the generic code. */
-static void mixer_scan_f32_items(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
-                                 const float *x, int64_t x_stride, const int64_t *index, const float *taps,
-                                 const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
-                                 const float *wdt, const float *dt_bias, const float *A, const float *D, float *y,
-                                 float *h, int64_t KD, float *out, const float *z, int64_t z_stride, const float *ln_w,
-                                 const float *ln_b, double eps, int64_t lo, int64_t hi) {
-#define RANGE(p, n, r) \
-    mixer_scan_f32_range(L, B, G, p, n, r, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt, dt_bias, \
-                         A, D, y, h, KD, out, z, z_stride, ln_w, ln_b, eps, lo, hi)
+static void mixer_scan_f32_items(const MixerScanParams *prm, int64_t lo, int64_t hi) {
+    const int64_t L = prm->L, B = prm->B, G = prm->G, P = prm->P, N = prm->N, R = prm->R, K = prm->K;
+    const int64_t x_stride = prm->x_stride, src_stride = prm->src_stride, CP = prm->CP, KD = prm->KD;
+    const int64_t z_stride = prm->z_stride, *index = prm->index;
+    const float *x = prm->x, *taps = prm->taps, *conv_bias = prm->conv_bias, *src = prm->src, *wxt = prm->wxt;
+    const float *wdt = prm->wdt, *dt_bias = prm->dt_bias, *A = prm->A, *D = prm->D, *z = prm->z;
+    const float *ln_w = prm->ln_w, *ln_b = prm->ln_b;
+    const double eps = prm->eps;
+    float *y = prm->y, *h = prm->h, *out = prm->out;
+#define RANGE(p, n, r)                                                                                               \
+    mixer_scan_f32_range(L, B, G, p, n, r, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt,   \
+                         dt_bias, A, D, y, h, KD, out, z, z_stride, ln_w, ln_b, eps, lo, hi)
     if (P == 256 && N == 8 && R == 8)
         RANGE(256, 8, 8);
     else if (P == 256 && N == 16 && R == 8)
@@ -655,11 +668,14 @@ static void chunk_bwd_f32_part(CHUNK_BWD_F32_ARGS, int64_t w) { chunk_bwd_f32(CH
  * every block of the group, so that the gB / gC terms of a chunk are summed over the group's channels as vectors
  * and reduced horizontally once. Buffers on the stack: (4 * GHMAX + 6 * TNMAX) vectors, 160 KB with W = 16 (threads
  * get 2 MB or more by default on Linux and 512 KB on macOS). */
-static void scan_bwd_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T,
-                               const float *delta, const float *u, const float *A, const float *B, const float *C,
-                               int64_t bc_stride, const float *D, const float *bias, int softplus, const float *ckpt,
-                               const float *gy, const float *glast, float *gdelta, float *gu, float *gB, float *gC,
-                               float *gA, float *gD, float *gbias, int64_t lo, int64_t hi) {
+static void scan_bwd_f32_range(const ScanBwdParams *prm, int64_t lo, int64_t hi) {
+    const int64_t L = prm->L, lanes = prm->lanes, G = prm->G, P = prm->P, N = prm->N, T = prm->T;
+    const int64_t bc_stride = prm->bc_stride;
+    const float *delta = prm->delta, *u = prm->u, *A = prm->A, *B = prm->B, *C = prm->C, *D = prm->D;
+    const float *bias = prm->bias, *ckpt = prm->ckpt, *gy = prm->gy, *glast = prm->glast;
+    float *gdelta = prm->gdelta, *gu = prm->gu, *gB = prm->gB, *gC = prm->gC, *gA = prm->gA, *gD = prm->gD;
+    float *gbias = prm->gbias;
+    const int softplus = prm->softplus != 0;
     vf gh[GHMAX], gav[GHMAX], gdv[GHMAX], gbv[GHMAX];
     vf accB[TNMAX], accC[TNMAX], hbuf[TNMAX], ebuf[TNMAX], dbuf[TNMAX], sbuf[TNMAX];
     const int64_t row = lanes * P, ckpt_row = lanes * N * P, blocks = (P + W - 1) / W;
@@ -770,71 +786,31 @@ int scan_openmp(void) { return 1; }
 int scan_openmp(void) { return 0; }
 #endif
 
-void scan_f32(const ScanParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b)                                                                                                   \
-    FLUSHED(scan_f32_range(p->L, p->lanes, p->G, p->P, p->N, p->delta, p->u, p->A, p->B, p->C, p->bc_stride, p->D, \
-                           p->bias, (int)p->softplus, p->y, p->h, p->dtr, p->dt_stride, p->wdt, p->R, p->ckpt, p->T, \
-                           a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void scan_f64(const ScanParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) scan_range_f64(p, a, b)
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void conv_silu_f32(const ConvSiluParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) \
-    FLUSHED(conv_silu_f32_range(p->lanes, p->G, p->P, p->K, p->x, p->x_stride, p->index, p->taps, p->bias, p->out, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void conv_silu_f64(const ConvSiluParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) conv_silu_range_f64(p, a, b)
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void gate_merge_f32(const GateMergeParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b)                                                                                                \
-    FLUSHED(gate_merge_f32_range(p->L, p->B, p->M, p->K, p->P, p->y, p->index, p->z, p->z_stride, p->ln_w, p->ln_b, \
-                                 p->eps, p->out, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void gate_merge_f64(const GateMergeParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) gate_merge_range_f64(p, a, b)
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void scan_bwd_f32(const ScanBwdParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b)                                                                                                      \
-    FLUSHED(scan_bwd_f32_range(p->L, p->lanes, p->G, p->P, p->N, p->T, p->delta, p->u, p->A, p->B, p->C, p->bc_stride, \
-                               p->D, p->bias, (int)p->softplus, p->ckpt, p->gy, p->glast, p->gdelta, p->gu, p->gB,    \
-                               p->gC, p->gA, p->gD, p->gbias, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void scan_bwd_f64(const ScanBwdParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) scan_bwd_range_f64(p, a, b)
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void mixer_scan_f32(const MixerScanParams *p, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b)                                                                                                    \
-    FLUSHED(mixer_scan_f32_items(p->L, p->B, p->G, p->P, p->N, p->R, p->K, p->x, p->x_stride, p->index, p->taps,     \
-                                 p->conv_bias, p->src, p->src_stride, p->wxt, p->CP, p->wdt, p->dt_bias, p->A, p->D, \
-                                 p->y, p->h, p->KD, p->out, p->z, p->z_stride, p->ln_w, p->ln_b, p->eps, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
+/* Each entry point runs its kernel's range function on the items of each thread (the float32 ones with denormals
+ * flushed): void NAME(const PARAMS *p, int64_t lo, int64_t hi, int64_t nthreads). */
+#define DEFINE_ENTRY(name, Params, CALL)                                     \
+    void name(const Params *p, int64_t lo, int64_t hi, int64_t nthreads) {   \
+        (void)nthreads; /* unused without OpenMP: the caller splits the items */ \
+        PARALLEL_RANGE(nthreads, lo, hi, CALL);                              \
+    }
+#define SCAN_F32(a, b) FLUSHED(scan_f32_range(p, a, b))
+#define SCAN_F64(a, b) scan_f64_range(p, a, b)
+#define SCAN_BWD_F32(a, b) FLUSHED(scan_bwd_f32_range(p, a, b))
+#define SCAN_BWD_F64(a, b) scan_bwd_f64_range(p, a, b)
+#define CONV_SILU_F32(a, b) FLUSHED(conv_silu_f32_range(p, a, b))
+#define CONV_SILU_F64(a, b) conv_silu_f64_range(p, a, b)
+#define GATE_MERGE_F32(a, b) FLUSHED(gate_merge_f32_range(p, a, b))
+#define GATE_MERGE_F64(a, b) gate_merge_f64_range(p, a, b)
+#define MIXER_SCAN_F32(a, b) FLUSHED(mixer_scan_f32_items(p, a, b))
+DEFINE_ENTRY(scan_f32, ScanParams, SCAN_F32)
+DEFINE_ENTRY(scan_f64, ScanParams, SCAN_F64)
+DEFINE_ENTRY(scan_bwd_f32, ScanBwdParams, SCAN_BWD_F32)
+DEFINE_ENTRY(scan_bwd_f64, ScanBwdParams, SCAN_BWD_F64)
+DEFINE_ENTRY(conv_silu_f32, ConvSiluParams, CONV_SILU_F32)
+DEFINE_ENTRY(conv_silu_f64, ConvSiluParams, CONV_SILU_F64)
+DEFINE_ENTRY(gate_merge_f32, GateMergeParams, GATE_MERGE_F32)
+DEFINE_ENTRY(gate_merge_f64, GateMergeParams, GATE_MERGE_F64)
+DEFINE_ENTRY(mixer_scan_f32, MixerScanParams, MIXER_SCAN_F32)
 
 /* The layout of scan_kernel.h's structs, for the test that compares it with binding.py's ctypes Structures:
  * kernel_struct_size(name) is sizeof (0 for an unknown name); kernel_struct_field(name, i, &offset) the name of field

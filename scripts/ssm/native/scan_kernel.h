@@ -46,8 +46,9 @@ typedef struct {
     int64_t T;
 } ScanParams;
 
-/* scan_bwd_f32 / scan_bwd_f64: the scan's backward from the checkpoints of scan_* (same delta .. softplus, A (G, N, P)),
- * chunks of T steps from last to first, each recomputed from its checkpoint (T * N <= scan_tnmax()). Work items: lanes.
+/* scan_bwd_f32 / scan_bwd_f64: the scan's backward from the checkpoints of scan_* (same delta .. softplus, A
+ * (G, N, P)), chunks of T steps from last to first, each recomputed from its checkpoint (T * N <= scan_tnmax()).
+ * Work items: lanes.
  * Written: gdelta, gu (L, lanes, P); gB, gC (L, lanes, N), added into (the caller zeroes them); gA (lanes, N, P), gD
  * and gbias (lanes, P): per-lane sums (the caller adds the batch up). */
 typedef struct {

@@ -1,22 +1,23 @@
 /* The scalar kernels, one definition for every element type: included by scan_kernel.c once per type with
  *     SCALAR_T  the element type (double)
- *     SUFFIX    the name suffix of the functions it defines (f64: scan_range_f64, ...)
+ *     SUFFIX    the name suffix of the functions it defines (f64: scan_f64_range, ...)
  *     EXP, LOG1P, FABS, SQRT  the C library functions of that type (exp, log1p, fabs, sqrt)
- * It defines <kernel>_range_<SUFFIX>(..., lo, hi) for the scan, its backward, the causal convolution + SiLU and the
+ * It defines <kernel>_<SUFFIX>_range(params, lo, hi) for the scan, its backward, the causal convolution + SiLU and the
  * gated merge, with the contracts of scan_kernel.h (work items as there). One (channel, lane) at a time, in the
  * order of the reference scan; accuracy over speed. No include guard: it is meant to be included more than once. */
 #ifndef SCALAR_T
 #error "define SCALAR_T, SUFFIX, EXP, LOG1P, FABS and SQRT before including scan_scalar.h"
 #endif
-#define SCALAR_CAT_(name, suffix) name##_##suffix
+#define SCALAR_CAT_(name, suffix) name##_##suffix##_range
 #define SCALAR_CAT(name, suffix) SCALAR_CAT_(name, suffix)
-#define FN(name) SCALAR_CAT(name, SUFFIX)
+#define FN(name) SCALAR_CAT(name, SUFFIX) /* FN(scan): scan_f64_range */
 
 /* The recurrence of scan_kernel.h (ScanParams); work items are (lane, block of W channels), as the vector kernel's. */
-static void FN(scan_range)(const ScanParams *prm, int64_t lo, int64_t hi) {
+static void FN(scan)(const ScanParams *prm, int64_t lo, int64_t hi) {
     const int64_t L = prm->L, lanes = prm->lanes, G = prm->G, P = prm->P, N = prm->N, bc_stride = prm->bc_stride;
     const int64_t dt_stride = prm->dt_stride, R = prm->R, T = prm->T;
-    const SCALAR_T *delta = prm->delta, *u = prm->u, *A = prm->A, *B = prm->B, *C = prm->C, *D = prm->D, *bias = prm->bias;
+    const SCALAR_T *delta = prm->delta, *u = prm->u, *A = prm->A, *B = prm->B, *C = prm->C, *D = prm->D;
+    const SCALAR_T *bias = prm->bias;
     const SCALAR_T *dtr = prm->dtr, *wdt = prm->wdt;
     SCALAR_T *y = prm->y, *h = prm->h, *ckpt = prm->ckpt;
     const int softplus = prm->softplus != 0;
@@ -54,7 +55,7 @@ static void FN(scan_range)(const ScanParams *prm, int64_t lo, int64_t hi) {
 }
 
 /* Causal convolution + SiLU (ConvSiluParams); work items are time steps. */
-static void FN(conv_silu_range)(const ConvSiluParams *prm, int64_t lo, int64_t hi) {
+static void FN(conv_silu)(const ConvSiluParams *prm, int64_t lo, int64_t hi) {
     const int64_t lanes = prm->lanes, G = prm->G, P = prm->P, K = prm->K, x_stride = prm->x_stride;
     const int64_t *index = prm->index;
     const SCALAR_T *x = prm->x, *taps = prm->taps, *bias = prm->bias;
@@ -67,7 +68,8 @@ static void FN(conv_silu_range)(const ConvSiluParams *prm, int64_t lo, int64_t h
             const int64_t g = lane % G;
             for (int64_t p = 0; p < P; ++p) {
                 SCALAR_T acc = bias[g * P + p];
-                for (int64_t k = 0; k < kmax; ++k) acc += taps[((K - 1 - k) * G + g) * P + p] * CONV_ROW(x, t - k, lane)[p];
+                for (int64_t k = 0; k < kmax; ++k)
+                    acc += taps[((K - 1 - k) * G + g) * P + p] * CONV_ROW(x, t - k, lane)[p];
                 out[t * row + lane * P + p] = acc / ((SCALAR_T)1 + EXP(-acc));
             }
         }
@@ -75,7 +77,7 @@ static void FN(conv_silu_range)(const ConvSiluParams *prm, int64_t lo, int64_t h
 }
 
 /* Gated merge with the optional LayerNorm (GateMergeParams); work items are token positions. */
-static void FN(gate_merge_range)(const GateMergeParams *prm, int64_t lo, int64_t hi) {
+static void FN(gate_merge)(const GateMergeParams *prm, int64_t lo, int64_t hi) {
     const int64_t L = prm->L, B = prm->B, M = prm->M, K = prm->K, P = prm->P, z_stride = prm->z_stride;
     const int64_t *index = prm->index;
     const SCALAR_T *y = prm->y, *z = prm->z, *ln_w = prm->ln_w, *ln_b = prm->ln_b;
@@ -104,10 +106,11 @@ static void FN(gate_merge_range)(const GateMergeParams *prm, int64_t lo, int64_t
 }
 
 /* Backward of the scan (ScanBwdParams); work items are lanes. */
-static void FN(scan_bwd_range)(const ScanBwdParams *prm, int64_t lo, int64_t hi) {
+static void FN(scan_bwd)(const ScanBwdParams *prm, int64_t lo, int64_t hi) {
     const int64_t L = prm->L, lanes = prm->lanes, G = prm->G, P = prm->P, N = prm->N, T = prm->T;
     const int64_t bc_stride = prm->bc_stride;
-    const SCALAR_T *delta = prm->delta, *u = prm->u, *A = prm->A, *B = prm->B, *C = prm->C, *D = prm->D, *bias = prm->bias;
+    const SCALAR_T *delta = prm->delta, *u = prm->u, *A = prm->A, *B = prm->B, *C = prm->C, *D = prm->D;
+    const SCALAR_T *bias = prm->bias;
     const SCALAR_T *ckpt = prm->ckpt, *gy = prm->gy, *glast = prm->glast;
     SCALAR_T *gdelta = prm->gdelta, *gu = prm->gu, *gB = prm->gB, *gC = prm->gC, *gA = prm->gA, *gD = prm->gD;
     SCALAR_T *gbias = prm->gbias;

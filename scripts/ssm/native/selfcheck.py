@@ -103,10 +103,7 @@ def self_check_forward(library: KernelLibrary) -> None:
             expected = ops.scan_time_major(
                 library, u_, dt_, a_g, b_, c_, conv_bias, bias_g, True, delta_proj_weight=w_dt
             )[0]
-            cast = [
-                None if t is None else t.float()
-                for t in (tokens, taps, conv_bias, w_x, w_dt, bias_g, a_g, source)
-            ]
+            cast = [None if t is None else t.float() for t in (tokens, taps, conv_bias, w_x, w_dt, bias_g, a_g, source)]
             fused = ops.mixer_scan(
                 library, cast[0], conv_index, cast[1], cast[2], cast[3], cast[4], cast[5], cast[6], cast[2],
                 source=cast[7],
