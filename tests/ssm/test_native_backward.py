@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from native_testing import needs_kernel
+from scan_testing import make_inputs, rel_err
 from scripts.ssm import (
     compiled_scan_available,
     selective_scan_compiled,
@@ -16,7 +17,6 @@ from scripts.ssm import (
 from scripts.ssm.native import build, loader, threads
 from scripts.ssm.native.loader import kernel_library
 from scripts.ssm.native.ops import CompiledSelectiveScan, checkpoint_interval
-from test_ssm import make_inputs, rel_err
 
 
 def leaves(inputs, dtype=None):

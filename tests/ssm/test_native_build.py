@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from native_testing import detached, needs_kernel
+from scan_testing import make_inputs
 from scripts.ssm import (
     ENV_VAR,
     compiled_backend,
@@ -26,7 +27,6 @@ from scripts.ssm import (
 )
 from scripts.ssm.native import build, loader, ops
 from scripts.ssm.native.loader import kernel_library
-from test_ssm import make_inputs
 
 
 def test_kernel_builds_where_a_c_compiler_exists():

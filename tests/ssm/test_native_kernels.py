@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from native_testing import detached, needs_kernel
+from scan_testing import make_inputs, rel_err
 from scripts.ssm import (
     compiled_backend,
     selective_scan,
@@ -17,7 +18,6 @@ from scripts.ssm import (
 from scripts.ssm.mixer import causal_conv_silu_reference, gate_merge_reference
 from scripts.ssm.native import ops
 from scripts.ssm.native.loader import kernel_library
-from test_ssm import make_inputs, rel_err  # float64 inputs and error measure shared with the fast-scan tests
 
 
 @needs_kernel

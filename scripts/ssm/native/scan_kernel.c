@@ -260,7 +260,11 @@ static inline __attribute__((always_inline)) void block_f32(
     for (int64_t n = 0; n < N; ++n) store(h + n * P, hs[n], w);
 }
 
-/* block_f32 for a full block (w = W, a compile-time constant) and for a partial one. */
+/* block_f32 for a full block (w = W, a compile-time constant) and for a partial one. The per-block routines
+ * (block_f32_*, chunk_bwd_f32_*) are internal and take their operands, pointers already advanced to the block, as
+ * arguments rather than a struct: called with the fused mixer's compile-time shapes, the compiler clones them with
+ * P, N and R as constants (interprocedural constant propagation), which it does for arguments, not reliably for
+ * fields read through a pointer. The exported entry points take the structs of scan_kernel.h. */
 #define BLOCK_F32_ARGS                                                                                              \
     int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta, const float *u, \
         const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus, float *y,  \
@@ -469,13 +473,18 @@ static void project_rows_f32(int64_t rows, int64_t P, int64_t C, int64_t CP, con
     }
 }
 
-/* One lane, all L steps: conv, projection and scan per chunk; the chunk's outputs go to y (time-major rows) or, with
- * `tokens` set, are added into the token rows out[index[t, lane]] (stored for the first direction, first = 1). */
-static inline __attribute__((always_inline)) void mixer_lane_f32(
-    int64_t lane, int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K, const float *x,
-    int64_t x_stride, const int64_t *index, const float *taps, const float *conv_bias, const float *src,
-    int64_t src_stride, const float *wxt, int64_t CP, const float *wdt, const float *dt_bias, const float *A,
-    const float *D, float *y, float *h, float *tokens, int first, float *ubuf, float *xd, float *ybuf) {
+/* One lane of the fused mixer kernel (MixerScanParams; P, N, R passed separately so that they can be compile-time
+ * constants), all L steps: conv, projection and scan per chunk; the chunk's outputs go to y (time-major rows) or,
+ * with `tokens` set, are added into the token rows out[index[t, lane]] (stored for the first direction, first = 1).
+ * ubuf, xd, ybuf: the chunk's buffers (TIME_CHUNK rows of P, of R + 2N, of P). */
+static inline __attribute__((always_inline)) void mixer_lane_f32(const MixerScanParams *prm, int64_t P, int64_t N,
+                                                                 int64_t R, int64_t lane, float *tokens, int first,
+                                                                 float *ubuf, float *xd, float *ybuf) {
+    const int64_t L = prm->L, G = prm->G, lanes = prm->B * prm->G, K = prm->K, x_stride = prm->x_stride;
+    const int64_t src_stride = prm->src_stride, CP = prm->CP, *index = prm->index;
+    const float *x = prm->x, *taps = prm->taps, *conv_bias = prm->conv_bias, *src = prm->src, *wxt = prm->wxt;
+    const float *wdt = prm->wdt, *dt_bias = prm->dt_bias, *A = prm->A, *D = prm->D;
+    float *y = prm->y, *h = prm->h;
     const int64_t g = lane % G, row = lanes * P, C = R + 2 * N, GP = G * P;
     const float *xr[KMAX], *s[XROWS];
     for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
@@ -519,18 +528,16 @@ static inline __attribute__((always_inline)) void mixer_lane_f32(
  * direction lanes of the set are summed into out's token rows (M, B, L, P), then each row is gated by silu(z) (rows
  * z_stride apart in (M, B, L) order), scaled by 1 / KD and normalised with ln_w, ln_b (M, P) when not NULL, as
  * gate_merge_*: no time-major y at all. */
-static inline __attribute__((always_inline)) void mixer_scan_f32_range(
-    int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K, const float *x, int64_t x_stride,
-    const int64_t *index, const float *taps, const float *conv_bias, const float *src, int64_t src_stride,
-    const float *wxt, int64_t CP, const float *wdt, const float *dt_bias, const float *A, const float *D, float *y,
-    float *h, int64_t KD, float *out, const float *z, int64_t z_stride, const float *ln_w, const float *ln_b,
-    double eps, int64_t lo, int64_t hi) {
+static inline __attribute__((always_inline)) void mixer_scan_f32_range(const MixerScanParams *prm, int64_t P,
+                                                                       int64_t N, int64_t R, int64_t lo, int64_t hi) {
+    const int64_t L = prm->L, B = prm->B, G = prm->G, KD = prm->KD, z_stride = prm->z_stride;
+    const float *z = prm->z, *ln_w = prm->ln_w, *ln_b = prm->ln_b;
+    const double eps = prm->eps;
+    float *out = prm->out;
     vf ubuf_v[TIME_CHUNK * FUSED_PMAX / W], ybuf_v[TIME_CHUNK * FUSED_PMAX / W];
     float xd[TIME_CHUNK * XMAX];
-    const int64_t lanes = B * G;
 #define LANE(lane, tokens, first) \
-    mixer_lane_f32(lane, L, lanes, G, P, N, R, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt, \
-                   dt_bias, A, D, y, h, tokens, first, (float *)ubuf_v, xd, (float *)ybuf_v)
+    mixer_lane_f32(prm, P, N, R, lane, tokens, first, (float *)ubuf_v, xd, (float *)ybuf_v)
     for (int64_t item = lo; item < hi; ++item) {
         if (!out) {
             LANE(item, 0, 0);
@@ -551,17 +558,8 @@ static inline __attribute__((always_inline)) void mixer_scan_f32_range(
  * the shipped networks' mixers (2D: P 256, N 8 or 16, R 8; 3D: P 128, N 8, R 4), so that the loops over channels,
  * states and ranks unroll and their operands stay in registers; other shapes run the generic code. */
 static void mixer_scan_f32_items(const MixerScanParams *prm, int64_t lo, int64_t hi) {
-    const int64_t L = prm->L, B = prm->B, G = prm->G, P = prm->P, N = prm->N, R = prm->R, K = prm->K;
-    const int64_t x_stride = prm->x_stride, src_stride = prm->src_stride, CP = prm->CP, KD = prm->KD;
-    const int64_t z_stride = prm->z_stride, *index = prm->index;
-    const float *x = prm->x, *taps = prm->taps, *conv_bias = prm->conv_bias, *src = prm->src, *wxt = prm->wxt;
-    const float *wdt = prm->wdt, *dt_bias = prm->dt_bias, *A = prm->A, *D = prm->D, *z = prm->z;
-    const float *ln_w = prm->ln_w, *ln_b = prm->ln_b;
-    const double eps = prm->eps;
-    float *y = prm->y, *h = prm->h, *out = prm->out;
-#define RANGE(p, n, r)                                                                                               \
-    mixer_scan_f32_range(L, B, G, p, n, r, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt,   \
-                         dt_bias, A, D, y, h, KD, out, z, z_stride, ln_w, ln_b, eps, lo, hi)
+    const int64_t P = prm->P, N = prm->N, R = prm->R;
+#define RANGE(p, n, r) mixer_scan_f32_range(prm, p, n, r, lo, hi)
     if (P == 256 && N == 8 && R == 8)
         RANGE(256, 8, 8);
     else if (P == 256 && N == 16 && R == 8)
