@@ -33,7 +33,7 @@ import logging
 import torch
 
 # each backend module registers itself when imported; this order is the registry's (and the error messages')
-from . import reference, fast, compiled_backend, cuda, chunked, export  # noqa: F401, I001
+from . import reference, fast, compiled_backend, cuda, chunked, export  # noqa: F401  # isort: skip
 from .chunked import selective_scan_chunked
 from .compiled_backend import selective_scan_compiled
 from .cuda import mamba_ssm_available
