@@ -293,12 +293,18 @@ def brats_datalist(root: PathLike, reference: str = "Flair", other: str = "T1c")
     root_path = Path(root)
     if not root_path.is_dir():
         raise FileNotFoundError(f"BraTS folder not found: {root_path}")
-    cases = [root_path] if any(root_path.glob(f"{reference}*.nii*")) else sorted(p for p in root_path.iterdir() if p.is_dir())
+    cases = (
+        [root_path]
+        if any(root_path.glob(f"{reference}*.nii*"))
+        else sorted(p for p in root_path.iterdir() if p.is_dir())
+    )
     rows = []
     for case in cases:
         refs, others = sorted(case.glob(f"{reference}*.nii*")), sorted(case.glob(f"{other}*.nii*"))
         if len(refs) != 1 or len(others) != 1:
-            raise ValueError(f"{case}: expected one {reference}*.nii(.gz) and one {other}*.nii(.gz), found {len(refs)} and {len(others)}")
+            raise ValueError(
+                f"{case}: expected one {reference}*.nii(.gz) and one {other}*.nii(.gz), found {len(refs)} and {len(others)}"
+            )
         rows.append({"mri": str(refs[0]), "other": str(others[0]), "task": f"{other}-{reference}", "id": case.name})
     if not rows:
         raise ValueError(f"empty datalist: {root_path} has no case folders with {reference} and {other} volumes")
@@ -438,8 +444,12 @@ def series_split(
     val: set[int] = set()
     for task, groups in sorted(by_task.items()):
         if len(groups) < 2:
-            logger.warning("task '%s' of %s: all %d pairs are one series; none can be held out for validation",
-                           task or "(none)", source, sum(map(len, groups.values())))
+            logger.warning(
+                "task '%s' of %s: all %d pairs are one series; none can be held out for validation",
+                task or "(none)",
+                source,
+                sum(map(len, groups.values())),
+            )
             continue
         total = sum(map(len, groups.values()))
         order = sorted(groups, key=lambda g: (zlib.crc32(f"{task}/{g}".encode()), g))
@@ -459,7 +469,12 @@ def series_split(
     n_series = {s: len({(d.get("task"), series_of(d)) for d in out if d["split"] == s}) for s in ("train", "val")}
     logger.info(
         "%s has no split: split by series (docs/troubleshooting.md): %d train pairs (%d series), %d val pairs "
-        "(%d series)", source, len(out) - len(val), n_series["train"], len(val), n_series["val"],
+        "(%d series)",
+        source,
+        len(out) - len(val),
+        n_series["train"],
+        len(val),
+        n_series["val"],
     )
     return out
 
@@ -668,5 +683,3 @@ def check_tasks(
             f"{sorted(wanted)}; filter the datalist to those tasks (evaluate.json / train.json: --tasks), or set "
             "--expected_tasks null to fuse every pair"
         )
-
-

@@ -45,9 +45,9 @@ from torch import nn
 
 from scripts.baselines import BASELINES
 from scripts.data import IMAGE_EXTENSIONS, PathLike, load_datalist, split_extension
-from scripts.pair_check import PairCheck, check_pairs
 from scripts.data import has_split_field as _has_split_field
 from scripts.metrics import get_profile
+from scripts.pair_check import PairCheck, check_pairs
 from scripts.transforms import AttachChromad, ycbcr_to_rgb
 
 __all__ = [
@@ -238,9 +238,7 @@ def summary_markdown(
     return lines
 
 
-def comparison_markdown(
-    summaries: Mapping[str, Sequence[Mapping[str, Any]]], metric_names: Sequence[str]
-) -> list[str]:
+def comparison_markdown(summaries: Mapping[str, Sequence[Mapping[str, Any]]], metric_names: Sequence[str]) -> list[str]:
     """One table with rows per task, then per method (``summaries``: method -> :func:`summarise` output)."""
     tasks: list[str] = []
     for summary in summaries.values():

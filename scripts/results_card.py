@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.evaluate import write_text_atomic, format_mean_std
+from scripts.evaluate import format_mean_std, write_text_atomic
 from scripts.model_selection import CDDFUSE_PUBLISHED, RANK_METRICS, TASKS
 
 __all__ = ["BEGIN", "END", "render", "update_card", "main"]
@@ -127,8 +127,12 @@ def render(results_dir: Path) -> str:
         "",
         "`cddfuse` profile (CDDFuse's published row: its own test pairs, a different subset of the atlas):",
         "",
-        *_table({**test["cddfuse"]["methods"], **published}, RANK_METRICS,
-                {**labels, "cddfuse_published": "CDDFuse (published)"}, chosen),
+        *_table(
+            {**test["cddfuse"]["methods"], **published},
+            RANK_METRICS,
+            {**labels, "cddfuse_published": "CDDFuse (published)"},
+            chosen,
+        ),
         "",
     ]
     if test["clinicalfmamba"] is not None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import http.server
+import json
 import os
 import subprocess
 import sys

@@ -57,7 +57,9 @@ class DilatedGatedConvBlock(nn.Module):
         negative_slope: LeakyReLU slope.
     """
 
-    def __init__(self, spatial_dims: int, channels: int, dilation: int, pyramid: bool = True, negative_slope: float = 0.2):
+    def __init__(
+        self, spatial_dims: int, channels: int, dilation: int, pyramid: bool = True, negative_slope: float = 0.2
+    ):
         super().__init__()
         conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
         self.norm_query, self.norm_gate, self.norm_mid = norm(channels), norm(channels), norm(channels)
@@ -175,7 +177,14 @@ class UpStage(nn.Module):
     ``("up", "conv", "act", "norm")`` and ``("act", "up", "conv", "norm")``.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act: nn.Module, layout=("up", "conv", "norm", "act")):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        act: nn.Module,
+        layout=("up", "conv", "norm", "act"),
+    ):
         super().__init__()
         ops = {
             "up": nn.Upsample(scale_factor=2, mode="nearest"),

@@ -82,7 +82,9 @@ def prepare_time_major(u, delta, delta_bias=None, delta_softplus=False, delta_pr
     return compute, u, delta
 
 
-def scan_channels_first(core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+def scan_channels_first(
+    core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
     """Shared body of the (batch, dim, L) backends that run a time-major core.
 
     Applies :func:`prepare_inputs`, splits the channels into the G groups of ``B``/``C`` ((batch, N, L) or

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from scan_testing import make_inputs, rel_err
+
 from scripts.ssm import (
     ENV_VAR,
     compiled_scan_available,

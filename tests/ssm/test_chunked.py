@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from scan_testing import make_inputs, rel_err
+
 from scripts.ssm import resolve_backend, selective_scan, selective_scan_ref, selective_scan_time_major, set_scan_backend
 from scripts.ssm.chunked import chunk_length, chunked_scan_time_major, selective_scan_chunked
 

@@ -3,9 +3,9 @@ reference."""
 
 import pytest
 import torch
-
 from native_testing import needs_kernel
 from scan_testing import make_inputs, rel_err
+
 from scripts.ssm import (
     compiled_scan_available,
     selective_scan_compiled,

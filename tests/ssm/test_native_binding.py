@@ -5,8 +5,8 @@ import ctypes
 
 import pytest
 import torch
-
 from native_testing import needs_kernel
+
 from scripts.ssm.native import binding
 from scripts.ssm.native.loader import kernel_library
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from native_testing import detached, needs_kernel
 from scan_testing import make_inputs
+
 from scripts.ssm import (
     ENV_VAR,
     compiled_backend,

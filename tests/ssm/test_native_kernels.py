@@ -3,9 +3,9 @@ fused mixer kernel, in float64 and float32, through the ``compiled`` backend and
 
 import pytest
 import torch
-
 from native_testing import detached, needs_kernel
 from scan_testing import make_inputs, rel_err
+
 from scripts.ssm import (
     compiled_backend,
     selective_scan,
