@@ -10,10 +10,10 @@ Ratios printed:
   scan's forward+backward (C kernels, what training runs on CPU) vs both;
 - inference scan forward (L=1024): the compiled C kernel (``compiled`` backend) vs the fast PyTorch scan, and
   the kernel's first-call build time;
-- 256x256 network inference time vs its FLOP floor (default scan backend; also with the ``fast`` scan) = network FLOPs (conv + matmul, counted by
-  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate, each timed run paired with a
-  GEMM rate measured just before it (the machine's speed drifts); and the share of that time
-  spent inside the compiled selective scans, whose exponentials the FLOP count leaves out;
+- 256x256 network inference time vs its FLOP floor (default scan backend; also with the ``fast`` scan) = network
+  FLOPs (conv + matmul, counted by ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply
+  rate, each timed run paired with a GEMM rate measured just before it (the machine's speed drifts); and the share
+  of that time spent inside the compiled selective scans, whose exponentials the FLOP count leaves out;
 - training: one step (forward, backward, Adam) on a batch of 4 random 128x128 crops with the paper's loss, as
   pairs per second and against its own FLOP floor (forward + backward conv and matmul FLOPs / matmul rate), and
   the Harvard train-split epoch (446 pairs, 112 steps) it implies; then one real epoch of
@@ -149,7 +149,8 @@ def paired_floor_ratio(fn, flops: float, repeats: int = 7, size: int = 2048) -> 
         ratios.append(elapsed * rate / flops)
         rates.append(rate)
     return {
-        "seconds": statistics.median(seconds), "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+        "seconds": statistics.median(seconds), "ratio": statistics.median(ratios),
+        "low": min(ratios), "high": max(ratios),
         "rate": statistics.median(rates),
     }  # fmt: skip
 
@@ -512,14 +513,17 @@ def run(
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
     report(
         f"{size}x{size} inference (bundle network, batch 1, {resolve_backend(None, 'cpu')} scan)",
-        f"{t_net:.3f} s = {timed['ratio']:.2f}x the FLOP floor (median of {NETWORK_REPEATS} runs, each against the GEMM rate "
-        f"measured just before it: {timed['low']:.2f}x to {timed['high']:.2f}x; median rate {timed['rate'] / 1e9:.1f} GFLOP/s, "
+        f"{t_net:.3f} s = {timed['ratio']:.2f}x the FLOP floor (median of {NETWORK_REPEATS} runs, "
+        f"each against the GEMM rate measured just before it: {timed['low']:.2f}x to {timed['high']:.2f}x; "
+        f"median rate {timed['rate'] / 1e9:.1f} GFLOP/s, "
         f"floor {floor:.3f} s)",
     )
     if t_scan is not None:
         report(
-            f"{size}x{size} inference: time inside the scan kernels (the fused mixer kernel's conv and x projection included)",
-            f"{t_scan:.3f} s = {t_scan / t_net:.0%} of the pass; the rest {t_net - t_scan:.3f} s = {(t_net - t_scan) / floor:.2f}x the floor",
+            f"{size}x{size} inference: time inside the scan kernels "
+            "(the fused mixer kernel's conv and x projection included)",
+            f"{t_scan:.3f} s = {t_scan / t_net:.0%} of the pass; "
+            f"the rest {t_net - t_scan:.3f} s = {(t_net - t_scan) / floor:.2f}x the floor",
         )
     report(
         f"{size}x{size} inference with the fast (PyTorch) scan",

@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "brats_datalist",
@@ -63,7 +63,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -157,7 +157,8 @@ def check_nifti_size(path: PathLike) -> None:
     if available < needed:
         raise ValueError(
             f"{path} is truncated or its header is corrupt: the header declares {declared} bytes of voxel data "
-            f"(shape {shape}, {header.get_data_dtype()}) from byte {offset}, the file holds {max(available - offset, 0)}"
+            f"(shape {shape}, {header.get_data_dtype()}) from byte {offset}, "
+            f"the file holds {max(available - offset, 0)}"
         )
 
 
@@ -303,7 +304,8 @@ def brats_datalist(root: PathLike, reference: str = "Flair", other: str = "T1c")
         refs, others = sorted(case.glob(f"{reference}*.nii*")), sorted(case.glob(f"{other}*.nii*"))
         if len(refs) != 1 or len(others) != 1:
             raise ValueError(
-                f"{case}: expected one {reference}*.nii(.gz) and one {other}*.nii(.gz), found {len(refs)} and {len(others)}"
+                f"{case}: expected one {reference}*.nii(.gz) and one {other}*.nii(.gz), "
+                f"found {len(refs)} and {len(others)}"
             )
         rows.append({"mri": str(refs[0]), "other": str(others[0]), "task": f"{other}-{reference}", "id": case.name})
     if not rows:
@@ -492,7 +494,8 @@ def load_datalist(
         split: for CSV/JSON sources, keep only entries of this split.
         errors: if given, entries that name a missing file (or no file), and reference images without a partner
             in a folder, are appended here as ``(entry, reason)`` and left out, instead of stopping with an error
-            (``on_error="skip"`` of :func:`scripts.pair_check.check_pairs`). A source that cannot be read at all still raises.
+            (``on_error="skip"`` of :func:`scripts.pair_check.check_pairs`). A source that cannot be read at all
+            still raises.
     """
     if isinstance(source, (list, tuple)):
         return _finish(_filter_split(list(source), split, "datalist"), Path.cwd(), "datalist", errors)

@@ -104,7 +104,8 @@ _PATIENT = [
 ]  # fmt: skip
 _STUDY = [
     ("StudyInstanceUID", False), ("StudyDate", True), ("StudyTime", True), ("ReferringPhysicianName", True),
-    ("StudyID", True), ("AccessionNumber", True), ("IssuerOfAccessionNumberSequence", False), ("StudyDescription", False),
+    ("StudyID", True), ("AccessionNumber", True), ("IssuerOfAccessionNumberSequence", False),
+    ("StudyDescription", False),
 ]  # fmt: skip
 _SERIES = [
     ("SpecificCharacterSet", False), ("BodyPartExamined", False), ("PatientPosition", False),
@@ -273,7 +274,8 @@ def _read_series(folder: Path, series_uid: str | None) -> DicomSeries:
             raise ValueError(f"{path}: PixelSpacing differs from {first_path.name}")
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
             raise ValueError(
-                f"{path}: slice size {ds.Rows}x{ds.Columns} differs from {first.Rows}x{first.Columns} in {first_path.name}"
+                f"{path}: slice size {ds.Rows}x{ds.Columns} differs from {first.Rows}x{first.Columns} "
+                f"in {first_path.name}"
             )
 
     normal = np.cross(orientation[:3], orientation[3:])
@@ -286,14 +288,16 @@ def _read_series(folder: Path, series_uid: str | None) -> DicomSeries:
     if duplicates.size:
         a, b = items[duplicates[0]][0], items[duplicates[0] + 1][0]
         raise ValueError(
-            f"{folder}: {a.name} and {b.name} lie at the same position (several echoes or time points?); split the series"
+            f"{folder}: {a.name} and {b.name} lie at the same position (several echoes or time points?); "
+            "split the series"
         )
     if len(items) > 1:
         steps = np.diff(heights)
         slice_spacing = float(steps.mean())
         if steps.max() - steps.min() > max(1e-3, 1e-2 * slice_spacing):
             raise ValueError(
-                f"{folder}: slices are unevenly spaced ({steps.min():.4g} to {steps.max():.4g} mm); cannot build a volume"
+                f"{folder}: slices are unevenly spaced ({steps.min():.4g} to {steps.max():.4g} mm); "
+                "cannot build a volume"
             )
         off_axis = positions - positions[0] - np.outer(heights - heights[0], normal)
         if np.abs(off_axis).max() > max(1e-3, 1e-2 * slice_spacing):
@@ -415,7 +419,8 @@ def load_fusion_network(
 
     ``clinicalfmamba``: ``network_def`` of ``config_file`` (default ``configs/inference.json``, for 3D layered
     with ``configs/inference_3d.json``) with the checkpoint ``weights`` (default ``models/model.pt``, 3D
-    ``models/model_3d.pt``; plain or ``{"model": state_dict}``) loaded strictly. A missing checkpoint is an error: DICOM output is never made with random weights.
+    ``models/model_3d.pt``; plain or ``{"model": state_dict}``) loaded strictly. A missing checkpoint is an error:
+    DICOM output is never made with random weights.
     ``mean``, ``max``, ``laplacian``: the classic baselines of :mod:`scripts.baselines`.
     """
     if method in BASELINES:
@@ -682,7 +687,8 @@ def fuse_series(
         mri_series, other_series: Series Instance UIDs, when a folder holds several series.
         normalise: to [0, 1] before fusion: min-max per ``volume`` or per ``slice``, or ``percentile``
             (see :func:`_normalise`); default ``volume`` in 2D, ``percentile`` in 3D (as the 3D network was trained).
-        resample: resample the other series onto the reference grid when the grids differ (same frame of reference only).
+        resample: resample the other series onto the reference grid when the grids differ (same frame of reference
+            only).
         device: torch device; default CUDA when available.
         batch_size: slices per forward pass.
         series_number, uid_prefix: see :func:`write_derived_series`.

@@ -124,7 +124,8 @@ class TraceableDirectionalMamba(DirectionalMamba):
 
 
 class TraceableTokenSwapStage(TokenSwapStage):
-    """A :class:`TokenSwapStage` whose channel-exchange mask is built on the input's device without a device constant."""
+    """A :class:`TokenSwapStage` whose channel-exchange mask is built on the input's device without a device
+    constant."""
 
     @staticmethod
     def exchange(x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,8 @@ def check_backends(device: torch.device, length: int = 512, tol: float = 1e-4) -
         good = err < tol
         ok &= good
         print(
-            f"scan backend {name:<10} on {device.type}: max rel. error vs float64 reference {err:.2e} -> {'OK' if good else 'FAIL'}"
+            f"scan backend {name:<10} on {device.type}: max rel. error vs float64 reference {err:.2e} "
+            f"-> {'OK' if good else 'FAIL'}"
         )
     return ok
 
@@ -70,7 +71,7 @@ def scan_latency(device: torch.device, length: int, repeats: int) -> dict[str, f
     with torch.inference_mode():
         for name in names:
             times = []
-            for i in range(repeats + 1):
+            for _ in range(repeats + 1):
                 _sync(device)
                 start = time.perf_counter()
                 BACKENDS[name](*args, None, None, None, False, False)

@@ -439,11 +439,11 @@ class AttachChromad(MapTransform):
 class FusionSummary:
     """Fused pairs written, skipped (outputs exist) and failed (with the reason), logged at the end of a run.
 
-    ``failed`` starts with the pairs set aside before fusion (:func:`scripts.pair_check.check_pairs`); :func:`pending_pairs`
-    adds the pairs skipped because their outputs exist, the writer the pairs written or whose outputs could not be
-    written. ``untrained``: the network ran with random weights (``--allow_untrained true``), said in the summary
-    line. ``interrupted`` is set by :func:`run_fusion` when the user stops the run. :meth:`raise_if_failed` turns
-    failures into the run's error (exit status 1 on the command line).
+    ``failed`` starts with the pairs set aside before fusion (:func:`scripts.pair_check.check_pairs`);
+    :func:`pending_pairs` adds the pairs skipped because their outputs exist, the writer the pairs written or whose
+    outputs could not be written. ``untrained``: the network ran with random weights (``--allow_untrained true``),
+    said in the summary line. ``interrupted`` is set by :func:`run_fusion` when the user stops the run.
+    :meth:`raise_if_failed` turns failures into the run's error (exit status 1 on the command line).
     """
 
     def __init__(self, failed: Sequence[tuple[Mapping[str, Any], str]] = (), untrained: bool = False) -> None:

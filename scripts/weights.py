@@ -169,7 +169,8 @@ def _check_match(
         if wrong_shape:
             k = wrong_shape[0]
             parts.append(
-                f"{len(wrong_shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, network {tuple(expected[k].shape)})"
+                f"{len(wrong_shape)} with other shapes "
+                f"(e.g. {k}: file {tuple(state[k].shape)}, network {tuple(expected[k].shape)})"
             )
         raise ValueError(
             f"weights in {os.fspath(path)} do not match the configured {type(network).__name__}: {'; '.join(parts)}. "

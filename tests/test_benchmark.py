@@ -178,7 +178,10 @@ def test_paired_floor_ratio_pairs_each_run_with_its_own_gemm_rate(monkeypatch):
 def test_cpu_description_names_model_isa_and_cpus():
     from scripts.benchmark import cpu_description
 
-    block = "processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu sse avx2 {extra}\n\n"
+    block = (
+        "processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+        "stepping\t: 1\nflags\t\t: fpu sse avx2 {extra}\n\n"
+    )
     two = block.format(i=0, extra="avx512f avx512dq") + block.format(i=1, extra="avx512f avx512dq")
     assert cpu_description(two) == "AMD EPYC (family 25 model 17 stepping 1, AVX-512, 2 logical CPUs)"
     one = block.format(i=0, extra="").replace("cpu family\t: 25\n", "")

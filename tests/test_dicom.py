@@ -1,4 +1,5 @@
-"""DICOM round trip: a DICOM series pair built from real samples is fused; the derived series re-reads with the reference geometry."""
+"""DICOM round trip: a DICOM series pair built from real samples is fused; the derived series re-reads with the
+reference geometry."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ __all__ = [
 
 
 def pointwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a kernel-size-1 convolution module as one matrix product over channels; (B, C, *spatial) -> (B, O, *spatial).
+    """Apply a kernel-size-1 convolution module as one matrix product over channels;
+    (B, C, *spatial) -> (B, O, *spatial).
 
     Same result as ``conv(x)`` (up to summation order) with the module's own weight and bias, so state dicts are
     unchanged. On CPU, oneDNN's NCHW path re-lays the tensor out around every 1x1 convolution, which costs several

@@ -178,7 +178,8 @@ class DirectionalMamba(nn.Module):
         m, b, length, _ = x.shape
         if m != self.members or length != math.prod(grid):
             raise ValueError(
-                f"mixer expects ({self.members}, B, {math.prod(grid)}, C) tokens for grid {tuple(grid)}, got {tuple(x.shape)}"
+                f"mixer expects ({self.members}, B, {math.prod(grid)}, C) tokens for grid {tuple(grid)}, "
+                f"got {tuple(x.shape)}"
             )
         forward_index, backward_index = self._gather_index(grid, b, x.device)
         xs, z = member_linear(x, self.in_proj_weight).split(self.d_inner, dim=-1)

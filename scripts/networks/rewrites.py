@@ -35,7 +35,8 @@ __all__ = [
 
 def source_versions(tensors) -> tuple:
     """A key that changes when any of ``tensors`` is replaced or updated in place: identity, storage, version counter
-    (bumped by optimiser steps and ``load_state_dict``) and dtype of each. Inference caches of derived weights use it."""
+    (bumped by optimiser steps and ``load_state_dict``) and dtype of each. Inference caches of derived weights use
+    it."""
     return tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
@@ -125,7 +126,8 @@ def upsample_conv_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> tup
     to be applied to the coarse input with padding 1."""
     dims = weight.dim() - 2
     out_channels = weight.shape[0]
-    kernel = weight  # (O, C, 3, ..): each spatial axis becomes (phase, 2 taps); phase 0 sees input p-1 and p, phase 1 p and p+1
+    # (O, C, 3, ..): each spatial axis becomes (phase, 2 taps); phase 0 sees input p-1 and p, phase 1 p and p+1
+    kernel = weight
     for axis in range(dims):  # layout before: (phase_0 .. phase_{axis-1}, O, C, tap_0 .. tap_{axis-1}, 3, ..)
         w0, w1, w2 = kernel.unbind(2 * axis + 2)
         phase0, phase1 = torch.stack([w0, w1 + w2], 2 * axis + 2), torch.stack([w0 + w1, w2], 2 * axis + 2)

@@ -26,9 +26,9 @@ def warm_up_exp() -> None:
     """Run PyTorch's ``exp`` once on every thread, in float32 and float64, before anything is compared with it.
 
     In about one process in twelve on the 2-core Intel machine (torch 2.13.0, CPU wheel) the first multi-threaded
-    ``torch.exp`` of the process returned values off by up to 1e-9 relative on one thread's half of the tensor (float64),
-    and every later call was exact: a race in the first-use initialisation of the vector math library. The kernel's
-    float64 self-check (1e-10) then failed and the process silently fell back to the slow scan
+    ``torch.exp`` of the process returned values off by up to 1e-9 relative on one thread's half of the tensor
+    (float64), and every later call was exact: a race in the first-use initialisation of the vector math library.
+    The kernel's float64 self-check (1e-10) then failed and the process silently fell back to the slow scan
     (docs/troubleshooting.md). A first call on tensors large enough to be split over the threads absorbs it.
     """
     global _exp_warm

@@ -894,8 +894,12 @@ DOCUMENTED = {
     "missing_file": "'other' file not found: PATH",
     "missing_file_on_error_raise": "'other' file not found: PATH",
     "empty_file": "image file is empty (0 bytes): PATH",
-    "truncated_png": "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)",
-    "truncated_nifti": "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)",
+    "truncated_png": (
+        "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)"
+    ),
+    "truncated_nifti": (
+        "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)"
+    ),
     "corrupt_png": "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)",
     "numpy_file_refused": "unsupported image format '.EXT' of PATH",
     "dicom_file_refused": "unsupported image format '.EXT' of PATH",
@@ -904,8 +908,12 @@ DOCUMENTED = {
     "datalist_without_columns": "needs columns 'mri' and 'other' (or 'image')",
     "datalist_mixes_tasks": "SOURCE mixes tasks: it holds pairs of {...}, but this workflow expects only [...]",
     "weights_of_another_configuration": "weights in PATH do not match the configured ClinicalFMamba",
-    "weights_missing": "weights file not found: PATH (from CWD: ABSOLUTE PATH); the network would fuse with random weights",
-    "weights_not_loaded_for_a_learnable_network": "load_pretrain is false, so ClinicalFMamba would fuse with random weights",
+    "weights_missing": (
+        "weights file not found: PATH (from CWD: ABSOLUTE PATH); the network would fuse with random weights"
+    ),
+    "weights_not_loaded_for_a_learnable_network": (
+        "load_pretrain is false, so ClinicalFMamba would fuse with random weights"
+    ),
     "eval_missing_file_set_aside": "datalist ..., entry N: 'other' file not found: PATH",
     "cls_missing_fusion_weights": "trained fusion weights not found at PATH",
     "weights_truncated": "PATH is not a readable PyTorch weights file",

@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis, profile ``reliability``): padding round trips, colour round trips, metric invariants."""
+"""Property-based tests (hypothesis, profile ``reliability``): padding round trips, colour round trips, metric
+invariants."""
 
 from __future__ import annotations
 

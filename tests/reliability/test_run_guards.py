@@ -100,8 +100,8 @@ def test_dicom_weights_are_read_safely_and_cli_errors_are_one_line(tmp_path: Pat
     config.write_text(json.dumps({"network_def": {"_target_": "scripts.networks.ClinicalFMamba", **TINY_KW}}))
     with pytest.raises(ValueError, match=r"model\.pt is not a readable PyTorch weights file"):
         load_fusion_network("clinicalfmamba", weights, config)
-    status = main(["fuse", "--mri", str(tmp_path / "mri"), "--other", str(tmp_path / "ct"), "--output", str(tmp_path / "out"),
-                   "--weights", str(weights), "--config", str(config)])  # fmt: skip
+    status = main(["fuse", "--mri", str(tmp_path / "mri"), "--other", str(tmp_path / "ct"),
+                   "--output", str(tmp_path / "out"), "--weights", str(weights), "--config", str(config)])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 1 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]

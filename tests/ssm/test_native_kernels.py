@@ -221,10 +221,10 @@ def test_gate_merge_matches_reference(dtype, length, batch, members, directions,
     rows = y.reshape(-1, width)
     idx = index.view(length, batch, members, directions)
     ref = torch.empty(members, batch, length, width, dtype=torch.float64)
-    for l in range(length):
+    for t in range(length):
         for b in range(batch):
             for m in range(members):
-                ref[m, b, l] = rows[idx[l, b, m]].mean(0) * torch.nn.functional.silu(z[m, b, l])
+                ref[m, b, t] = rows[idx[t, b, m]].mean(0) * torch.nn.functional.silu(z[m, b, t])
     assert rel_err(gate_merge_reference(y, index, z), ref) <= 1e-14
     out = ops.gate_merge(kernel_library(), y.to(dtype), index, z.to(dtype))
     assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()

@@ -45,7 +45,8 @@ def results_markdown(
     """The results table of one task (one row per arm)."""
     comp = {c["other_arm"]: c for c in comparisons if c["task"] == task and "delta_auc" in c}
     lines = [
-        "| arm | units | AUC per fold (mean ± sd) | pooled OOF AUC [95% CI] | per-seed pooled AUC | F1 | accuracy | ΔAUC fused − arm | DeLong p | bootstrap 95% CI of Δ |",
+        "| arm | units | AUC per fold (mean ± sd) | pooled OOF AUC [95% CI] | per-seed pooled AUC | F1 | accuracy "
+        "| ΔAUC fused − arm | DeLong p | bootstrap 95% CI of Δ |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -101,7 +102,10 @@ def conclusion_lines(
         )
         if single:
             if len(beats_single) == len([c for c in comps if c["other_arm"] in single]) and beats_single:
-                head += "The fused arm **beats every single-sequence arm** on this cohort (DeLong p < α and bootstrap CI of Δ excluding 0)."
+                head += (
+                    "The fused arm **beats every single-sequence arm** on this cohort "
+                    "(DeLong p < α and bootstrap CI of Δ excluding 0)."
+                )
             elif beats_single:
                 head += "The fused arm beats **some but not all** single-sequence arms on this cohort."
             else:
@@ -205,8 +209,8 @@ def write_report(
         "# Tumour classification study: fused vs single-sequence inputs",
         "",
         f"Cohort `{summ['cohort']}`: **{summ['n_patients']} eligible patients** ({summ['n_positive']} positive = "
-        f"{cohort.label_name}, {summ['n_negative']} negative), {summ['n_slices']} slices ({summ['n_tumour_slices']} with "
-        f"tumour). Sequences: A = {summ['sequences'][0]}, B = {summ['sequences'][1]}.",
+        f"{cohort.label_name}, {summ['n_negative']} negative), {summ['n_slices']} slices "
+        f"({summ['n_tumour_slices']} with tumour). Sequences: A = {summ['sequences'][0]}, B = {summ['sequences'][1]}.",
         f"**Excluded: {summ['n_excluded']} patients** — "
         + (", ".join(f"{n} × {r}" for r, n in sorted(reasons.items())) if reasons else "none")
         + (f" ({', '.join(sorted(excluded))})." if excluded else "."),
@@ -219,9 +223,9 @@ def write_report(
         )
         + f", seeds {run_info['seeds']}, the same folds for every arm and classifier; slices resized to "
         f"{run_info['image_size']}×{run_info['image_size']}. Threshold rule for F1/accuracy: "
-        f"{run_info['threshold_rule']} on each fold's training units. Bootstrap: {run_info['n_boot']} resamples of patients, "
-        f"{100 * (1 - run_info['alpha']):.0f}% percentile CI. Pooled out-of-fold (OOF) score of a unit = mean over seeds "
-        "of its out-of-fold score; DeLong and the paired bootstrap compare these pooled scores.",
+        f"{run_info['threshold_rule']} on each fold's training units. Bootstrap: {run_info['n_boot']} resamples of "
+        f"patients, {100 * (1 - run_info['alpha']):.0f}% percentile CI. Pooled out-of-fold (OOF) score of a unit = "
+        "mean over seeds of its out-of-fold score; DeLong and the paired bootstrap compare these pooled scores.",
         "",
         "Classifiers:",
         "",
@@ -252,7 +256,8 @@ def write_report(
         lines += [
             "## External validation",
             "",
-            f"Every arm and classifier trained on all {summ['n_patients']} patients of `{summ['cohort']}` (once per seed), "
+            f"Every arm and classifier trained on all {summ['n_patients']} patients of `{summ['cohort']}` "
+            "(once per seed), "
             f"then scored on the external cohort `{ext['cohort']}`: {ext['n_patients']} patients ({ext['n_positive']} "
             f"positive, {ext['n_negative']} negative), {ext['n_slices']} slices. Pooled score = mean over seeds; the "
             '"AUC per fold" column is per seed. Files `external_results.csv`, `external_comparisons.csv`, '
@@ -303,7 +308,8 @@ def write_roc_figure(
                 fpr,
                 tpr,
                 lw=1.6,
-                label=f"{labels.get(arm, arm)}: {_f(r.get('pooled_auc'))} [{_f(r.get('pooled_auc_ci_low'))}, {_f(r.get('pooled_auc_ci_high'))}]",
+                label=f"{labels.get(arm, arm)}: {_f(r.get('pooled_auc'))} "
+                f"[{_f(r.get('pooled_auc_ci_low'))}, {_f(r.get('pooled_auc_ci_high'))}]",
             )
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set_xlabel("1 - specificity")
