@@ -10,10 +10,10 @@ Ratios printed:
   scan's forward+backward (C kernels, what training runs on CPU) vs both;
 - inference scan forward (L=1024): the compiled C kernel (``compiled`` backend) vs the fast PyTorch scan, and
   the kernel's first-call build time;
-- 256x256 network inference time vs its FLOP floor (default scan backend; also with the ``fast`` scan) = network FLOPs (conv + matmul, counted by
-  ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply rate, each timed run paired with a
-  GEMM rate measured just before it (the machine's speed drifts); and the share of that time
-  spent inside the compiled selective scans, whose exponentials the FLOP count leaves out;
+- 256x256 network inference time vs its FLOP floor (default scan backend; also with the ``fast`` scan) = network
+  FLOPs (conv + matmul, counted by ``torch.utils.flop_counter``) / this machine's measured float32 matrix-multiply
+  rate, each timed run paired with a GEMM rate measured just before it (the machine's speed drifts); and the share
+  of that time spent inside the compiled selective scans, whose exponentials the FLOP count leaves out;
 - training: one step (forward, backward, Adam) on a batch of 4 random 128x128 crops with the paper's loss, as
   pairs per second and against its own FLOP floor (forward + backward conv and matmul FLOPs / matmul rate), and
   the Harvard train-split epoch (446 pairs, 112 steps) it implies; then one real epoch of
@@ -55,7 +55,16 @@ from scripts.ssm import (
     set_scan_backend,
 )
 
-__all__ = ["image_probe", "cpu_description", "matmul_rate", "network_flops", "paired_floor_ratio", "time_call", "volume_probe", "network_3d_from_config"]
+__all__ = [
+    "image_probe",
+    "cpu_description",
+    "matmul_rate",
+    "network_flops",
+    "paired_floor_ratio",
+    "time_call",
+    "volume_probe",
+    "network_3d_from_config",
+]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +149,8 @@ def paired_floor_ratio(fn, flops: float, repeats: int = 7, size: int = 2048) -> 
         ratios.append(elapsed * rate / flops)
         rates.append(rate)
     return {
-        "seconds": statistics.median(seconds), "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+        "seconds": statistics.median(seconds), "ratio": statistics.median(ratios),
+        "low": min(ratios), "high": max(ratios),
         "rate": statistics.median(rates),
     }  # fmt: skip
 
@@ -347,7 +357,12 @@ def volume_probe(size: int = 128, repeats: int = 3) -> dict[str, float]:
     with torch.inference_mode():
         timed = paired_floor_ratio(lambda: net(x), flops, repeats=repeats)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"seconds": timed["seconds"], "ratio": timed["ratio"], "gflop": flops / 1e9, "peak_rss_gb": peak_kb / 1024**2}
+    return {
+        "seconds": timed["seconds"],
+        "ratio": timed["ratio"],
+        "gflop": flops / 1e9,
+        "peak_rss_gb": peak_kb / 1024**2,
+    }
 
 
 def image_probe(size: int = 2048, **override: Any) -> dict[str, float]:
@@ -399,7 +414,10 @@ def image_probe(size: int = 2048, **override: Any) -> dict[str, float]:
 def _image_probe_subprocess(size: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "--image-probe", str(size)],
-        cwd=BUNDLE_ROOT, capture_output=True, text=True, check=True,
+        cwd=BUNDLE_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -407,7 +425,10 @@ def _image_probe_subprocess(size: int) -> dict[str, float]:
 def _volume_probe_subprocess(size: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "--volume-probe", str(size)],
-        cwd=BUNDLE_ROOT, capture_output=True, text=True, check=True,
+        cwd=BUNDLE_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -426,7 +447,10 @@ def run(
         print(f"{name:<58} {value}", flush=True)
 
     allocator = "glibc mmap threshold raised" if tune_allocator() else "default allocator"
-    report("machine", f"{cpu_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {allocator}")
+    report(
+        "machine",
+        f"{cpu_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {allocator}",
+    )
     rate = matmul_rate()
     report("float32 matmul rate (2048^3 GEMM)", f"{rate / 1e9:.1f} GFLOP/s")
 
@@ -438,25 +462,40 @@ def run(
         t_loop = time_fwd_bwd(_unbind_loop_scan, inputs, repeats=3)
         report(f"scan fwd+bwd L={length} d_inner=256 N=8: fast", f"{t_fast * 1e3:.1f} ms")
         if t_comp is not None:
-            report(f"scan fwd+bwd L={length}: compiled (C forward + C backward)", f"{t_comp * 1e3:.1f} ms ({t_fast / t_comp:.1f}x faster than fast)")
-        report(f"scan fwd+bwd L={length}: unbind loop (linear backward)", f"{t_loop * 1e3:.1f} ms ({t_loop / t_fast:.1f}x fast)")
+            report(
+                f"scan fwd+bwd L={length}: compiled (C forward + C backward)",
+                f"{t_comp * 1e3:.1f} ms ({t_fast / t_comp:.1f}x faster than fast)",
+            )
+        report(
+            f"scan fwd+bwd L={length}: unbind loop (linear backward)",
+            f"{t_loop * 1e3:.1f} ms ({t_loop / t_fast:.1f}x fast)",
+        )
         if quick and length > 1024:
             report(f"scan fwd+bwd L={length}: reference loop", "skipped (--quick)")
             continue
         t_ref = time_fwd_bwd(selective_scan_ref, inputs, repeats=1)
-        speedups = f"speed-up {t_ref / t_fast:.1f}x (fast)" + (f", {t_ref / t_comp:.1f}x (compiled)" if t_comp is not None else "")
+        speedups = f"speed-up {t_ref / t_fast:.1f}x (fast)" + (
+            f", {t_ref / t_comp:.1f}x (compiled)" if t_comp is not None else ""
+        )
         report(f"scan fwd+bwd L={length}: reference loop (selective_scan_ref)", f"{t_ref:.2f} s -> {speedups}")
 
     info = compiled_scan_info()
     report(
         "compiled scan kernel: first-call build + self-check",
-        f"{info['seconds']:.2f} s ({info['isa']}, {info['simd_width']} floats per vector)" if info["available"] else f"unavailable ({info['error']})",
+        f"{info['seconds']:.2f} s ({info['isa']}, {info['simd_width']} floats per vector)"
+        if info["available"]
+        else f"unavailable ({info['error']})",
     )
     if info["available"]:
         inputs = [t.detach() for t in scan_inputs(1024)]
         with torch.inference_mode():
-            t_f, t_c = (time_call(lambda b=b: selective_scan(*inputs, backend=b), repeats=5) for b in ("fast", "compiled"))
-        report("scan forward (inference) L=1024: compiled vs fast", f"{t_c * 1e3:.1f} ms vs {t_f * 1e3:.1f} ms ({t_f / t_c:.1f}x)")
+            t_f, t_c = (
+                time_call(lambda b=b: selective_scan(*inputs, backend=b), repeats=5) for b in ("fast", "compiled")
+            )
+        report(
+            "scan forward (inference) L=1024: compiled vs fast",
+            f"{t_c * 1e3:.1f} ms vs {t_f * 1e3:.1f} ms ({t_f / t_c:.1f}x)",
+        )
 
     net = network_2d_from_config().eval()
     x = torch.rand(1, 2, size, size)
@@ -474,16 +513,22 @@ def run(
     report(f"network FLOPs, one {size}x{size} pair (conv + matmul)", f"{flops / 1e9:.2f} GFLOP")
     report(
         f"{size}x{size} inference (bundle network, batch 1, {resolve_backend(None, 'cpu')} scan)",
-        f"{t_net:.3f} s = {timed['ratio']:.2f}x the FLOP floor (median of {NETWORK_REPEATS} runs, each against the GEMM rate "
-        f"measured just before it: {timed['low']:.2f}x to {timed['high']:.2f}x; median rate {timed['rate'] / 1e9:.1f} GFLOP/s, "
+        f"{t_net:.3f} s = {timed['ratio']:.2f}x the FLOP floor (median of {NETWORK_REPEATS} runs, "
+        f"each against the GEMM rate measured just before it: {timed['low']:.2f}x to {timed['high']:.2f}x; "
+        f"median rate {timed['rate'] / 1e9:.1f} GFLOP/s, "
         f"floor {floor:.3f} s)",
     )
     if t_scan is not None:
         report(
-            f"{size}x{size} inference: time inside the scan kernels (the fused mixer kernel's conv and x projection included)",
-            f"{t_scan:.3f} s = {t_scan / t_net:.0%} of the pass; the rest {t_net - t_scan:.3f} s = {(t_net - t_scan) / floor:.2f}x the floor",
+            f"{size}x{size} inference: time inside the scan kernels "
+            "(the fused mixer kernel's conv and x projection included)",
+            f"{t_scan:.3f} s = {t_scan / t_net:.0%} of the pass; "
+            f"the rest {t_net - t_scan:.3f} s = {(t_net - t_scan) / floor:.2f}x the floor",
         )
-    report(f"{size}x{size} inference with the fast (PyTorch) scan", f"{timed_fast['seconds']:.3f} s = {timed_fast['ratio']:.2f}x the FLOP floor")
+    report(
+        f"{size}x{size} inference with the fast (PyTorch) scan",
+        f"{timed_fast['seconds']:.3f} s = {timed_fast['ratio']:.2f}x the FLOP floor",
+    )
 
     step_flops = training_step_flops()
     timed_step = paired_floor_ratio(training_step(), step_flops, repeats=3)
@@ -494,7 +539,10 @@ def run(
         "training step FLOPs (fwd + bwd, conv + matmul) and floor ratio",
         f"{step_flops / 1e9:.1f} GFLOP: {timed_step['ratio']:.2f}x the floor ({step_flops / timed_step['rate']:.3f} s)",
     )
-    report(f"Harvard train epoch estimate ({HARVARD_TRAIN_PAIRS} pairs, {steps} steps x timed step)", f"{steps * t_step / 60:.1f} min")
+    report(
+        f"Harvard train epoch estimate ({HARVARD_TRAIN_PAIRS} pairs, {steps} steps x timed step)",
+        f"{steps * t_step / 60:.1f} min",
+    )
     if epoch:
         harvard = BUNDLE_ROOT.parent / "shared" / "data" / "harvard"
         if harvard.is_dir():
@@ -502,7 +550,9 @@ def run(
 
             with tempfile.TemporaryDirectory() as tmp:
                 t_epoch = training_epoch_seconds(Path(tmp) / "run")
-            report("Harvard train epoch, measured (configs/train.json, 1 epoch, no validation)", f"{t_epoch / 60:.2f} min")
+            report(
+                "Harvard train epoch, measured (configs/train.json, 1 epoch, no validation)", f"{t_epoch / 60:.2f} min"
+            )
         else:
             report("Harvard train epoch, measured", f"skipped ({harvard} not found)")
 
@@ -533,7 +583,11 @@ def main() -> None:
     parser.add_argument("--no-3d", action="store_true", help="skip the 3D volume measurement")
     parser.add_argument("--no-epoch", action="store_true", help="skip the measured Harvard training epoch (minutes)")
     parser.add_argument(
-        "--images", type=int, nargs="*", default=[2048, 4096], help="sides of the large 2D pairs whose peak memory is measured"
+        "--images",
+        type=int,
+        nargs="*",
+        default=[2048, 4096],
+        help="sides of the large 2D pairs whose peak memory is measured",
     )
     parser.add_argument("--volume-probe", type=int, help=argparse.SUPPRESS)  # internal: the 3D measurement process
     parser.add_argument("--image-probe", type=int, help=argparse.SUPPRESS)  # internal: the large-image process

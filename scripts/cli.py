@@ -363,4 +363,3 @@ def guard_run(allowed: Iterable[str] = (), argv: Sequence[str] | None = None) ->
         return
     install_error_hook()
     check_command_line(argv, allowed=allowed)
-

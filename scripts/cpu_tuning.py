@@ -32,7 +32,9 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes)
+        )
     except (OSError, AttributeError):
         return False
     _done = ok

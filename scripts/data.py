@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "brats_datalist",
@@ -63,7 +63,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -157,7 +157,8 @@ def check_nifti_size(path: PathLike) -> None:
     if available < needed:
         raise ValueError(
             f"{path} is truncated or its header is corrupt: the header declares {declared} bytes of voxel data "
-            f"(shape {shape}, {header.get_data_dtype()}) from byte {offset}, the file holds {max(available - offset, 0)}"
+            f"(shape {shape}, {header.get_data_dtype()}) from byte {offset}, "
+            f"the file holds {max(available - offset, 0)}"
         )
 
 
@@ -293,12 +294,19 @@ def brats_datalist(root: PathLike, reference: str = "Flair", other: str = "T1c")
     root_path = Path(root)
     if not root_path.is_dir():
         raise FileNotFoundError(f"BraTS folder not found: {root_path}")
-    cases = [root_path] if any(root_path.glob(f"{reference}*.nii*")) else sorted(p for p in root_path.iterdir() if p.is_dir())
+    cases = (
+        [root_path]
+        if any(root_path.glob(f"{reference}*.nii*"))
+        else sorted(p for p in root_path.iterdir() if p.is_dir())
+    )
     rows = []
     for case in cases:
         refs, others = sorted(case.glob(f"{reference}*.nii*")), sorted(case.glob(f"{other}*.nii*"))
         if len(refs) != 1 or len(others) != 1:
-            raise ValueError(f"{case}: expected one {reference}*.nii(.gz) and one {other}*.nii(.gz), found {len(refs)} and {len(others)}")
+            raise ValueError(
+                f"{case}: expected one {reference}*.nii(.gz) and one {other}*.nii(.gz), "
+                f"found {len(refs)} and {len(others)}"
+            )
         rows.append({"mri": str(refs[0]), "other": str(others[0]), "task": f"{other}-{reference}", "id": case.name})
     if not rows:
         raise ValueError(f"empty datalist: {root_path} has no case folders with {reference} and {other} volumes")
@@ -438,8 +446,12 @@ def series_split(
     val: set[int] = set()
     for task, groups in sorted(by_task.items()):
         if len(groups) < 2:
-            logger.warning("task '%s' of %s: all %d pairs are one series; none can be held out for validation",
-                           task or "(none)", source, sum(map(len, groups.values())))
+            logger.warning(
+                "task '%s' of %s: all %d pairs are one series; none can be held out for validation",
+                task or "(none)",
+                source,
+                sum(map(len, groups.values())),
+            )
             continue
         total = sum(map(len, groups.values()))
         order = sorted(groups, key=lambda g: (zlib.crc32(f"{task}/{g}".encode()), g))
@@ -459,7 +471,12 @@ def series_split(
     n_series = {s: len({(d.get("task"), series_of(d)) for d in out if d["split"] == s}) for s in ("train", "val")}
     logger.info(
         "%s has no split: split by series (docs/troubleshooting.md): %d train pairs (%d series), %d val pairs "
-        "(%d series)", source, len(out) - len(val), n_series["train"], len(val), n_series["val"],
+        "(%d series)",
+        source,
+        len(out) - len(val),
+        n_series["train"],
+        len(val),
+        n_series["val"],
     )
     return out
 
@@ -477,7 +494,8 @@ def load_datalist(
         split: for CSV/JSON sources, keep only entries of this split.
         errors: if given, entries that name a missing file (or no file), and reference images without a partner
             in a folder, are appended here as ``(entry, reason)`` and left out, instead of stopping with an error
-            (``on_error="skip"`` of :func:`scripts.pair_check.check_pairs`). A source that cannot be read at all still raises.
+            (``on_error="skip"`` of :func:`scripts.pair_check.check_pairs`). A source that cannot be read at all
+            still raises.
     """
     if isinstance(source, (list, tuple)):
         return _finish(_filter_split(list(source), split, "datalist"), Path.cwd(), "datalist", errors)
@@ -668,5 +686,3 @@ def check_tasks(
             f"{sorted(wanted)}; filter the datalist to those tasks (evaluate.json / train.json: --tasks), or set "
             "--expected_tasks null to fuse every pair"
         )
-
-

@@ -104,7 +104,8 @@ _PATIENT = [
 ]  # fmt: skip
 _STUDY = [
     ("StudyInstanceUID", False), ("StudyDate", True), ("StudyTime", True), ("ReferringPhysicianName", True),
-    ("StudyID", True), ("AccessionNumber", True), ("IssuerOfAccessionNumberSequence", False), ("StudyDescription", False),
+    ("StudyID", True), ("AccessionNumber", True), ("IssuerOfAccessionNumberSequence", False),
+    ("StudyDescription", False),
 ]  # fmt: skip
 _SERIES = [
     ("SpecificCharacterSet", False), ("BodyPartExamined", False), ("PatientPosition", False),
@@ -113,7 +114,14 @@ _SERIES = [
 # copied as they are in the reference, empty values included, and absent when absent there (type 2C: the
 # condition, e.g. a paired body part for Laterality, is the reference's to state)
 _AS_IN_SOURCE = ["Laterality", "ImageLaterality"]
-_PLANE = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "SliceLocation"]
+_PLANE = [
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SliceLocation",
+]
 _ACQUISITION = {
     "MR": [
         ("ScanningSequence", False), ("SequenceVariant", False), ("ScanOptions", True), ("MRAcquisitionType", True),
@@ -238,7 +246,10 @@ def _read_series(folder: Path, series_uid: str | None) -> DicomSeries:
         raise FileNotFoundError(f"{folder}: no DICOM images found")
     if series_uid is None:
         if len(series) > 1:
-            listing = ", ".join(f"{uid} ({len(items)} images, {items[0][1].get('SeriesDescription', '')!r})" for uid, items in series.items())
+            listing = ", ".join(
+                f"{uid} ({len(items)} images, {items[0][1].get('SeriesDescription', '')!r})"
+                for uid, items in series.items()
+            )
             raise ValueError(f"{folder}: holds {len(series)} series; pick one by its Series Instance UID: {listing}")
         series_uid = next(iter(series))
     if series_uid not in series:
@@ -256,11 +267,16 @@ def _read_series(folder: Path, series_uid: str | None) -> DicomSeries:
     pixel_spacing = np.asarray(first.PixelSpacing, dtype=float)
     for path, ds in items[1:]:
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=float), orientation, atol=1e-4):
-            raise ValueError(f"{path}: ImageOrientationPatient differs from {first_path.name}; one orientation per series")
+            raise ValueError(
+                f"{path}: ImageOrientationPatient differs from {first_path.name}; one orientation per series"
+            )
         if not np.allclose(np.asarray(ds.PixelSpacing, dtype=float), pixel_spacing, rtol=1e-4):
             raise ValueError(f"{path}: PixelSpacing differs from {first_path.name}")
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise ValueError(f"{path}: slice size {ds.Rows}x{ds.Columns} differs from {first.Rows}x{first.Columns} in {first_path.name}")
+            raise ValueError(
+                f"{path}: slice size {ds.Rows}x{ds.Columns} differs from {first.Rows}x{first.Columns} "
+                f"in {first_path.name}"
+            )
 
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=float) for _, ds in items])
@@ -271,15 +287,23 @@ def _read_series(folder: Path, series_uid: str | None) -> DicomSeries:
     duplicates = np.flatnonzero(np.diff(heights) < 1e-4)
     if duplicates.size:
         a, b = items[duplicates[0]][0], items[duplicates[0] + 1][0]
-        raise ValueError(f"{folder}: {a.name} and {b.name} lie at the same position (several echoes or time points?); split the series")
+        raise ValueError(
+            f"{folder}: {a.name} and {b.name} lie at the same position (several echoes or time points?); "
+            "split the series"
+        )
     if len(items) > 1:
         steps = np.diff(heights)
         slice_spacing = float(steps.mean())
         if steps.max() - steps.min() > max(1e-3, 1e-2 * slice_spacing):
-            raise ValueError(f"{folder}: slices are unevenly spaced ({steps.min():.4g} to {steps.max():.4g} mm); cannot build a volume")
+            raise ValueError(
+                f"{folder}: slices are unevenly spaced ({steps.min():.4g} to {steps.max():.4g} mm); "
+                "cannot build a volume"
+            )
         off_axis = positions - positions[0] - np.outer(heights - heights[0], normal)
         if np.abs(off_axis).max() > max(1e-3, 1e-2 * slice_spacing):
-            raise ValueError(f"{folder}: slice positions are not along the slice normal (gantry tilt?); resample the series first")
+            raise ValueError(
+                f"{folder}: slice positions are not along the slice normal (gantry tilt?); resample the series first"
+            )
     else:
         slice_spacing = float(first.get("SpacingBetweenSlices", None) or first.get("SliceThickness", None) or 1.0)
 
@@ -395,7 +419,8 @@ def load_fusion_network(
 
     ``clinicalfmamba``: ``network_def`` of ``config_file`` (default ``configs/inference.json``, for 3D layered
     with ``configs/inference_3d.json``) with the checkpoint ``weights`` (default ``models/model.pt``, 3D
-    ``models/model_3d.pt``; plain or ``{"model": state_dict}``) loaded strictly. A missing checkpoint is an error: DICOM output is never made with random weights.
+    ``models/model_3d.pt``; plain or ``{"model": state_dict}``) loaded strictly. A missing checkpoint is an error:
+    DICOM output is never made with random weights.
     ``mean``, ``max``, ``laplacian``: the classic baselines of :mod:`scripts.baselines`.
     """
     if method in BASELINES:
@@ -622,7 +647,9 @@ def _check_same_patient(mri: DicomSeries, other: DicomSeries) -> None:
     for keyword in ("PatientID", "PatientName"):
         a, b = str(mri.header(keyword, "") or ""), str(other.header(keyword, "") or "")
         if a and b and a != b:
-            raise ValueError(f"{keyword} differs between {mri.path} ({a!r}) and {other.path} ({b!r}); refusing to fuse two patients")
+            raise ValueError(
+                f"{keyword} differs between {mri.path} ({a!r}) and {other.path} ({b!r}); refusing to fuse two patients"
+            )
 
 
 def fuse_series(
@@ -660,7 +687,8 @@ def fuse_series(
         mri_series, other_series: Series Instance UIDs, when a folder holds several series.
         normalise: to [0, 1] before fusion: min-max per ``volume`` or per ``slice``, or ``percentile``
             (see :func:`_normalise`); default ``volume`` in 2D, ``percentile`` in 3D (as the 3D network was trained).
-        resample: resample the other series onto the reference grid when the grids differ (same frame of reference only).
+        resample: resample the other series onto the reference grid when the grids differ (same frame of reference
+            only).
         device: torch device; default CUDA when available.
         batch_size: slices per forward pass.
         series_number, uid_prefix: see :func:`write_derived_series`.
@@ -682,7 +710,9 @@ def fuse_series(
     nifti_path, dicom_dir = output_dir / f"{name}.nii.gz", output_dir / f"{name}_dicom"
     existing = [p for p, kind in ((nifti_path, "nifti"), (dicom_dir, "dicom")) if kind in outputs and p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(map(str, existing))} already exist(s); pass overwrite=True (--overwrite) to replace")
+        raise FileExistsError(
+            f"{', '.join(map(str, existing))} already exist(s); pass overwrite=True (--overwrite) to replace"
+        )
 
     mri = read_series(mri_dir, mri_series)
     other = read_series(other_dir, other_series)
@@ -691,18 +721,26 @@ def fuse_series(
     differences = _grid_differences(mri, other)
     other_volume = other.volume
     if differences:
-        same_frame = mri.header("FrameOfReferenceUID") and mri.header("FrameOfReferenceUID") == other.header("FrameOfReferenceUID")
+        same_frame = mri.header("FrameOfReferenceUID") and mri.header("FrameOfReferenceUID") == other.header(
+            "FrameOfReferenceUID"
+        )
         if not resample:
             raise ValueError(
                 f"{other.path} is not on the voxel grid of {mri.path}: {'; '.join(differences)}. "
                 "Pass resample=True (--resample) to resample it onto the reference grid (same frame of reference only)"
             )
         if not same_frame:
-            raise ValueError(f"{other.path} and {mri.path} have different frames of reference; register them before fusing")
+            raise ValueError(
+                f"{other.path} and {mri.path} have different frames of reference; register them before fusing"
+            )
         logger.info("resampling %s onto the grid of %s (%s)", other.path, mri.path, "; ".join(differences))
         other_volume = _resample_onto(mri, other)
     elif mri.header("FrameOfReferenceUID") != other.header("FrameOfReferenceUID"):
-        logger.warning("%s and %s share a voxel grid but not a frame of reference; assuming they are co-registered", mri.path, other.path)
+        logger.warning(
+            "%s and %s share a voxel grid but not a frame of reference; assuming they are co-registered",
+            mri.path,
+            other.path,
+        )
 
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -752,18 +790,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m scripts.dicom fuse --mri DIR --other DIR --output DIR [options]``."""
     parser = argparse.ArgumentParser(prog="python -m scripts.dicom", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    fuse = commands.add_parser("fuse", help="fuse two co-registered DICOM series; write NIfTI and a derived DICOM series")
+    fuse = commands.add_parser(
+        "fuse", help="fuse two co-registered DICOM series; write NIfTI and a derived DICOM series"
+    )
     fuse.add_argument("--mri", required=True, help="folder of the reference series (MRI; network channel 0)")
     fuse.add_argument("--other", required=True, help="folder of the other series (CT, PET, SPECT, second MRI sequence)")
     fuse.add_argument("--output", required=True, help="output folder: <name>.nii.gz and <name>_dicom/")
     fuse.add_argument("--method", default="clinicalfmamba", choices=METHODS)
     fuse.add_argument("--weights", help="ClinicalFMamba checkpoint (default models/model.pt; 3D models/model_3d.pt)")
-    fuse.add_argument("--config", nargs="+", help="bundle config file(s) with network_def (default configs/inference.json, + inference_3d.json in 3D)")
+    fuse.add_argument(
+        "--config",
+        nargs="+",
+        help="bundle config file(s) with network_def (default configs/inference.json, + inference_3d.json in 3D)",
+    )
     fuse.add_argument("--mri-series", help="Series Instance UID, when --mri holds several series")
     fuse.add_argument("--other-series", help="Series Instance UID, when --other holds several series")
     fuse.add_argument("--normalise", choices=NORMALISE_MODES, help="default: volume (2D), percentile (3D)")
-    fuse.add_argument("--spatial-dims", type=int, default=2, choices=(2, 3), help="2: slice-wise 2D network; 3: whole-volume 3D network")
-    fuse.add_argument("--roi-size", type=int, nargs=3, default=(64, 64, 64), help="3D sliding-window size (default 64 64 64)")
+    fuse.add_argument(
+        "--spatial-dims",
+        type=int,
+        default=2,
+        choices=(2, 3),
+        help="2: slice-wise 2D network; 3: whole-volume 3D network",
+    )
+    fuse.add_argument(
+        "--roi-size", type=int, nargs=3, default=(64, 64, 64), help="3D sliding-window size (default 64 64 64)"
+    )
     fuse.add_argument("--resample", action="store_true", help="resample --other onto the reference grid if they differ")
     fuse.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     fuse.add_argument("--batch-size", type=int, default=4)

@@ -45,9 +45,9 @@ from torch import nn
 
 from scripts.baselines import BASELINES
 from scripts.data import IMAGE_EXTENSIONS, PathLike, load_datalist, split_extension
-from scripts.pair_check import PairCheck, check_pairs
 from scripts.data import has_split_field as _has_split_field
 from scripts.metrics import get_profile
+from scripts.pair_check import PairCheck, check_pairs
 from scripts.transforms import AttachChromad, ycbcr_to_rgb
 
 __all__ = [
@@ -128,8 +128,9 @@ def evaluation_pairs(
     on_error: str = "skip",
     **check: Any,
 ) -> PairCheck:
-    """:func:`evaluation_datalist` checked by :func:`scripts.pair_check.check_pairs`; with ``on_error="skip"`` a datalist
-    entry naming a missing file is set aside like any bad pair. ``check``: further ``check_pairs`` arguments."""
+    """:func:`evaluation_datalist` checked by :func:`scripts.pair_check.check_pairs`; with ``on_error="skip"`` a
+    datalist entry naming a missing file is set aside like any bad pair. ``check``: further ``check_pairs``
+    arguments."""
     errors: list[tuple[dict[str, str], str]] | None = [] if on_error == "skip" else None
     items = evaluation_datalist(datalist, split=split, tasks=tasks, errors=errors)
     return check_pairs(items, on_error=on_error, set_aside=errors or (), **check)
@@ -238,9 +239,7 @@ def summary_markdown(
     return lines
 
 
-def comparison_markdown(
-    summaries: Mapping[str, Sequence[Mapping[str, Any]]], metric_names: Sequence[str]
-) -> list[str]:
+def comparison_markdown(summaries: Mapping[str, Sequence[Mapping[str, Any]]], metric_names: Sequence[str]) -> list[str]:
     """One table with rows per task, then per method (``summaries``: method -> :func:`summarise` output)."""
     tasks: list[str] = []
     for summary in summaries.values():
@@ -614,7 +613,8 @@ class FusionReport:
                 if self.spatial_dims == 2
                 else "- scored volumes: F = the fused volume in [0, 1] on the reference grid (whole volume, background "
                 "included); sources A = reference, B = other volume, each normalised to [0, 1] as the method received "
-                "them (configs/inference_3d.json: minimum -> 0, 99.9th percentile -> 1, clipped); then the profile's scale below"
+                "them (configs/inference_3d.json: minimum -> 0, 99.9th percentile -> 1, clipped); "
+                "then the profile's scale below"
             ),
             "- table: mean ± sample standard deviation (n - 1) over pairs, per task, then all pairs pooled",
             "",
@@ -774,9 +774,9 @@ def compare(
                 "- scored images: F = fused grey / Y image in [0, 1]; sources = MRI and CT / PET-Y / SPECT-Y, each "
                 "min-max normalised to [0, 1] as the methods received them; then the profile's scale"
                 if spatial_dims == 2
-                else "- scored volumes: F = fused volume in [0, 1] on the reference grid; sources = the two volumes, each "
-                "normalised as the methods received them (minimum -> 0, 99.9th percentile -> 1, clipped); whole volumes, "
-                "background included; then the profile's scale"
+                else "- scored volumes: F = fused volume in [0, 1] on the reference grid; sources = the two volumes, "
+                "each normalised as the methods received them (minimum -> 0, 99.9th percentile -> 1, clipped); "
+                "whole volumes, background included; then the profile's scale"
             ),
             "- table: mean ± sample standard deviation (n - 1) over pairs",
             "",

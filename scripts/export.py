@@ -124,7 +124,8 @@ class TraceableDirectionalMamba(DirectionalMamba):
 
 
 class TraceableTokenSwapStage(TokenSwapStage):
-    """A :class:`TokenSwapStage` whose channel-exchange mask is built on the input's device without a device constant."""
+    """A :class:`TokenSwapStage` whose channel-exchange mask is built on the input's device without a device
+    constant."""
 
     @staticmethod
     def exchange(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +150,9 @@ def _check_order_sets(net: nn.Module) -> None:
     for name in {m.order_set for m in net.modules() if isinstance(m, DirectionalMamba)}:
         for grid in probes.get(name, []):
             if not torch.equal(traced_scan_orders(name, grid), scan_orders(name, grid)):
-                raise RuntimeError(f"scripts/export.py: export scan orders for {name!r} differ from scripts/networks/scan_orders.py")
+                raise RuntimeError(
+                    f"scripts/export.py: export scan orders for {name!r} differ from scripts/networks/scan_orders.py"
+                )
 
 
 def prepare_export(net: nn.Module, backend: str = EXPORT_BACKEND) -> nn.Module:

@@ -48,7 +48,10 @@ def check_backends(device: torch.device, length: int = 512, tol: float = 1e-4) -
         err = ((y - ref).abs().max() / ref.abs().max()).item()
         good = err < tol
         ok &= good
-        print(f"scan backend {name:<10} on {device.type}: max rel. error vs float64 reference {err:.2e} -> {'OK' if good else 'FAIL'}")
+        print(
+            f"scan backend {name:<10} on {device.type}: max rel. error vs float64 reference {err:.2e} "
+            f"-> {'OK' if good else 'FAIL'}"
+        )
     return ok
 
 
@@ -68,7 +71,7 @@ def scan_latency(device: torch.device, length: int, repeats: int) -> dict[str, f
     with torch.inference_mode():
         for name in names:
             times = []
-            for i in range(repeats + 1):
+            for _ in range(repeats + 1):
                 _sync(device)
                 start = time.perf_counter()
                 BACKENDS[name](*args, None, None, None, False, False)
@@ -106,12 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scan latency {name:<10} L={length}, 8 groups x 256 channels, N 8: {seconds * 1e3:.2f} ms")
     if args.dry:
         tiny = dict(features=(8, 8, 16), depth=1, decoder_depth=1, d_state=4, swap_d_state=4)
-        runs = [("2D 32x32 (tiny)", ClinicalFMamba(**tiny), (1, 2, 32, 32)),
-                ("3D 16^3 (tiny)", ClinicalFMamba(spatial_dims=3, channel_exchange=False, **tiny), (1, 2, 16, 16, 16))]
+        runs = [
+            ("2D 32x32 (tiny)", ClinicalFMamba(**tiny), (1, 2, 32, 32)),
+            ("3D 16^3 (tiny)", ClinicalFMamba(spatial_dims=3, channel_exchange=False, **tiny), (1, 2, 16, 16, 16)),
+        ]
         repeats = 1
     else:
-        runs = [("2D 256x256", ClinicalFMamba(), (1, 2, 256, 256)),
-                ("3D 128^3", ClinicalFMamba(spatial_dims=3, channel_exchange=False, pyramid=False, decoder_depth=0), (1, 2, 128, 128, 128))]
+        runs = [
+            ("2D 256x256", ClinicalFMamba(), (1, 2, 256, 256)),
+            (
+                "3D 128^3",
+                ClinicalFMamba(spatial_dims=3, channel_exchange=False, pyramid=False, decoder_depth=0),
+                (1, 2, 128, 128, 128),
+            ),
+        ]
         repeats = 5
     for label, net, shape in runs:
         seconds = latency(net.to(device).eval(), shape, device, repeats)

@@ -96,7 +96,13 @@ class SeparableSSIM(nn.Module):
     """
 
     def __init__(
-        self, spatial_dims: int, win_size: int = 11, kernel_sigma: float = 1.5, data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03
+        self,
+        spatial_dims: int,
+        win_size: int = 11,
+        kernel_sigma: float = 1.5,
+        data_range: float = 1.0,
+        k1: float = 0.01,
+        k2: float = 0.03,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -120,7 +126,9 @@ class SeparableSSIM(nn.Module):
 
     def forward(self, x: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
         n = len(targets)
-        stats = self.filter(torch.cat([x, x * x, *targets, *(t * t for t in targets), *(x * t for t in targets)], dim=1))
+        stats = self.filter(
+            torch.cat([x, x * x, *targets, *(t * t for t in targets), *(x * t for t in targets)], dim=1)
+        )
         c = x.shape[1]
         mu_x, mu_xx = stats[:, :c], stats[:, c : 2 * c]
         values = []

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.baselines import BASELINES
-from scripts.evaluate import NETWORK_METHOD, csv_text, write_text_atomic, compare, read_rows, summarise
+from scripts.evaluate import NETWORK_METHOD, compare, csv_text, read_rows, summarise, write_text_atomic
 
 __all__ = [
     "CANDIDATES",

@@ -29,8 +29,6 @@ class PairCheck:
     failed: list[tuple[dict[str, str], str]] = field(default_factory=list)
 
 
-
-
 def check_pairs(
     datalist: PathLike | Sequence[Mapping[str, Any]],
     on_error: str = "skip",

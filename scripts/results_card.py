@@ -143,8 +143,12 @@ def render(results_dir: Path) -> str:
         "",
         "`cddfuse` profile (CDDFuse's published row: its own test pairs, a different subset of the atlas):",
         "",
-        *_table({**test["cddfuse"]["methods"], **published}, RANK_METRICS,
-                {**labels, "cddfuse_published": "CDDFuse (published)"}, chosen),
+        *_table(
+            {**test["cddfuse"]["methods"], **published},
+            RANK_METRICS,
+            {**labels, "cddfuse_published": "CDDFuse (published)"},
+            chosen,
+        ),
         "",
     ]
     if {"mean", "max"} <= set(test["cddfuse"]["methods"]):

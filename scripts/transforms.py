@@ -190,7 +190,9 @@ class LoadPaird(MapTransform):
                 "(e.g. with the background value) before fusion"
             )
         if values.size and values.max() == values.min():
-            logger.warning("%s is constant (every voxel %g): it normalises to zeros and adds nothing", path, float(values.max()))
+            logger.warning(
+                "%s is constant (every voxel %g): it normalises to zeros and adds nothing", path, float(values.max())
+            )
         return img
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -304,7 +306,9 @@ class CheckSameShaped(MapTransform):
             if same_size and not diffs:
                 continue
             if self.resample and geometry:
-                logger.warning("resampling %s onto the grid of %s (%s)", _filename(img), _filename(ref), "; ".join(diffs) or "size")
+                logger.warning(
+                    "resampling %s onto the grid of %s (%s)", _filename(img), _filename(ref), "; ".join(diffs) or "size"
+                )
                 d[key] = _resample_onto(img, ref)
                 continue
             if not geometry:
@@ -314,7 +318,9 @@ class CheckSameShaped(MapTransform):
                     f"{tuple(ref.shape[1:])}, {key} {_filename(img)} has spatial shape {tuple(img.shape[1:])}; "
                     f"resize or register the other image onto the reference{hint}"
                 )
-            detail = "; ".join(diffs + ([] if same_size else [f"size {tuple(ref.shape[1:])} vs {tuple(img.shape[1:])}"]))
+            detail = "; ".join(
+                diffs + ([] if same_size else [f"size {tuple(ref.shape[1:])} vs {tuple(img.shape[1:])}"])
+            )
             raise ValueError(
                 f"the images of a pair are not on the same voxel grid ({detail}): {_filename(ref)} (reference) and "
                 f"{_filename(img)}; register / resample the other image onto the reference first, or pass "
@@ -433,11 +439,11 @@ class AttachChromad(MapTransform):
 class FusionSummary:
     """Fused pairs written, skipped (outputs exist) and failed (with the reason), logged at the end of a run.
 
-    ``failed`` starts with the pairs set aside before fusion (:func:`scripts.pair_check.check_pairs`); :func:`pending_pairs`
-    adds the pairs skipped because their outputs exist, the writer the pairs written or whose outputs could not be
-    written. ``untrained``: the network ran with random weights (``--allow_untrained true``), said in the summary
-    line. ``interrupted`` is set by :func:`run_fusion` when the user stops the run. :meth:`raise_if_failed` turns
-    failures into the run's error (exit status 1 on the command line).
+    ``failed`` starts with the pairs set aside before fusion (:func:`scripts.pair_check.check_pairs`);
+    :func:`pending_pairs` adds the pairs skipped because their outputs exist, the writer the pairs written or whose
+    outputs could not be written. ``untrained``: the network ran with random weights (``--allow_untrained true``),
+    said in the summary line. ``interrupted`` is set by :func:`run_fusion` when the user stops the run.
+    :meth:`raise_if_failed` turns failures into the run's error (exit status 1 on the command line).
     """
 
     def __init__(self, failed: Sequence[tuple[Mapping[str, Any], str]] = (), untrained: bool = False) -> None:
@@ -487,8 +493,11 @@ class FusionSummary:
         raise RunFailedError(
             f"{n_failed} of {total} pairs failed: {self.failed_names()} (reasons in the log above; the other pairs' "
             "outputs are written). "
-            + ("Fix the inputs named there" if fail_on == "all" else "Fix the inputs named there, or pass --fail_on all "
-               "to end with an error only when every pair fails")
+            + (
+                "Fix the inputs named there"
+                if fail_on == "all"
+                else "Fix the inputs named there, or pass --fail_on all to end with an error only when every pair fails"
+            )
         )
 
     def log(self, log: logging.Logger | None = None) -> str:
@@ -583,7 +592,9 @@ def pending_pairs(
         logger.warning(
             "%d of %d pairs already fused in %s (outputs exist): skipped without computing them; "
             "set overwrite=true to fuse them again",
-            len(datalist) - len(pending), len(datalist), output_dir,
+            len(datalist) - len(pending),
+            len(datalist),
+            output_dir,
         )
     return pending
 
@@ -626,7 +637,8 @@ def run_fusion(
         log.error(
             "interrupted by the user after %d of %s pairs; no partial file was left. Re-run the same command to fuse "
             "the remaining pairs (finished ones are skipped)",
-            len(summary.written), total if total is not None else "?",
+            len(summary.written),
+            total if total is not None else "?",
         )
         summary.log(log)
         raise SystemExit(130)

@@ -10,12 +10,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["WeightsChoice", "check_weights", "choose_weights", "load_network_weights", "missing_weights_message", "read_state_dict"]
+__all__ = [
+    "WeightsChoice",
+    "check_weights",
+    "choose_weights",
+    "load_network_weights",
+    "missing_weights_message",
+    "read_state_dict",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def read_state_dict(path: str | os.PathLike, key: str | None = "model", map_location: str | torch.device = "cpu") -> dict:
+def read_state_dict(
+    path: str | os.PathLike, key: str | None = "model", map_location: str | torch.device = "cpu"
+) -> dict:
     """Read a state dict from ``path`` with ``weights_only=True`` (nothing is unpickled beyond tensors).
 
     Accepts a plain state dict or a checkpoint dict holding it under ``key``; strips the ``module.``
@@ -160,7 +169,8 @@ def _check_match(
         if wrong_shape:
             k = wrong_shape[0]
             parts.append(
-                f"{len(wrong_shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, network {tuple(expected[k].shape)})"
+                f"{len(wrong_shape)} with other shapes "
+                f"(e.g. {k}: file {tuple(state[k].shape)}, network {tuple(expected[k].shape)})"
             )
         raise ValueError(
             f"weights in {os.fspath(path)} do not match the configured {type(network).__name__}: {'; '.join(parts)}. "

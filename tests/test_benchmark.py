@@ -27,7 +27,9 @@ def test_volume_probe_reports_time_flops_and_peak_memory(monkeypatch):
 
     timed = {"seconds": 1.25, "ratio": 3.5, "low": 3.0, "high": 4.0, "rate": 1e9}
     calls = []
-    monkeypatch.setattr(benchmark, "paired_floor_ratio", lambda fn, flops, repeats: calls.append((fn(), flops)) or timed)
+    monkeypatch.setattr(
+        benchmark, "paired_floor_ratio", lambda fn, flops, repeats: calls.append((fn(), flops)) or timed
+    )
     probe = volume_probe(size=16, repeats=1)
     assert probe["seconds"] == 1.25 and probe["ratio"] == 3.5  # the paired timing of the 3D pass, reported as is
     assert calls[0][0].shape == (1, 1, 16, 16, 16)  # the timed call is the 3D network on a 16^3 pair
@@ -64,7 +66,7 @@ def test_training_step_timing_runs_a_real_step(monkeypatch):
     monkeypatch.setattr(benchmark, "network_2d_from_config", recording_network)
     monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     assert benchmark.training_step_seconds(batch=1, crop=32, repeats=3) == pytest.approx(0.75)  # the median
-    (net, before), = made
+    ((net, before),) = made
     # warm-up + 3 timed steps of Adam: every trained parameter moved
     moved = [not torch.equal(a, b) for a, b in zip(before, net.parameters())]
     assert sum(moved) > 0.9 * len(moved)
@@ -85,12 +87,21 @@ def test_training_epoch_timing_runs_the_train_config(tmp_path):
         for sub in ("MRI", "CT"):
             (tmp_path / "data" / sub).mkdir(parents=True, exist_ok=True)
             Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(tmp_path / "data" / sub / f"{i}.png")
-        rows.append({"task": "CT-MRI", "mri": f"MRI/{i}.png", "other": f"CT/{i}.png", "split": "train" if i < 3 else "val"})
+        rows.append(
+            {"task": "CT-MRI", "mri": f"MRI/{i}.png", "other": f"CT/{i}.png", "split": "train" if i < 3 else "val"}
+        )
     with open(tmp_path / "data" / "pairs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    tiny = {"_target_": "scripts.networks.ClinicalFMamba", "features": [4, 8, 8], "depth": 1, "decoder_depth": 1, "d_state": 4, "swap_d_state": 4}
+    tiny = {
+        "_target_": "scripts.networks.ClinicalFMamba",
+        "features": [4, 8, 8],
+        "depth": 1,
+        "decoder_depth": 1,
+        "d_state": 4,
+        "swap_d_state": 4,
+    }
     import time
 
     start = time.perf_counter()
@@ -126,8 +137,12 @@ def test_2d_network_comes_from_the_inference_config():
     from scripts.benchmark import network_2d_from_config
 
     net = network_2d_from_config()
-    definition = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())["network_def"]
-    assert (net.refine is not None) == bool(definition.get("refine")) and (net.selection is not None) == bool(definition.get("source_selection"))
+    definition = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())[
+        "network_def"
+    ]
+    assert (net.refine is not None) == bool(definition.get("refine")) and (net.selection is not None) == bool(
+        definition.get("source_selection")
+    )
     assert net.spatial_dims == 2
 
 
@@ -163,7 +178,10 @@ def test_paired_floor_ratio_pairs_each_run_with_its_own_gemm_rate(monkeypatch):
 def test_cpu_description_names_model_isa_and_cpus():
     from scripts.benchmark import cpu_description
 
-    block = "processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu sse avx2 {extra}\n\n"
+    block = (
+        "processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+        "stepping\t: 1\nflags\t\t: fpu sse avx2 {extra}\n\n"
+    )
     two = block.format(i=0, extra="avx512f avx512dq") + block.format(i=1, extra="avx512f avx512dq")
     assert cpu_description(two) == "AMD EPYC (family 25 model 17 stepping 1, AVX-512, 2 logical CPUs)"
     one = block.format(i=0, extra="").replace("cpu family\t: 25\n", "")

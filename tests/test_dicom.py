@@ -1,4 +1,5 @@
-"""DICOM round trip: a DICOM series pair built from real samples is fused; the derived series re-reads with the reference geometry."""
+"""DICOM round trip: a DICOM series pair built from real samples is fused; the derived series re-reads with the
+reference geometry."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def pair(tmp_path: Path) -> dict:
     study, frame = generate_uid(), generate_uid()
     mri_uid = write_series(tmp_path / "mri", _volume("MRI"), "MR", study, frame, description="T2 axial")
     ct_uid = write_series(tmp_path / "ct", _volume("CT"), "CT", study, frame, description="CT head", series_number=4)
-    return dict(mri=tmp_path / "mri", other=tmp_path / "ct", study=study, frame=frame, uids=(mri_uid, ct_uid), root=tmp_path)
+    return dict(
+        mri=tmp_path / "mri", other=tmp_path / "ct", study=study, frame=frame, uids=(mri_uid, ct_uid), root=tmp_path
+    )
 
 
 def _sitk_series(folder: Path) -> sitk.Image:
@@ -66,7 +69,9 @@ def test_read_series_sorts_slices_and_applies_rescale(pair):
 def test_fuse_series_round_trip_with_network(pair):
     torch.manual_seed(0)
     net = ClinicalFMamba(**TINY).eval()
-    result = fuse_series(pair["mri"], pair["other"], pair["root"] / "out", network=net, method="clinicalfmamba", device="cpu")
+    result = fuse_series(
+        pair["mri"], pair["other"], pair["root"] / "out", network=net, method="clinicalfmamba", device="cpu"
+    )
     mri, ct = read_series(pair["mri"]), read_series(pair["other"])
     expected = fuse_volumes(_normalise(mri.volume, "volume"), _normalise(ct.volume, "volume"), net)
     reference = _sitk_series(pair["mri"])
@@ -90,13 +95,21 @@ def test_fuse_series_round_trip_with_network(pair):
         assert out.StudyInstanceUID == pair["study"] and out.FrameOfReferenceUID == pair["frame"]
         assert list(out.ImageType) == ["DERIVED", "SECONDARY", "OTHER", "FUSION"]
         assert out.SOPClassUID == MRImageStorage and out.Modality == "MR"
-        for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices"):
+        for key in (
+            "ImagePositionPatient",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+            "SliceThickness",
+            "SpacingBetweenSlices",
+        ):
             assert out[key].value == src[key].value, key
         for key, value in PATIENT.items():
             assert str(out[key].value) == value, key
         assert "ClinicalFMamba" in out.SeriesDescription and "T2 axial" in out.SeriesDescription
         assert {item.SeriesInstanceUID for item in out.ReferencedSeriesSequence} == set(pair["uids"])
-        referenced = {i.ReferencedSOPInstanceUID for s in out.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+        referenced = {
+            i.ReferencedSOPInstanceUID for s in out.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence
+        }
         assert referenced == {d.SOPInstanceUID for d in sources} | ct_uids
         assert src.SOPInstanceUID in {i.ReferencedSOPInstanceUID for i in out.SourceImageSequence}
         assert out.SeriesNumber == 1003 and out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
@@ -141,7 +154,10 @@ def test_other_grid_is_refused_or_resampled(tmp_path):
     study, frame = generate_uid(), generate_uid()
     write_series(tmp_path / "mri", _volume("MRI"), "MR", study, frame)
     coarse = _volume("CT")[:, ::2, ::2]  # same field of view, half the resolution
-    geometry = {"pixel_spacing": (1.8, 1.6), "origin": GEOMETRY["origin"] + 0.45 * GEOMETRY["col"] + 0.4 * GEOMETRY["row"]}
+    geometry = {
+        "pixel_spacing": (1.8, 1.6),
+        "origin": GEOMETRY["origin"] + 0.45 * GEOMETRY["col"] + 0.4 * GEOMETRY["row"],
+    }
     write_series(tmp_path / "ct", coarse, "CT", study, frame, geometry=geometry)
     with pytest.raises(ValueError, match="not on the voxel grid.*--resample"):
         fuse_series(tmp_path / "mri", tmp_path / "ct", tmp_path / "out", network=MeanFusion())
@@ -166,19 +182,39 @@ def test_read_series_errors_name_the_folder(tmp_path, pair):
 
 def test_clinicalfmamba_needs_a_checkpoint(pair):
     config = pair["root"] / "tiny.json"
-    config.write_text(json.dumps({"network_def": {"_target_": "scripts.networks.ClinicalFMamba", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}}))
+    config.write_text(
+        json.dumps(
+            {
+                "network_def": {
+                    "_target_": "scripts.networks.ClinicalFMamba",
+                    **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+                }
+            }
+        )
+    )
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        fuse_series(pair["mri"], pair["other"], pair["root"] / "out", weights=pair["root"] / "none.pt", config_file=config)
+        fuse_series(
+            pair["mri"], pair["other"], pair["root"] / "out", weights=pair["root"] / "none.pt", config_file=config
+        )
     torch.manual_seed(1)
     net = ClinicalFMamba(**TINY)
     torch.save({"model": net.state_dict()}, pair["root"] / "model.pt")
-    result = fuse_series(pair["mri"], pair["other"], pair["root"] / "out", weights=pair["root"] / "model.pt", config_file=config, device="cpu")
+    result = fuse_series(
+        pair["mri"],
+        pair["other"],
+        pair["root"] / "out",
+        weights=pair["root"] / "model.pt",
+        config_file=config,
+        device="cpu",
+    )
     mri, ct = read_series(pair["mri"]), read_series(pair["other"])
     expected = fuse_volumes(_normalise(mri.volume, "volume"), _normalise(ct.volume, "volume"), net.eval())
     np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(result["nifti"]))), expected, atol=1e-6)
 
 
-TINY_3D = dict(spatial_dims=3, features=(4, 8, 8), depth=1, channel_exchange=False, pyramid=False, decoder_depth=0, d_state=4)
+TINY_3D = dict(
+    spatial_dims=3, features=(4, 8, 8), depth=1, channel_exchange=False, pyramid=False, decoder_depth=0, d_state=4
+)
 
 
 def test_fuse_series_with_the_3d_network(pair):
@@ -188,7 +224,13 @@ def test_fuse_series_with_the_3d_network(pair):
     seen = []
     net.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
     result = fuse_series(
-        pair["mri"], pair["other"], pair["root"] / "out3d", network=net, spatial_dims=3, roi_size=(16, 16, 16), device="cpu"
+        pair["mri"],
+        pair["other"],
+        pair["root"] / "out3d",
+        network=net,
+        spatial_dims=3,
+        roi_size=(16, 16, 16),
+        device="cpu",
     )
     assert seen and all(shape == (1, 2, 16, 16, 16) for shape in seen)  # (B, 2, X, Y, Z) windows
     mri, ct = read_series(pair["mri"]), read_series(pair["other"])

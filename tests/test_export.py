@@ -118,7 +118,10 @@ def test_export_backend_matches_reference(length):
     assert torch.allclose(y_tm, y_fast, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("name, grid", [("identity", (7,)), ("identity", (3, 5)), ("cross2d", (3, 5)), ("cross2d", (1, 4)), ("triplane", (2, 3, 4))])
+@pytest.mark.parametrize(
+    "name, grid",
+    [("identity", (7,)), ("identity", (3, 5)), ("cross2d", (3, 5)), ("cross2d", (1, 4)), ("triplane", (2, 3, 4))],
+)
 def test_traced_scan_orders_equal_network_orders(name, grid):
     assert torch.equal(traced_scan_orders(name, grid), scan_orders(name, grid))
 
@@ -132,7 +135,9 @@ def test_tracing_the_plain_network_fails_with_a_clear_error():
 def test_trace_example_too_small_is_refused(tiny_nets):
     with pytest.raises(ValueError, match="too small"):
         export_torchscript(tiny_nets[1], None, torch.rand(1, 2, 8, 8))
-    assert resolve_backend(None, "cpu") == resolve_backend("auto", "cpu")  # preparing one network changes no process default
+    assert resolve_backend(None, "cpu") == resolve_backend(
+        "auto", "cpu"
+    )  # preparing one network changes no process default
 
 
 def test_exportable_network_keeps_weights_and_eager_outputs(tiny_nets, pairs):
@@ -218,8 +223,14 @@ def test_bundle_export_commands_with_a_checkpoint(tiny_nets, pairs, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     axes = {0: "batch", 2: "height", 3: "width"}
     converter = dict(dynamo=False, opset_version=17, input_names=["image"], output_names=["pred"])
-    onnx_export(filepath=str(tmp_path / "model.onnx"), converter_kwargs={**converter, "dynamic_axes": {"image": axes, "pred": axes}}, **common)
-    (out,) = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": image.numpy()})
+    onnx_export(
+        filepath=str(tmp_path / "model.onnx"),
+        converter_kwargs={**converter, "dynamic_axes": {"image": axes, "pred": axes}},
+        **common,
+    )
+    (out,) = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image.numpy()}
+    )
     assert np.abs(out - _eager_reference(net, image).numpy()).max() <= TOL
 
 

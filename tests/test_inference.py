@@ -155,14 +155,20 @@ def test_network_weights_are_loaded_and_mismatched_weights_are_a_clear_error(tmp
     good = tmp_path / "good.pt"
     reference = ClinicalFMamba(**{k: v for k, v in TINY_NET.items() if k != "_target_"})
     torch.save({"model": reference.state_dict()}, good)
-    wf = _workflow(tmp_path, network_def=TINY_NET, load_pretrain=True, ckpt_path=str(good), output_dir=str(tmp_path / "out"))
+    wf = _workflow(
+        tmp_path, network_def=TINY_NET, load_pretrain=True, ckpt_path=str(good), output_dir=str(tmp_path / "out")
+    )
     loaded = wf.parser.get_parsed_content("network")
     assert all(torch.equal(a, b.cpu()) for a, b in zip(reference.state_dict().values(), loaded.state_dict().values()))
 
     other = tmp_path / "other.pt"
-    torch.save(ClinicalFMamba(features=(8, 8, 32), depth=1, decoder_depth=1, d_state=4, swap_d_state=4).state_dict(), other)
+    torch.save(
+        ClinicalFMamba(features=(8, 8, 32), depth=1, decoder_depth=1, d_state=4, swap_d_state=4).state_dict(), other
+    )
     with pytest.raises(Exception) as err:
-        wf = _workflow(tmp_path, network_def=TINY_NET, load_pretrain=True, ckpt_path=str(other), output_dir=str(tmp_path / "out2"))
+        wf = _workflow(
+            tmp_path, network_def=TINY_NET, load_pretrain=True, ckpt_path=str(other), output_dir=str(tmp_path / "out2")
+        )
         wf.run()
     chain, e = [], err.value
     while e is not None:

@@ -38,9 +38,7 @@ def test_sobel_magnitude_of_a_delta_by_hand() -> None:
 def test_sobel_magnitude_of_a_constant_with_zero_padding_by_hand() -> None:
     s = sobel_magnitude(_const(1.0, 5))[0, 0]
     # interior 0; edges see the zero padding on one side: 1 + 2 + 1 = 4; corners 3 (x) + 3 (y) = 6
-    expected = torch.tensor(
-        [[6.0, 4, 4, 4, 6], [4, 0, 0, 0, 4], [4, 0, 0, 0, 4], [4, 0, 0, 0, 4], [6, 4, 4, 4, 6]]
-    )
+    expected = torch.tensor([[6.0, 4, 4, 4, 6], [4, 0, 0, 0, 4], [4, 0, 0, 0, 4], [4, 0, 0, 0, 4], [6, 4, 4, 4, 6]])
     assert torch.equal(s, expected)
 
 
@@ -193,7 +191,9 @@ def test_separable_ssim_equals_monai_ssim_loss(shape) -> None:
     x = torch.rand(shape, requires_grad=True)
     targets = [torch.rand(shape), (torch.rand(shape) + x.detach()) / 2]
     spatial_dims = len(shape) - 2
-    monai_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5)
+    monai_loss = SSIMLoss(
+        spatial_dims=spatial_dims, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5
+    )
     expected = torch.stack([1 - monai_loss(x, t) for t in targets])
     ours = SeparableSSIM(spatial_dims)(x, targets)
     assert torch.allclose(ours, expected, rtol=0, atol=2e-6)

@@ -67,8 +67,13 @@ def _pairs(root: Path, size: int = 48) -> Path:
     yy, xx = np.mgrid[:size, :size] / size
     rows = []
     for i, (task, folder, split) in enumerate(
-        [("CT-MRI", "CT", "val"), ("CT-MRI", "CT", "val"), ("PET-MRI", "PET", "val"), ("PET-MRI", "PET", "val"),
-         ("CT-MRI", "CT", "train")]
+        [
+            ("CT-MRI", "CT", "val"),
+            ("CT-MRI", "CT", "val"),
+            ("PET-MRI", "PET", "val"),
+            ("PET-MRI", "PET", "val"),
+            ("CT-MRI", "CT", "train"),
+        ]
     ):
         d = np.hypot(xx - 0.5, yy - 0.5)
         mri = np.clip(180 * (d < 0.35) * (0.6 + 0.4 * np.cos(9 * xx + i)) + 30 * rng.random((size, size)), 0, 255)
@@ -76,12 +81,21 @@ def _pairs(root: Path, size: int = 48) -> Path:
         for sub in ("MRI", folder):
             (root / task / sub).mkdir(parents=True, exist_ok=True)
         Image.fromarray(mri.astype(np.uint8)).save(root / task / "MRI" / f"{i}.png")
-        image = Image.fromarray(np.stack([other, other // 2, 255 - other], -1), "RGB") if folder == "PET" else (
-            Image.fromarray(other)
+        image = (
+            Image.fromarray(np.stack([other, other // 2, 255 - other], -1), "RGB")
+            if folder == "PET"
+            else (Image.fromarray(other))
         )
         image.save(root / task / folder / f"{i}.png")
-        rows.append({"task": task, "pair_id": str(i), "mri": f"{task}/MRI/{i}.png",
-                     "other": f"{task}/{folder}/{i}.png", "split": split})
+        rows.append(
+            {
+                "task": task,
+                "pair_id": str(i),
+                "mri": f"{task}/MRI/{i}.png",
+                "other": f"{task}/{folder}/{i}.png",
+                "split": split,
+            }
+        )
     with open(root / "pairs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -106,7 +120,11 @@ def test_score_split_writes_consistent_records_once(tmp_path: Path) -> None:
     ]
     out = tmp_path / "results" / "val"
     result = score_split(
-        "val", output_dir=out, candidates=candidates, bundle_root=BUNDLE_ROOT, work_dir=tmp_path / "work",
+        "val",
+        output_dir=out,
+        candidates=candidates,
+        bundle_root=BUNDLE_ROOT,
+        work_dir=tmp_path / "work",
         dataset_dir=str(data),
     )
     methods = ["paper", "selection", "mean", "max", "laplacian"]

@@ -12,9 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 
-#: kernel modules of the scan engine (scan_kernel.c is loaded by ``compiled``): its internals, reached only through
-#: ``scripts.ssm``'s public entry points
-KERNEL_MODULES = {"scripts.ssm.compiled", "scripts.ssm.compiled_grad", "scripts.ssm.compiled_backend"}
+#: kernel modules of the scan engine (the ``native`` package builds and binds scan_kernel.c; ``compiled_backend``
+#: registers it): its internals, reached only through ``scripts.ssm``'s public entry points
+KERNEL_MODULES = {
+    "scripts.ssm.compiled_backend",
+    "scripts.ssm.native",
+    "scripts.ssm.native.binding",
+    "scripts.ssm.native.build",
+    "scripts.ssm.native.loader",
+    "scripts.ssm.native.ops",
+    "scripts.ssm.native.selfcheck",
+    "scripts.ssm.native.threads",
+}
+
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -44,7 +54,7 @@ def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
         else:
             continue
         for target in targets:
-            while target and target not in known:  # "import scripts.ssm.compiled as c" -> the module itself
+            while target and target not in known:  # "import scripts.ssm.native.ops as o" -> the module itself
                 target = target.rpartition(".")[0]
             if target.startswith("scripts") and target != name:
                 found.add(target)
@@ -89,9 +99,10 @@ def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 
 def test_the_graph_reader_sees_relative_lazy_and_package_imports():
     graph = import_graph()
-    assert "scripts.ssm.compiled" in graph["scripts.ssm.compiled_grad"]  # from .compiled import ...
+    assert "scripts.ssm.native.ops" in graph["scripts.ssm.native.selfcheck"]  # from . import ops
+    assert "scripts.ssm.native.binding" in graph["scripts.ssm.native.ops"]  # from .binding import ...
+    assert "scripts.ssm.reference" in graph["scripts.ssm.native.selfcheck"]  # from ..reference import ...
     assert "scripts.ssm.reference" in graph["scripts.ssm"]  # from . import reference, ...
-    assert "scripts.ssm.reference" in graph["scripts.ssm.compiled"]  # inside a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
 
 
@@ -110,6 +121,44 @@ def test_the_plain_model_imports_nothing_of_the_inference_speed_layer(module):
     imported = import_graph()[f"scripts.networks.{module}"]
     speed = {"scripts.networks.optimize", "scripts.networks.rewrites", "scripts.networks.packed_conv"}
     assert not imported & speed, f"scripts/networks/{module}.py imports {sorted(imported & speed)}"
+
+
+def private_names_used(path: Path) -> list[str]:
+    """Private names (``_x``, not dunders) that ``path`` takes from other ``scripts`` modules: imported
+    (``from .m import _x``) or read as an attribute of an imported module (``from . import m; m._x``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found, modules_bound = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("scripts")):
+            found += [f"{node.module or '.'}.{a.name}" for a in node.names if a.name.startswith("_")]
+            modules_bound |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            modules_bound |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("scripts")}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules_bound
+        ):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_private_name_reader_sees_imports_and_attributes(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from . import ops\nfrom .build import _key, SOURCE\nimport torch\nx = ops._run, torch._C\n")
+    assert private_names_used(source) == ["build._key", "ops._run"]
+
+
+def test_kernel_modules_are_all_listed_and_use_no_private_names_of_each_other():
+    graph = import_graph()
+    native = {name for name in graph if name.startswith("scripts.ssm.native")}
+    assert native <= KERNEL_MODULES, f"add to KERNEL_MODULES: {sorted(native - KERNEL_MODULES)}"
+    for name in sorted(name for name in graph if name.startswith("scripts.ssm")):
+        private = private_names_used(modules()[name])
+        assert not private, f"{name} uses private names of other modules: {private}"
 
 
 def test_scripts_have_no_import_cycle():

@@ -51,7 +51,15 @@ def test_shipped_split_file_has_ids_and_splits_only() -> None:
     counts = Counter((r["task"], r["split"]) for r in rows)
     assert len(rows) == 711
     assert [counts[(t, s)] for t in ("CT-MRI", "PET-MRI", "SPECT-MRI") for s in ("train", "val", "test")] == [
-        108, 20, 21, 155, 32, 82, 183, 37, 73,
+        108,
+        20,
+        21,
+        155,
+        32,
+        82,
+        183,
+        37,
+        73,
     ]
     # a series never crosses train and test
     by_series = {}

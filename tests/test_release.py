@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -97,7 +97,9 @@ def test_release_holds_the_bundle_and_nothing_else(release) -> None:
         "docs/samples/datalist.json",
         "scripts/__init__.py",
         "scripts/networks/clinicalfmamba.py",
-        "scripts/ssm/scan_kernel.c",
+        "scripts/ssm/native/scan_kernel.c",
+        "scripts/ssm/native/scan_kernel.h",
+        "scripts/ssm/native/scan_scalar.h",
         "scripts/prepare_harvard.py",
         "models/model.pt",
         "models/model_3d.pt",

@@ -45,17 +45,29 @@ def _records(root: Path, with_test: bool) -> Path:
         "mean_ranks": {"paper": 3.0, "selection": 1.0, "mean": 5.0, "max": 2.0, "laplacian": 4.0},
         "selected": "selection",
         "candidates": {
-            "paper": {"description": "the paper's network", "best_epoch": 57, "epochs_run": 60, "best_val_qabf": 0.61,
-                      "targets": targets},
-            "selection": {"description": "with additions", "best_epoch": 60, "epochs_run": 60, "best_val_qabf": 0.7,
-                          "targets": targets},
+            "paper": {
+                "description": "the paper's network",
+                "best_epoch": 57,
+                "epochs_run": 60,
+                "best_val_qabf": 0.61,
+                "targets": targets,
+            },
+            "selection": {
+                "description": "with additions",
+                "best_epoch": 60,
+                "epochs_run": 60,
+                "best_val_qabf": 0.7,
+                "targets": targets,
+            },
         },
     }
     (root / "val" / "selection.json").write_text(json.dumps(selection))
     if with_test:
         (root / "test").mkdir()
-        for profile, metrics in (("cddfuse", RANK_METRICS), ("characterisation", ("copy_source", "copy_max",
-                                                                                   "abs_to_max", "edge_overshoot"))):
+        for profile, metrics in (
+            ("cddfuse", RANK_METRICS),
+            ("characterisation", ("copy_source", "copy_max", "abs_to_max", "edge_overshoot")),
+        ):
             (root / "test" / f"summary_{profile}.json").write_text(
                 json.dumps(_summary(profile, metrics, methods, "test"))
             )

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from scripts.metrics.profiles import compute_metrics
-from scripts.pin_outputs import PINNED, SCORED
 from scripts.networks import ClinicalFMamba
+from scripts.pin_outputs import PINNED, SCORED
 from scripts.transforms import rgb_to_ycbcr
 from scripts.weights import load_network_weights
 
@@ -30,7 +30,9 @@ def _luma(path: Path) -> np.ndarray:
     if image.mode == "L":
         x = np.asarray(image, dtype=np.float64)
     else:
-        x = rgb_to_ycbcr(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float64)).permute(2, 0, 1))[0].numpy()
+        x = rgb_to_ycbcr(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float64)).permute(2, 0, 1))[
+            0
+        ].numpy()
     x = x - x.min()
     return x / max(x.max(), 1e-8)
 
@@ -57,7 +59,11 @@ def test_weights_file_is_float32_and_small():
 def test_shipped_weights_are_trained_not_the_initialisation(shipped):
     torch.manual_seed(0)
     fresh = _bundle_network()
-    differ = [k for k, v in fresh.state_dict().items() if v.is_floating_point() and not torch.equal(v, shipped.state_dict()[k])]
+    differ = [
+        k
+        for k, v in fresh.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, shipped.state_dict()[k])
+    ]
     assert len(differ) > 0.9 * sum(v.is_floating_point() for v in fresh.state_dict().values())
     assert shipped.refine.out.weight.abs().max() > 0.01  # the zero-initialised refinement output has learned
 

@@ -4,6 +4,7 @@ import torch
 from scripts.networks import ClinicalFMamba
 from scripts.weights import load_network_weights, read_state_dict
 
+
 class Payload:
     """A pickled object that is not a tensor."""
 
@@ -24,7 +25,9 @@ def test_round_trip_plain_and_checkpoint_dicts_and_ddp_prefix(tmp_path):
 def test_weights_of_another_configuration_give_a_readable_error(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(ClinicalFMamba(**{**TINY, "features": (8, 8, 32)}).state_dict(), path)
-    with pytest.raises(ValueError, match=r"other\.pt do not match the configured ClinicalFMamba: .*other shapes") as err:
+    with pytest.raises(
+        ValueError, match=r"other\.pt do not match the configured ClinicalFMamba: .*other shapes"
+    ) as err:
         load_network_weights(ClinicalFMamba(**TINY), path)
     assert "features" in str(err.value)
 

@@ -151,6 +151,8 @@ def test_3d_network_definitions_agree_across_configs():
 
     infer = network(["inference.json", "inference_3d.json"], "network_def")
     train = network(["train.json", "train_3d.json"], "network_def")
-    evaluate = network(["inference.json", "inference_3d.json", "evaluate.json", "evaluate_3d.json"], "clinicalfmamba_def")
+    evaluate = network(
+        ["inference.json", "inference_3d.json", "evaluate.json", "evaluate_3d.json"], "clinicalfmamba_def"
+    )
     assert infer == train == evaluate
     assert infer["spatial_dims"] == 3

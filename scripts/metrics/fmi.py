@@ -111,7 +111,7 @@ def _mixed_difference(bound: np.ndarray) -> np.ndarray:
 
 def _fmi_pair(s_win: np.ndarray, f_win: np.ndarray) -> np.ndarray:
     """Per-window normalised feature MI of one source with the fused image, shape (N,)."""
-    n, l = s_win.shape
+    n, bins = s_win.shape
     same = np.all(s_win == f_win, axis=1)
     p_s = _pdf(s_win)
     p_f = _pdf(f_win)
@@ -124,7 +124,7 @@ def _fmi_pair(s_win: np.ndarray, f_win: np.ndarray) -> np.ndarray:
     den = np.sqrt(np.sum(t_s * t_s, axis=1) * np.sum(t_f * t_f, axis=1))
     corr = np.where((cross != 0) & (den > 0), cross / np.where(den > 0, den, 1.0), 0.0)
 
-    idx = np.arange(1, l + 1, dtype=np.float64)
+    idx = np.arange(1, bins + 1, dtype=np.float64)
 
     def _sd(p: np.ndarray) -> np.ndarray:
         return np.sqrt(np.maximum(p @ (idx * idx) - (p @ idx) ** 2, 0.0))

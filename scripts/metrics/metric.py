@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.metrics import CumulativeIterationMetric
@@ -76,9 +77,7 @@ class FusionMetric(CumulativeIterationMetric):
             raise ValueError(f"spatial shapes differ: {tuple(y_pred.shape)} vs {tuple(y.shape)}")
         rows = []
         for i in range(y_pred.shape[0]):
-            values = compute_metrics(
-                y_pred[i, 0], y[i, 0], y[i, 1], profile=self.profile, metrics=self.metric_names
-            )
+            values = compute_metrics(y_pred[i, 0], y[i, 0], y[i, 1], profile=self.profile, metrics=self.metric_names)
             rows.append([values[n] for n in self.metric_names])
         dtype = torch.float32 if y_pred.device.type == "mps" else torch.float64
         return torch.tensor(rows, dtype=dtype, device=y_pred.device)

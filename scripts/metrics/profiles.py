@@ -20,8 +20,8 @@ including how the two sources are combined (sum or mean). Profiles:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import mutual_info_score

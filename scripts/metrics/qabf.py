@@ -85,9 +85,7 @@ def _edge_preservation(
     return _sigmoids(ratio, agreement)
 
 
-def qabf(
-    fused: ArrayLike, a: ArrayLike, b: ArrayLike, matlab_quirk: bool = False, boundary: str = "fill"
-) -> float:
+def qabf(fused: ArrayLike, a: ArrayLike, b: ArrayLike, matlab_quirk: bool = False, boundary: str = "fill") -> float:
     """Qabf of ``fused`` given sources ``a`` and ``b`` (each (H, W)); in [0, QABF_MAX].
 
     Args:

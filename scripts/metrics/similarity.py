@@ -11,7 +11,7 @@ Thin wrappers that fix every convention explicitly and reuse library code:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -17,7 +17,8 @@ __all__ = [
 
 
 def pointwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a kernel-size-1 convolution module as one matrix product over channels; (B, C, *spatial) -> (B, O, *spatial).
+    """Apply a kernel-size-1 convolution module as one matrix product over channels;
+    (B, C, *spatial) -> (B, O, *spatial).
 
     Same result as ``conv(x)`` (up to summation order) with the module's own weight and bias, so state dicts are
     unchanged. On CPU, oneDNN's NCHW path re-lays the tensor out around every 1x1 convolution, which costs several
@@ -57,7 +58,9 @@ class DilatedGatedConvBlock(nn.Module):
         negative_slope: LeakyReLU slope.
     """
 
-    def __init__(self, spatial_dims: int, channels: int, dilation: int, pyramid: bool = True, negative_slope: float = 0.2):
+    def __init__(
+        self, spatial_dims: int, channels: int, dilation: int, pyramid: bool = True, negative_slope: float = 0.2
+    ):
         super().__init__()
         conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
         self.norm_query, self.norm_gate, self.norm_mid = norm(channels), norm(channels), norm(channels)
@@ -175,7 +178,14 @@ class UpStage(nn.Module):
     ``("up", "conv", "act", "norm")`` and ``("act", "up", "conv", "norm")``.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act: nn.Module, layout=("up", "conv", "norm", "act")):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        act: nn.Module,
+        layout=("up", "conv", "norm", "act"),
+    ):
         super().__init__()
         ops = {
             "up": nn.Upsample(scale_factor=2, mode="nearest"),

@@ -127,7 +127,9 @@ class ClinicalFMamba(nn.Module):
         if in_channels != 2:
             raise ValueError(f"ClinicalFMamba fuses two images: in_channels must be 2, got {in_channels}")
         if source_selection and out_channels != 1:
-            raise ValueError(f"source_selection mixes one fused channel with the sources: out_channels must be 1, got {out_channels}")
+            raise ValueError(
+                f"source_selection mixes one fused channel with the sources: out_channels must be 1, got {out_channels}"
+            )
         if len(dilations) != len(features):
             raise ValueError(f"one dilation per encoder stage: got {len(dilations)} for {len(features)} stages")
         self.spatial_dims = spatial_dims
@@ -159,9 +161,7 @@ class ClinicalFMamba(nn.Module):
             ResidualMambaBlock(d_model, members=2, d_state=d_state, order_set=order, dead_a_matrices=dead_a, **mixer)
             for _ in range(depth)
         )
-        self.token_swap = (
-            TokenSwapStage(d_model, swap_d_state, reference_compat, **mixer) if channel_exchange else None
-        )
+        self.token_swap = TokenSwapStage(d_model, swap_d_state, reference_compat, **mixer) if channel_exchange else None
         self.cross_blocks = CrossMambaBlock(
             d_model, members=2, d_state=d_state, order_set=cross_scan_order or order, dead_a_matrices=dead_a, **mixer
         )
@@ -169,7 +169,9 @@ class ClinicalFMamba(nn.Module):
 
         # decoder
         self.decoder_blocks = nn.ModuleList(
-            ResidualMambaBlock(d_model, d_state=d_state, order_set="identity", use_norm=False, dead_norm=reference_compat, **mixer)
+            ResidualMambaBlock(
+                d_model, d_state=d_state, order_set="identity", use_norm=False, dead_norm=reference_compat, **mixer
+            )
             for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(d_model)
@@ -183,7 +185,9 @@ class ClinicalFMamba(nn.Module):
             acts = [act] * len(ups)
         else:
             layouts, acts = [("up", "conv", "norm", "act")] * len(ups), [act] * len(ups)
-        self.up_stages = nn.ModuleList(UpStage(spatial_dims, i, o, a, lay) for i, o, a, lay in zip(ins, ups, acts, layouts))
+        self.up_stages = nn.ModuleList(
+            UpStage(spatial_dims, i, o, a, lay) for i, o, a, lay in zip(ins, ups, acts, layouts)
+        )
         self.attention = CrossModalChannelAttention(spatial_dims, features[0])
         self.refine = FullResolutionRefinement(spatial_dims, features[0], 2, negative_slope) if refine else None
         self.head = conv(features[0], out_channels, 3, padding=1)

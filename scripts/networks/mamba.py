@@ -120,7 +120,9 @@ class DirectionalMamba(nn.Module):
         groups = m * k
 
         self.in_proj_weight = nn.Parameter(_uniform((m, 2 * di, d_model), 1 / math.sqrt(d_model)))
-        self.in_proj_b_weight = nn.Parameter(_uniform((m, di, d_model), 1 / math.sqrt(d_model))) if cross_modal else None
+        self.in_proj_b_weight = (
+            nn.Parameter(_uniform((m, di, d_model), 1 / math.sqrt(d_model))) if cross_modal else None
+        )
         self.conv_weight = nn.Parameter(_uniform((groups * di, 1, d_conv), 1 / math.sqrt(d_conv)))
         self.conv_bias = nn.Parameter(_uniform((groups * di,), 1 / math.sqrt(d_conv)))
         self.x_proj_weight = nn.Parameter(_uniform((groups, r + 2 * n, di), 1 / math.sqrt(di)))
@@ -151,7 +153,9 @@ class DirectionalMamba(nn.Module):
                 self._order_cache[key] = self._build_gather_index(grid, batch, device)
         return self._order_cache[key]
 
-    def _build_gather_index(self, grid: Sequence[int], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build_gather_index(
+        self, grid: Sequence[int], batch: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         orders = scan_orders(self.order_set, grid)
         inverse = inverse_orders(orders)
         k, length = orders.shape
@@ -173,7 +177,10 @@ class DirectionalMamba(nn.Module):
             raise ValueError("a cross-modal mixer needs `extra`; a single-modality mixer takes none")
         m, b, length, _ = x.shape
         if m != self.members or length != math.prod(grid):
-            raise ValueError(f"mixer expects ({self.members}, B, {math.prod(grid)}, C) tokens for grid {tuple(grid)}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"mixer expects ({self.members}, B, {math.prod(grid)}, C) tokens for grid {tuple(grid)}, "
+                f"got {tuple(x.shape)}"
+            )
         forward_index, backward_index = self._gather_index(grid, b, x.device)
         xs, z = member_linear(x, self.in_proj_weight).split(self.d_inner, dim=-1)
         extra = member_linear(extra, self.in_proj_b_weight) if self.cross_modal else None
@@ -182,8 +189,13 @@ class DirectionalMamba(nn.Module):
         return member_linear(y, self.out_proj_weight)
 
     def scan_directions(
-        self, xs: torch.Tensor, z: torch.Tensor, extra: torch.Tensor | None, A: torch.Tensor,
-        forward_index: torch.Tensor, backward_index: torch.Tensor,
+        self,
+        xs: torch.Tensor,
+        z: torch.Tensor,
+        extra: torch.Tensor | None,
+        A: torch.Tensor,
+        forward_index: torch.Tensor,
+        backward_index: torch.Tensor,
     ) -> torch.Tensor:
         """The mixer between its projections: xs, z, extra (M, B, L, d_inner) -> (M, B, L, d_inner).
 

@@ -304,8 +304,13 @@ class FusedDirectionalMamba(DirectionalMamba):
         self.kernel_weights: tuple | None = None  # (parameter versions, the backend's prepared weights)
 
     def scan_directions(
-        self, xs: torch.Tensor, z: torch.Tensor, extra: torch.Tensor | None, A: torch.Tensor,
-        forward_index: torch.Tensor, backward_index: torch.Tensor,
+        self,
+        xs: torch.Tensor,
+        z: torch.Tensor,
+        extra: torch.Tensor | None,
+        A: torch.Tensor,
+        forward_index: torch.Tensor,
+        backward_index: torch.Tensor,
     ) -> torch.Tensor:
         ops = fused_mixer_ops(self.scan_backend, xs.device)
         if ops is None or not runs_fast(self):

@@ -70,8 +70,14 @@ class KeptConvWeights:
         self._entries.clear()
 
     def conv2d(
-        self, tag: str, x: torch.Tensor, weights: WeightFn, sources: Sequence[torch.Tensor],
-        stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+        self,
+        tag: str,
+        x: torch.Tensor,
+        weights: WeightFn,
+        sources: Sequence[torch.Tensor],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
         negative_slope: float | None = None,
     ) -> torch.Tensor:
         """``conv2d(x, *weights(), stride, padding, dilation)``, then ``leaky_relu(., negative_slope)`` when a slope is

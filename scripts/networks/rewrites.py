@@ -35,7 +35,8 @@ __all__ = [
 
 def source_versions(tensors) -> tuple:
     """A key that changes when any of ``tensors`` is replaced or updated in place: identity, storage, version counter
-    (bumped by optimiser steps and ``load_state_dict``) and dtype of each. Inference caches of derived weights use it."""
+    (bumped by optimiser steps and ``load_state_dict``) and dtype of each. Inference caches of derived weights use
+    it."""
     return tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
@@ -62,7 +63,9 @@ def batch_norm_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
     return scale, shift if norm.bias is None else shift + norm.bias
 
 
-def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fold_batch_norm(
+    weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Weight and bias of ``norm(conv(x))`` as one convolution, for a BatchNorm in eval mode with running
     statistics; None when ``norm`` is anything else (the caller keeps it as a layer)."""
     affine = batch_norm_affine(norm)
@@ -72,11 +75,15 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Mo
     return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift if bias is None else shift + bias * scale
 
 
-def fold_batch_norm_before(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fold_batch_norm_before(
+    weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Weight and bias of ``conv(norm(x))`` as one convolution, for a kernel-size-1 ``conv`` (no padding, so exact)
     after a BatchNorm in eval mode with running statistics; None when ``norm`` cannot be folded."""
     if any(k != 1 for k in weight.shape[2:]):
-        raise ValueError(f"only kernel-size-1 convolutions fold a norm before them exactly, got kernel {tuple(weight.shape[2:])}")
+        raise ValueError(
+            f"only kernel-size-1 convolutions fold a norm before them exactly, got kernel {tuple(weight.shape[2:])}"
+        )
     affine = batch_norm_affine(norm)
     if affine is None:
         return None
@@ -119,7 +126,8 @@ def upsample_conv_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> tup
     to be applied to the coarse input with padding 1."""
     dims = weight.dim() - 2
     out_channels = weight.shape[0]
-    kernel = weight  # (O, C, 3, ..): each spatial axis becomes (phase, 2 taps); phase 0 sees input p-1 and p, phase 1 p and p+1
+    # (O, C, 3, ..): each spatial axis becomes (phase, 2 taps); phase 0 sees input p-1 and p, phase 1 p and p+1
+    kernel = weight
     for axis in range(dims):  # layout before: (phase_0 .. phase_{axis-1}, O, C, tap_0 .. tap_{axis-1}, 3, ..)
         w0, w1, w2 = kernel.unbind(2 * axis + 2)
         phase0, phase1 = torch.stack([w0, w1 + w2], 2 * axis + 2), torch.stack([w0 + w1, w2], 2 * axis + 2)
@@ -177,7 +185,11 @@ def conv3_by_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # (B, C, N) columns of voxels: in channels-last memory the transposed rows as they lie (no copy); the maps come out
     # planar (B, 3^d, O, *S), so that the shifted sums below run along contiguous rows (in channels-last maps, with O
     # values per voxel, they run about 2x slower)
-    columns = x.movedim(1, -1).reshape(batch, -1, channels).transpose(1, 2) if is_channels_last(x) else x.reshape(batch, channels, -1)
+    columns = (
+        x.movedim(1, -1).reshape(batch, -1, channels).transpose(1, 2)
+        if is_channels_last(x)
+        else x.reshape(batch, channels, -1)
+    )
     maps = torch.matmul(per_tap, columns).view(batch, 3**dims, out_channels, *size)
     out = maps[:, centre].clone() if bias is None else maps[:, centre] + bias.view(-1, *([1] * dims))
     for tap, offset in enumerate(itertools.product((-1, 0, 1), repeat=dims)):
@@ -217,9 +229,19 @@ def conv3_then_down2(x: torch.Tensor, conv: nn.Module, down: nn.Module) -> torch
     """``down(conv(x))`` for the encoder's stem (3^d, padding 1) and first down-sampling (2^d, stride 2) modules, as
     the one convolution of :func:`compose_conv3_and_down2`. x: (B, C_in, *S) -> (B, O, *(S / 2))."""
     dims = x.dim() - 2
-    if conv.kernel_size != (3,) * dims or conv.padding != (1,) * dims or conv.stride != (1,) * dims or conv.dilation != (1,) * dims:
+    if (
+        conv.kernel_size != (3,) * dims
+        or conv.padding != (1,) * dims
+        or conv.stride != (1,) * dims
+        or conv.dilation != (1,) * dims
+    ):
         raise ValueError(f"expected a 3^d convolution with padding 1, got {conv}")
-    if down.kernel_size != (2,) * dims or down.stride != (2,) * dims or down.padding != (0,) * dims or down.dilation != (1,) * dims:
+    if (
+        down.kernel_size != (2,) * dims
+        or down.stride != (2,) * dims
+        or down.padding != (0,) * dims
+        or down.dilation != (1,) * dims
+    ):
         raise ValueError(f"expected a 2^d convolution with stride 2, got {down}")
     if conv.groups != 1 or down.groups != 1:
         raise ValueError("grouped convolutions are not composed")

@@ -71,7 +71,16 @@ ORDER_SETS = {
     "released3d_single": _released_3d_single,
     "released3d_cross": _released_3d_cross,
 }
-NUM_DIRECTIONS = {"identity": 1, "cross2d": 4, "triplane": 6, "axial": 2, "sagittal": 2, "coronal": 2, "released3d_single": 3, "released3d_cross": 8}
+NUM_DIRECTIONS = {
+    "identity": 1,
+    "cross2d": 4,
+    "triplane": 6,
+    "axial": 2,
+    "sagittal": 2,
+    "coronal": 2,
+    "released3d_single": 3,
+    "released3d_cross": 8,
+}
 GRID_DIMS = {name: 3 for name in NUM_DIRECTIONS if name not in ("identity", "cross2d")} | {"cross2d": 2}
 
 

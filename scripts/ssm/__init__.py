@@ -5,8 +5,8 @@ One entry point, :func:`selective_scan`, with ``mamba_ssm.selective_scan_fn`` se
 
 - ``reference``: sequential loop, the readable specification (tests only; quadratic backward);
 - ``fast``: pure PyTorch, linear-time forward and hand-written backward (the fallback everywhere);
-- ``compiled``: fused C kernels built at run time by the system C compiler, forward for inference
-  (:mod:`scripts.ssm.compiled`) and forward + backward for training (:mod:`scripts.ssm.compiled_grad`), on CPU;
+- ``compiled``: fused C kernels built at run time by the system C compiler (:mod:`scripts.ssm.native`), forward
+  for inference and forward + backward for training, on CPU (:mod:`scripts.ssm.compiled_backend`);
   ``auto`` picks it on CPU when it builds, else ``fast``;
 - ``mamba_ssm``: the fused CUDA kernel, used by ``auto`` when mamba_ssm imports and tensors are on CUDA;
 - ``chunked``: pure PyTorch, each chunk of steps in closed form (Mamba-2's segment sums), a constant number of
@@ -23,7 +23,7 @@ is logged once.
 Public entry points (what the networks use): :func:`selective_scan`, :func:`selective_scan_time_major`, the mixer
 operations of :mod:`scripts.ssm.mixer` (:func:`causal_conv_silu`, :func:`merge_directions`,
 :func:`gather_directions`, :func:`fused_mixer_ops`) and backend selection (:func:`resolve_backend`,
-:func:`set_scan_backend`). The kernel modules (``compiled``, ``compiled_grad``) are this package's internals.
+:func:`set_scan_backend`). The kernel package (``native``) is this package's internals.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import logging
 import torch
 
 # each backend module registers itself when imported; this order is the registry's (and the error messages')
-from . import reference, fast, compiled_backend, cuda, chunked, export  # noqa: F401, I001
+from . import reference, fast, compiled_backend, cuda, chunked, export  # noqa: F401  # isort: skip
 from .chunked import selective_scan_chunked
-from .compiled import compiled_scan_available, compiled_scan_info
 from .compiled_backend import selective_scan_compiled
 from .cuda import mamba_ssm_available
 from .fast import selective_scan_fast
 from .mixer import causal_conv_silu, fused_mixer_ops, gather_directions, merge_directions
+from .native.loader import compiled_scan_available, compiled_scan_info
 from .reference import selective_scan_ref
 from .registry import (
     ENV_VAR,

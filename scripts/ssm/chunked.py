@@ -58,7 +58,9 @@ def _segment_sums(dA: torch.Tensor) -> torch.Tensor:
     shape = (steps, steps) + (1,) * (dA.dim() - 1)
     terms = dA.unsqueeze(1).expand(steps, steps, *dA.shape[1:]).masked_fill(~lower.view(shape), 0.0)  # [r, s]
     sums = terms.cumsum(0)  # [t, s] = sum_{s < r <= t} dA_r
-    return sums.masked_fill(~lower.logical_or(torch.eye(steps, dtype=torch.bool, device=dA.device)).view(shape), float("-inf"))
+    return sums.masked_fill(
+        ~lower.logical_or(torch.eye(steps, dtype=torch.bool, device=dA.device)).view(shape), float("-inf")
+    )
 
 
 def _chunk_closed_form(d, u, a_t, B, C, h):
@@ -121,7 +123,10 @@ class ClosedFormChunkScan(torch.autograd.Function):
             t0 = index * steps
             t1 = min(t0 + steps, length)
             with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in (delta[t0:t1], u[t0:t1], A, B[t0:t1], C[t0:t1], boundaries[index])]
+                leaves = [
+                    t.detach().requires_grad_()
+                    for t in (delta[t0:t1], u[t0:t1], A, B[t0:t1], C[t0:t1], boundaries[index])
+                ]
                 d, uu, a, b, c, h = leaves
                 y, h_end = _chunk_closed_form(d, uu, a.transpose(-1, -2), b, c, h)
                 grads = torch.autograd.grad((y, h_end), leaves, (grad_y[t0:t1], carry))

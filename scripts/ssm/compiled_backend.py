@@ -1,9 +1,9 @@
-"""The ``compiled`` backend: the run-time built C kernels (:mod:`scripts.ssm.compiled`, forward and fused mixer
-operations; :mod:`scripts.ssm.compiled_grad`, forward + backward) registered as one scan backend.
+"""The ``compiled`` backend: the run-time built C kernels of :mod:`scripts.ssm.native` registered as one scan backend.
 
 Without autograd the forward kernel runs; with autograd the compiled forward and backward
-(:class:`~scripts.ssm.compiled_grad.CompiledSelectiveScan`); anything the kernels do not take (other devices,
+(:class:`~scripts.ssm.native.ops.CompiledSelectiveScan`); anything the kernels do not take (other devices,
 N > 64, no kernel built) runs the ``fast`` backend unchanged. ``auto`` picks this backend on CPU when it builds.
+The kernels run on the process's library (:func:`scripts.ssm.native.loader.kernel_library`, built on first use).
 """
 
 from __future__ import annotations
@@ -11,23 +11,51 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compiled import (
-    causal_conv_silu_kernel,
-    compiled_scan_available,
-    gate_merge_kernel,
-    kernel_applicable,
-    max_conv_width,
-    max_norm_width,
-    mixer_scan_applicable,
-    mixer_scan_kernel,
-    prepare_mixer_weights,
-    scan_time_major_kernel,
-)
-from .compiled_grad import CompiledSelectiveScan, kernel_trainable, scan_time_major_trainable
 from .fast import scan_time_major_fast, selective_scan_fast
+from .native import ops
+from .native.loader import compiled_scan_available, kernel_library
 from .registry import ScanBackend, register_backend
 
-__all__ = ["CompiledMixerOps", "scan_time_major_compiled", "selective_scan_compiled"]
+__all__ = [
+    "CompiledMixerOps",
+    "kernel_applicable",
+    "kernel_trainable",
+    "mixer_scan_kernel",
+    "scan_time_major_compiled",
+    "scan_time_major_kernel",
+    "selective_scan_compiled",
+]
+
+
+def kernel_applicable(*tensors: torch.Tensor | None, n_state: int) -> bool:
+    """True when the forward kernels can run these inputs: CPU, no autograd needed, N supported, kernel built."""
+    present = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" for t in present):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    library = kernel_library()
+    return library is not None and n_state <= library.nmax
+
+
+def kernel_trainable(*tensors: torch.Tensor | None, n_state: int) -> bool:
+    """True when the compiled forward and backward can run these inputs: CPU, N supported, kernel built."""
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        return False
+    library = kernel_library()
+    return library is not None and n_state <= library.nmax
+
+
+def scan_time_major_kernel(*args, **kwargs):
+    """:func:`scripts.ssm.native.ops.scan_time_major` on the process's library (the caller checks
+    :func:`kernel_applicable`): y (L, batch, G, P) and the last state (batch, G, N, P)."""
+    return ops.scan_time_major(kernel_library(), *args, **kwargs)
+
+
+def mixer_scan_kernel(*args, **kwargs):
+    """:func:`scripts.ssm.native.ops.mixer_scan` on the process's library (the caller checks
+    :meth:`CompiledMixerOps.fused_supported`)."""
+    return ops.mixer_scan(kernel_library(), *args, **kwargs)
 
 
 def _grouped(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:
@@ -39,8 +67,8 @@ def selective_scan_compiled(
 ):
     """Selective scan with mamba_ssm semantics (arguments as :func:`scripts.ssm.reference.selective_scan_ref`).
 
-    Runs the compiled kernel when :func:`~scripts.ssm.compiled.kernel_applicable`, with autograd the compiled forward
-    and backward when the kernel is built, else :func:`scripts.ssm.fast.selective_scan_fast`.
+    Runs the compiled kernel when :func:`kernel_applicable`, with autograd the compiled forward and backward when the
+    kernel is built, else :func:`scripts.ssm.fast.selective_scan_fast`.
     """
     n_state = A.shape[-1]
     trainable = not kernel_applicable(u, delta, A, B, C, D, z, delta_bias, n_state=n_state)
@@ -62,7 +90,8 @@ def selective_scan_compiled(
     args = (u_t, delta_t, A.reshape(groups, per_group, n_state), B.permute(3, 0, 1, 2), C.permute(3, 0, 1, 2))
     if trainable:
         D_g, bias_g = _grouped(D, groups), _grouped(delta_bias, groups)
-        y, last = CompiledSelectiveScan.apply(delta_t, u_t, *args[2:], D_g, bias_g, bool(delta_softplus))
+        apply = ops.CompiledSelectiveScan.apply
+        y, last = apply(kernel_library(), delta_t, u_t, *args[2:], D_g, bias_g, bool(delta_softplus))
     else:
         y, last = scan_time_major_kernel(*args, D, delta_bias, delta_softplus)
     y = y.reshape(length, batch, dim).permute(1, 2, 0)
@@ -85,7 +114,7 @@ def scan_time_major_compiled(u, delta, A, B, C, D=None, delta_bias=None, delta_s
     if delta_proj_weight is not None:
         delta = torch.einsum("lbgr,gpr->lbgp", delta, delta_proj_weight)
     if kernel_trainable(u, delta, A, B, C, D, delta_bias, n_state=n_state):
-        return scan_time_major_trainable(u, delta, A, B, C, D, delta_bias, delta_softplus)  # with autograd
+        return ops.scan_time_major_trainable(kernel_library(), u, delta, A, B, C, D, delta_bias, delta_softplus)
     return scan_time_major_fast(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
@@ -95,17 +124,18 @@ class CompiledMixerOps:
 
     @staticmethod
     def causal_conv_silu(x, weight, bias, index):
-        if kernel_applicable(x, weight, bias, n_state=0) and weight.shape[-1] <= max_conv_width():
-            return causal_conv_silu_kernel(x, weight, bias, index=index)
+        if kernel_applicable(x, weight, bias, n_state=0) and weight.shape[-1] <= kernel_library().kmax:
+            return ops.causal_conv_silu(kernel_library(), x, weight, bias, index=index)
         return None
 
     @staticmethod
     def merge(y, index, z, norm_weight=None, norm_bias=None, eps=1e-5):
         if not kernel_applicable(y, z, norm_weight, norm_bias, n_state=0):
             return None
-        if norm_weight is None or y.shape[-1] <= max_norm_width():
-            return gate_merge_kernel(y, index, z, norm_weight, norm_bias, eps)
-        merged = gate_merge_kernel(y, index, z)
+        library = kernel_library()
+        if norm_weight is None or y.shape[-1] <= library.pmax:
+            return ops.gate_merge(library, y, index, z, norm_weight, norm_bias, eps)
+        merged = ops.gate_merge(library, y, index, z)
         normalised = F.layer_norm(merged, merged.shape[-1:], eps=eps)
         return torch.addcmul(norm_bias[:, None, None], normalised, norm_weight[:, None, None])
 
@@ -113,17 +143,19 @@ class CompiledMixerOps:
     def fused_supported(x, d_inner, d_state, dt_rank, d_conv, lanes, *parameters) -> bool:
         if not kernel_applicable(x, *parameters, n_state=0):
             return False
-        return mixer_scan_applicable(x, d_inner, d_state, dt_rank, d_conv, lanes)
+        return ops.mixer_scan_applicable(kernel_library(), x, d_inner, d_state, dt_rank, d_conv, lanes)
 
     @staticmethod
     def fused_merges(sets: int, width: int, norm: bool) -> bool:
         """Whether the fused kernel should merge too: its work items are then the ``sets`` (batch, member) sets,
         and every thread needs one; a norm only up to the kernel's row width."""
-        return sets >= torch.get_num_threads() and (not norm or width <= max_norm_width())
+        library = kernel_library()
+        max_norm = 0 if library is None else library.pmax
+        return sets >= torch.get_num_threads() and (not norm or width <= max_norm)
 
     @staticmethod
     def prepare_fused(*args, **kwargs):
-        return prepare_mixer_weights(*args, **kwargs)
+        return ops.prepare_mixer_weights(kernel_library(), *args, **kwargs)
 
     @staticmethod
     def fused(*args, **kwargs):

@@ -18,7 +18,6 @@ Layout as the ``fast`` backend: P channels per group, B and C shared by the chan
 from __future__ import annotations
 
 import functools
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +37,13 @@ def _scan_time_major(
     length = delta.size(0)
     a_t = A.transpose(-1, -2)  # (G, N, P): channels innermost
     h = torch.zeros_like(u[0]).unsqueeze(-2) * a_t  # (batch, G, N, P)
-    outputs: List[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         d = delta[start:stop].unsqueeze(-2)  # (T, batch, G, 1, P)
         decay = torch.exp(d * a_t)
         drive = d * u[start:stop].unsqueeze(-2) * B[start:stop].unsqueeze(-1)
-        states: List[torch.Tensor] = []
+        states: list[torch.Tensor] = []
         for t in range(stop - start):
             h = decay[t] * h + drive[t]
             states.append(h)

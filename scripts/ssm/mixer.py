@@ -72,8 +72,13 @@ def causal_conv_silu(
 
 
 def merge_directions(
-    y: torch.Tensor, index: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor | None = None,
-    norm_bias: torch.Tensor | None = None, eps: float = 1e-5, backend: str | None = None,
+    y: torch.Tensor,
+    index: torch.Tensor,
+    z: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Scan outputs y (L, B, M*K, P) back to tokens (M, B, L, P), averaged over directions, times ``silu(z)``
     (:func:`gate_merge_reference`); with ``norm_weight`` and ``norm_bias`` (M, P) then a LayerNorm over P with

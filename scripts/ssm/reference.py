@@ -26,9 +26,9 @@ def warm_up_exp() -> None:
     """Run PyTorch's ``exp`` once on every thread, in float32 and float64, before anything is compared with it.
 
     In about one process in twelve on the 2-core Intel machine (torch 2.13.0, CPU wheel) the first multi-threaded
-    ``torch.exp`` of the process returned values off by up to 1e-9 relative on one thread's half of the tensor (float64),
-    and every later call was exact: a race in the first-use initialisation of the vector math library. The kernel's
-    float64 self-check (1e-10) then failed and the process silently fell back to the slow scan
+    ``torch.exp`` of the process returned values off by up to 1e-9 relative on one thread's half of the tensor
+    (float64), and every later call was exact: a race in the first-use initialisation of the vector math library.
+    The kernel's float64 self-check (1e-10) then failed and the process silently fell back to the slow scan
     (docs/troubleshooting.md). A first call on tensors large enough to be split over the threads absorbs it.
     """
     global _exp_warm
@@ -82,7 +82,9 @@ def prepare_time_major(u, delta, delta_bias=None, delta_softplus=False, delta_pr
     return compute, u, delta
 
 
-def scan_channels_first(core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+def scan_channels_first(
+    core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
     """Shared body of the (batch, dim, L) backends that run a time-major core.
 
     Applies :func:`prepare_inputs`, splits the channels into the G groups of ``B``/``C`` ((batch, N, L) or

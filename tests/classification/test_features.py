@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from tumor_classification_scripts.classifiers import ArmImages, RadiomicsClassifier, WholeSliceClassifier
 from tumor_classification_scripts.cohort import Cohort, SliceRecord
 from tumor_classification_scripts.features import (
@@ -103,7 +102,9 @@ def test_patient_features_shape_identical_across_arms_and_channel_prefixes():
     assert a["firstorder_mean"] != b["firstorder_mean"]
     img_only = patient_features(rng.random((2, 1, 16, 16)), rois, heads, n_bins=8, with_shape=False)
     assert not any(k.startswith("shape_") for k in img_only) and len(img_only) == 15 + 2 + 10
-    two = patient_features(rng.random((2, 2, 16, 16)), rois, heads, n_bins=8, channel_names=["flair", "t1c"], with_shape=False)
+    two = patient_features(
+        rng.random((2, 2, 16, 16)), rois, heads, n_bins=8, channel_names=["flair", "t1c"], with_shape=False
+    )
     assert "flair_glcm_contrast" in two and "t1c_firstorder_mean" in two and len(two) == 2 * 27
     with pytest.raises(ValueError, match=r"\(S, C, H, W\)"):
         patient_features(rng.random((2, 16, 16)), rois, heads)

@@ -6,7 +6,6 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
-
 from tumor_classification_scripts.arms import ChannelArm, FusionArm, load_pairs
 from tumor_classification_scripts.cohort import csv_cohort, load_cohort
 from tumor_classification_scripts.folds import stratified_patient_folds
@@ -52,8 +51,8 @@ def test_lgg_pairs_are_flair_and_t1c(shared_data):
     assert float(pairs.min()) == 0.0 and float(pairs.max()) == 1.0
     raw = np.asarray(Image.open(c.slices[0].seq_a)).astype(np.float32)
     flair = raw[..., 1]
-    import torch.nn.functional as F
     import torch
+    import torch.nn.functional as F
 
     ref = F.interpolate(torch.from_numpy(flair)[None, None], size=(64, 64), mode="area")[0, 0]
     ref = (ref - ref.min()) / (ref.max() - ref.min())
@@ -105,7 +104,6 @@ def test_fusion_from_torchscript_and_from_the_bundle_folder_keeps_this_process_i
     import sys
 
     import torch
-
     from tumor_classification_scripts.fusion import (
         MeanFusion,
         load_fusion_bundle,
@@ -133,7 +131,9 @@ def test_fusion_from_torchscript_and_from_the_bundle_folder_keeps_this_process_i
     assert type(fusion.network).__name__ == "ClinicalFMamba" and type(fusion.network) is not ClinicalFMamba
     out = FusionArm("cfm", fusion).build(torch.rand(2, 2, 16, 16))
     assert out.shape == (2, 1, 16, 16) and sys.modules["scripts"] is before
-    with pytest.raises(FileNotFoundError, match="trained fusion weights not found at .*none.pt.*--allow_untrained true"):
+    with pytest.raises(
+        FileNotFoundError, match="trained fusion weights not found at .*none.pt.*--allow_untrained true"
+    ):
         load_fusion_bundle(root, ckpt_path=tmp_path / "none.pt", overrides=tiny)
     with pytest.raises(FileNotFoundError, match="fusion bundle config not found"):
         load_fusion_bundle(tmp_path)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
-
 from tumor_classification_scripts.stats import delong_test
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle" / "tumor_classification"
@@ -55,7 +54,9 @@ def test_every_unit_is_scored_once_per_seed(folder) -> None:
     for r in preds:
         counts[(*_key(r), r["unit"])] += 1
     assert set(counts.values()) == {len(seeds)} and len(seeds) == 3  # out-of-fold exactly once per seed
-    n_units = {task: {len(v[0]) for (_, t, _), v in pooled(folder).items() if t == task} for task in ("patient", "slice")}
+    n_units = {
+        task: {len(v[0]) for (_, t, _), v in pooled(folder).items() if t == task} for task in ("patient", "slice")
+    }
     assert n_units == {"patient": {78}, "slice": {1232}}  # the cohort after exclusions, the same in every arm
 
 
@@ -79,7 +80,9 @@ def test_comparisons_match_a_fresh_delong_test(folder) -> None:
         test = delong_test(y, s_f, s_o)
         assert test["delta"] == pytest.approx(float(c["delta_auc"]), abs=1e-5)
         assert test["p"] == pytest.approx(float(c["delong_p"]), rel=1e-4, abs=1e-6)
-        significant = test["p"] < 0.05 and (float(c["bootstrap_delta_ci_low"]) > 0 or float(c["bootstrap_delta_ci_high"]) < 0)
+        significant = test["p"] < 0.05 and (
+            float(c["bootstrap_delta_ci_low"]) > 0 or float(c["bootstrap_delta_ci_high"]) < 0
+        )
         assert (c["verdict"] != "no significant difference") == significant
 
 

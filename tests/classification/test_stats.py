@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
-
 from tumor_classification_scripts.stats import (
     aggregate_scores,
     auc,

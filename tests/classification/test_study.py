@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tumor_classification_scripts import (
     ChannelArm,
     ClassificationStudy,
@@ -78,7 +77,16 @@ def test_copied_bundle_runs_with_only_the_fusion_bundle_path(shared_data, tmp_pa
     proc = run_bundle_copy(copy, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = Path(args["output_dir"])
-    for name in ("report.md", "results.csv", "comparisons.csv", "fold_metrics.csv", "predictions.csv", "folds.csv", "roc_curves.png", "run_info.json"):
+    for name in (
+        "report.md",
+        "results.csv",
+        "comparisons.csv",
+        "fold_metrics.csv",
+        "predictions.csv",
+        "folds.csv",
+        "roc_curves.png",
+        "run_info.json",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = _rows(out / "results.csv")
     expected = [("radiomics", "patient", a) for a in ARMS] + [("radiomics_image", "patient", a) for a in ARMS]
@@ -103,7 +111,9 @@ def test_copied_bundle_runs_with_only_the_fusion_bundle_path(shared_data, tmp_pa
     test_patients = sorted(r["patient"] for r in folds if r["fold"] == "0")
     for clf in ("radiomics", "radiomics_image", "cnn"):
         for arm in ARMS:
-            got = sorted(r["unit"] for r in preds if r["classifier"] == clf and r["task"] == "patient" and r["arm"] == arm)
+            got = sorted(
+                r["unit"] for r in preds if r["classifier"] == clf and r["task"] == "patient" and r["arm"] == arm
+            )
             assert got == test_patients, (clf, arm)
     # a second run refuses to overwrite; a missing fusion path is a clear error
     again = run_bundle_copy(copy, args)
@@ -142,7 +152,15 @@ def test_external_validation_on_a_split_of_the_shared_cohort(shared_data, tmp_pa
     assert dev.patients == sorted(dev_p) and ext.patients == sorted(ext_p)
     from monai.networks.nets import ResNet
 
-    clf = partial(ResNet, block="basic", layers=[1, 1, 1, 1], block_inplanes=[4, 8, 8, 8], spatial_dims=2, conv1_t_stride=2, num_classes=1)
+    clf = partial(
+        ResNet,
+        block="basic",
+        layers=[1, 1, 1, 1],
+        block_inplanes=[4, 8, 8, 8],
+        spatial_dims=2,
+        conv1_t_stride=2,
+        num_classes=1,
+    )
     classifiers = [
         RadiomicsClassifier(with_shape=False, c_grid=[0.1, 1.0], k_grid=[5], inner_folds=2),
         CNNClassifier(clf, epochs=1, batch_size=8, device="cpu"),
@@ -154,12 +172,21 @@ def test_external_validation_on_a_split_of_the_shared_cohort(shared_data, tmp_pa
     )  # fmt: skip
     res = study.run()
     out = tmp_path / "out"
-    for name in ("external_results.csv", "external_comparisons.csv", "external_predictions.csv", "external_roc_curves.png"):
+    for name in (
+        "external_results.csv",
+        "external_comparisons.csv",
+        "external_predictions.csv",
+        "external_roc_curves.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert list(_rows(out / "external_results.csv")[0]) == list(_rows(out / "results.csv")[0])
     assert list(_rows(out / "external_comparisons.csv")[0]) == list(_rows(out / "comparisons.csv")[0])
     ext_rows = _rows(out / "external_results.csv")
-    assert {(r["classifier"], r["task"]) for r in ext_rows} == {("radiomics_image", "patient"), ("cnn", "patient"), ("cnn", "slice")}
+    assert {(r["classifier"], r["task"]) for r in ext_rows} == {
+        ("radiomics_image", "patient"),
+        ("cnn", "patient"),
+        ("cnn", "slice"),
+    }
     # every external patient scored once per seed and arm, by a model trained on all development patients
     preds = _rows(out / "external_predictions.csv")
     for arm in ("flair", "t1c", "mean"):
@@ -176,7 +203,15 @@ def test_study_reproducible(shared_data, tmp_path):
     from monai.networks.nets import ResNet
 
     cohort = load_cohort(shared_data / "lgg_tcga", max_patients=8, max_slices_per_patient=3)
-    clf = partial(ResNet, block="basic", layers=[1, 1, 1, 1], block_inplanes=[4, 8, 8, 8], spatial_dims=2, conv1_t_stride=2, num_classes=1)
+    clf = partial(
+        ResNet,
+        block="basic",
+        layers=[1, 1, 1, 1],
+        block_inplanes=[4, 8, 8, 8],
+        spatial_dims=2,
+        conv1_t_stride=2,
+        num_classes=1,
+    )
 
     def once(name):
         arms = [ChannelArm("flair", [0]), FusionArm("mean", MeanFusion())]
@@ -209,6 +244,8 @@ def test_metadata_valid_and_classifier_io():
     meta = json.loads((BUNDLE / "metadata.json").read_text())
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "study.json"))
-    net = parser.get_parsed_content("classifier_def")(n_input_channels=meta["network_data_format"]["inputs"]["image"]["num_channels"])
+    net = parser.get_parsed_content("classifier_def")(
+        n_input_channels=meta["network_data_format"]["inputs"]["image"]["num_channels"]
+    )
     x = torch.rand(2, 1, *meta["network_data_format"]["inputs"]["image"]["spatial_shape"])
     assert net.eval()(x).shape == (2, meta["network_data_format"]["outputs"]["pred"]["num_channels"])

@@ -133,7 +133,7 @@ def test_clinicalfmamba_en_counts_unique_float_values():
 
 def test_3d_volumes():
     vol_a = np.clip(RNG.random((24, 24, 24)) * 0.5 + 0.25, 0, 1)
-    vol_b = np.clip(vol_a ** 2 + 0.1 * RNG.random((24, 24, 24)), 0, 1)
+    vol_b = np.clip(vol_a**2 + 0.1 * RNG.random((24, 24, 24)), 0, 1)
     out = compute_metrics((vol_a + vol_b) / 2, vol_a, vol_b, profile="clinicalfmamba")
     assert list(out) == ["PSNR", "MS-SSIM", "EN"] and all(math.isfinite(v) for v in out.values())
     out = compute_metrics((vol_a + vol_b) / 2, vol_a, vol_b, profile="default")

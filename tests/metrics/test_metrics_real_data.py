@@ -18,8 +18,8 @@ from sklearn.metrics import mutual_info_score
 
 from scripts.baselines import LaplacianPyramidFusion, MaxFusion, MeanFusion
 from scripts.metrics import (
-    FusionMetric,
     QABF_MAX,
+    FusionMetric,
     compute_metrics,
     entropy,
     fsim_clinicalfmamba,

@@ -33,8 +33,15 @@ def naive_mixer(mixer: DirectionalMamba, x, grid, extra=None):
             dt, bs, cs = x_dbl.split([r, n, n], dim=1)
             delta = torch.einsum("brl,dr->bdl", dt, mixer.dt_proj_weight[g])
             y = selective_scan_ref(
-                xc, delta, -torch.exp(mixer.A_log[g]), bs, cs, mixer.D[g],
-                z=z[:, orders[d]].transpose(1, 2), delta_bias=mixer.dt_proj_bias[g], delta_softplus=True,
+                xc,
+                delta,
+                -torch.exp(mixer.A_log[g]),
+                bs,
+                cs,
+                mixer.D[g],
+                z=z[:, orders[d]].transpose(1, 2),
+                delta_bias=mixer.dt_proj_bias[g],
+                delta_softplus=True,
             )
             acc = acc + y[..., inverse_orders(orders)[d]]
         y = (acc / k).transpose(1, 2)
@@ -44,7 +51,10 @@ def naive_mixer(mixer: DirectionalMamba, x, grid, extra=None):
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("order_set,grid,cross", [("cross2d", (3, 5), False), ("cross2d", (4, 4), True), ("identity", (7,), False), ("triplane", (2, 3, 2), True)])
+@pytest.mark.parametrize(
+    "order_set,grid,cross",
+    [("cross2d", (3, 5), False), ("cross2d", (4, 4), True), ("identity", (7,), False), ("triplane", (2, 3, 2), True)],
+)
 def test_batched_mixer_matches_naive_per_direction_reference(order_set, grid, cross):
     mixer = DirectionalMamba(8, d_state=4, order_set=order_set, cross_modal=cross, members=2).double()
     length = math.prod(grid)
@@ -75,7 +85,9 @@ def test_tied_directions_transposing_the_grid_transposes_the_output(cross):
     extra = torch.randn_like(x) if cross else None
 
     def run(t, e, grid):
-        return mixer(t.reshape(1, 2, -1, c), grid, None if e is None else e.reshape(1, 2, -1, c)).reshape(1, 2, *grid, c)
+        return mixer(t.reshape(1, 2, -1, c), grid, None if e is None else e.reshape(1, 2, -1, c)).reshape(
+            1, 2, *grid, c
+        )
 
     out = run(x, extra, (h, w))
     out_t = run(x.transpose(2, 3), None if extra is None else extra.transpose(2, 3), (w, h))
@@ -83,7 +95,11 @@ def test_tied_directions_transposing_the_grid_transposes_the_output(cross):
     # and untied directions are not transpose-equivariant (the check can fail)
     untied = DirectionalMamba(c, d_state=4, order_set="cross2d", cross_modal=cross).double()
     mixer.load_state_dict(untied.state_dict())
-    assert not torch.allclose(run(x.transpose(2, 3), None if extra is None else extra.transpose(2, 3), (w, h)), run(x, extra, (h, w)).transpose(2, 3), atol=1e-6)
+    assert not torch.allclose(
+        run(x.transpose(2, 3), None if extra is None else extra.transpose(2, 3), (w, h)),
+        run(x, extra, (h, w)).transpose(2, 3),
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("cross", [False, True])

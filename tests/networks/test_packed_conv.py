@@ -24,7 +24,14 @@ def test_packed_path_is_available_on_this_build():
 
 @pytest.mark.parametrize(
     "kernel,stride,padding,dilation,slope",
-    [(3, 1, 1, 1, None), (3, 1, 1, 1, 0.2), (3, 1, 3, 3, 0.2), (2, 2, 0, 1, None), (3, 1, 1, 1, 0.0), (2, 1, 1, 1, None)],
+    [
+        (3, 1, 1, 1, None),
+        (3, 1, 1, 1, 0.2),
+        (3, 1, 3, 3, 0.2),
+        (2, 2, 0, 1, None),
+        (3, 1, 1, 1, 0.0),
+        (2, 1, 1, 1, None),
+    ],
 )
 def test_kept_conv2d_equals_conv2d(kernel, stride, padding, dilation, slope):
     kept = KeptConvWeights()
@@ -77,7 +84,17 @@ def test_plain_path_for_float64_nchw_and_when_turned_off(packed):
 
 def test_float32_network_with_kept_weights_equals_plain_layers_and_unpacked_path():
     torch.manual_seed(0)
-    net = ClinicalFMamba(2, features=(8, 16), dilations=(1, 3), depth=1, decoder_depth=1, d_state=4, swap_d_state=4, refine=True, source_selection=True)
+    net = ClinicalFMamba(
+        2,
+        features=(8, 16),
+        dilations=(1, 3),
+        depth=1,
+        decoder_depth=1,
+        d_state=4,
+        swap_d_state=4,
+        refine=True,
+        source_selection=True,
+    )
     for m in net.modules():  # running statistics and zero-initialised layers away from their defaults
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)

@@ -125,7 +125,9 @@ def test_fold_batch_norm_refuses_what_it_cannot_fold():
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("layout", [("up", "conv", "norm", "act"), ("up", "conv", "act", "norm"), ("act", "up", "conv", "norm")])
+@pytest.mark.parametrize(
+    "layout", [("up", "conv", "norm", "act"), ("up", "conv", "act", "norm"), ("act", "up", "conv", "norm")]
+)
 def test_up_stage_rewritten_equals_its_layers(spatial_dims, layout):
     stage = UpStage(spatial_dims, 4, 3, nn.LeakyReLU(0.2), layout).double()
     randomise_batch_norms(stage)
@@ -247,7 +249,9 @@ def test_rewrites_keep_channels_last_memory(size):
     xc = channels_last(x)
     assert is_channels_last(xc) and torch.equal(xc, x)
     up = upsample_conv(xc, w, b)
-    assert torch.allclose(up, CONV[dims](F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1), rtol=0, atol=1e-12)
+    assert torch.allclose(
+        up, CONV[dims](F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1), rtol=0, atol=1e-12
+    )
     assert is_channels_last(upsample_conv(xc.float(), w.float(), b.float()))  # (oneDNN keeps the layout in float32)
     head = conv3_by_matmul(xc, w[:2], b[:2])
     assert torch.allclose(head, CONV[dims](x, w[:2], b[:2], padding=1), rtol=0, atol=1e-12)

@@ -60,7 +60,9 @@ def png(path: Path, arr: np.ndarray | None = None, size: tuple[int, int] = (16, 
     return path
 
 
-def nifti(path: Path, arr: np.ndarray | None = None, affine: np.ndarray | None = None, shape=(12, 10, 1), seed=0) -> Path:
+def nifti(
+    path: Path, arr: np.ndarray | None = None, affine: np.ndarray | None = None, shape=(12, 10, 1), seed=0
+) -> Path:
     """Write a float32 NIfTI (default: a texture of ``shape`` on a 1 mm grid)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = texture(shape, seed) if arr is None else arr
@@ -173,7 +175,9 @@ def run_evaluate(out: Path, **override: Any):
         "split": None,
         **override,
     }
-    return run_workflow([CONFIGS / "inference.json", CONFIGS / "evaluate.json"], "infer", output_dir=str(out), **override)
+    return run_workflow(
+        [CONFIGS / "inference.json", CONFIGS / "evaluate.json"], "infer", output_dir=str(out), **override
+    )
 
 
 def run_train(out: Path, **override: Any):

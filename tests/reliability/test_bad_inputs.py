@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scripts.cli import RunFailedError
 from reliability_helpers import (
     BUNDLE_ROOT,
     TINY_KW,
@@ -39,6 +38,8 @@ from reliability_helpers import (
     truncated,
     write_datalist,
 )
+
+from scripts.cli import RunFailedError
 
 
 class Pickled:
@@ -144,7 +145,12 @@ def _weights(kind: str) -> Callable[[Path], dict[str, Any]]:
             path.write_bytes(path.read_bytes()[:2000])
         elif kind == "pickled":
             torch.save({"model": Pickled()}, path)
-        return {**_csv(tmp, [good_pair(tmp / "data")]), "network_def": TINY_NET, "load_pretrain": True, "ckpt_path": str(path)}
+        return {
+            **_csv(tmp, [good_pair(tmp / "data")]),
+            "network_def": TINY_NET,
+            "load_pretrain": True,
+            "ckpt_path": str(path),
+        }
 
     return build
 
@@ -247,55 +253,276 @@ def _check_constant_metrics(tmp: Path, out: Path) -> None:
 
 INFERENCE = [
     # geometry of the pair
-    Case("shape_differs", "inference", lambda t: _pair(t, _png((16, 12)), _png((16, 14))), "set_aside", r"differ in size: .*MRI/p\.png is \(12, 16\), .*OTHER/p\.png is \(14, 16\)"),
-    Case("spacing_differs", "inference", lambda t: _pair(t, _nii(), _nii(affine=_affine((2.0, 2.0, 1.0)))), "set_aside", r"not on the same voxel grid \(voxel spacing \(1, 1, 1\) vs \(2, 2, 1\).*--resample true"),
-    Case("orientation_differs", "inference", lambda t: _pair(t, _nii(), _nii(affine=_affine(flip_x=True))), "set_aside", r"not on the same voxel grid \(orientation.*OTHER/p\.nii\.gz"),
-    Case("origin_differs", "inference", lambda t: _pair(t, _nii(), _nii(affine=_affine(origin=(5.0, 0, 0)))), "set_aside", r"not on the same voxel grid \(origin \(0, 0, 0\) vs \(5, 0, 0\) mm\)"),
-    Case("origin_within_grid_tolerance", "inference", lambda t: {**_pair(t, _nii(), _nii(affine=_affine(origin=(0.05, 0, 0)))), "grid_tolerance": 0.1}, "ok", check=lambda t, o: _check_fused(o, ["X-MRI/p_fused.nii.gz"])),
-    Case("grid_differs_resampled_on_request", "inference", lambda t: {**_pair(t, _nii(), _nii(affine=_affine((2.0, 2.0, 1.0)), shape=(6, 5, 1))), "resample": True}, "ok", check=_check_resampled),
-    Case("png_sizes_cannot_be_resampled", "inference", lambda t: {**_pair(t, _png((16, 12)), _png((8, 6))), "resample": True}, "set_aside", "resampling needs NIfTI images with a world geometry"),
+    Case(
+        "shape_differs",
+        "inference",
+        lambda t: _pair(t, _png((16, 12)), _png((16, 14))),
+        "set_aside",
+        r"differ in size: .*MRI/p\.png is \(12, 16\), .*OTHER/p\.png is \(14, 16\)",
+    ),
+    Case(
+        "spacing_differs",
+        "inference",
+        lambda t: _pair(t, _nii(), _nii(affine=_affine((2.0, 2.0, 1.0)))),
+        "set_aside",
+        r"not on the same voxel grid \(voxel spacing \(1, 1, 1\) vs \(2, 2, 1\).*--resample true",
+    ),
+    Case(
+        "orientation_differs",
+        "inference",
+        lambda t: _pair(t, _nii(), _nii(affine=_affine(flip_x=True))),
+        "set_aside",
+        r"not on the same voxel grid \(orientation.*OTHER/p\.nii\.gz",
+    ),
+    Case(
+        "origin_differs",
+        "inference",
+        lambda t: _pair(t, _nii(), _nii(affine=_affine(origin=(5.0, 0, 0)))),
+        "set_aside",
+        r"not on the same voxel grid \(origin \(0, 0, 0\) vs \(5, 0, 0\) mm\)",
+    ),
+    Case(
+        "origin_within_grid_tolerance",
+        "inference",
+        lambda t: {**_pair(t, _nii(), _nii(affine=_affine(origin=(0.05, 0, 0)))), "grid_tolerance": 0.1},
+        "ok",
+        check=lambda t, o: _check_fused(o, ["X-MRI/p_fused.nii.gz"]),
+    ),
+    Case(
+        "grid_differs_resampled_on_request",
+        "inference",
+        lambda t: {**_pair(t, _nii(), _nii(affine=_affine((2.0, 2.0, 1.0)), shape=(6, 5, 1))), "resample": True},
+        "ok",
+        check=_check_resampled,
+    ),
+    Case(
+        "png_sizes_cannot_be_resampled",
+        "inference",
+        lambda t: {**_pair(t, _png((16, 12)), _png((8, 6))), "resample": True},
+        "set_aside",
+        "resampling needs NIfTI images with a world geometry",
+    ),
     # dimensionality for the network
-    Case("volume_into_2d_network", "inference", lambda t: _pair(t, _nii(shape=(8, 8, 6)), _nii(shape=(8, 8, 6))), "set_aside", r"MRI/p\.nii\.gz: a 2D workflow needs 2D images .* \(8, 8, 6\); fuse volumes with the 3D configuration"),
-    Case("image_into_3d_network", "inference", lambda t: {**_pair(t, _png(), _png()), "spatial_dims": 3}, "set_aside", r"MRI/p\.png: a 3D workflow needs 3D images .* \(12, 16\); fuse 2D images with the 2D configuration"),
+    Case(
+        "volume_into_2d_network",
+        "inference",
+        lambda t: _pair(t, _nii(shape=(8, 8, 6)), _nii(shape=(8, 8, 6))),
+        "set_aside",
+        r"MRI/p\.nii\.gz: a 2D workflow needs 2D images .* \(8, 8, 6\); fuse volumes with the 3D configuration",
+    ),
+    Case(
+        "image_into_3d_network",
+        "inference",
+        lambda t: {**_pair(t, _png(), _png()), "spatial_dims": 3},
+        "set_aside",
+        r"MRI/p\.png: a 3D workflow needs 3D images .* \(12, 16\); fuse 2D images with the 2D configuration",
+    ),
     # channels
-    Case("rgb_reference_becomes_grey", "inference", lambda t: _pair(t, _png(arr=np.stack([texture((16, 12), s) for s in (1, 2, 3)], -1)), _png()), "ok", check=_check_grey_output((16, 12))),
-    Case("five_channels", "inference", lambda t: _pair(t, _nii(), _nii(arr=np.stack([texture((12, 10, 1), s) for s in range(5)], -1))), "set_aside", r"OTHER/p\.nii\.gz: expected 1 \(grey\), 3 \(RGB\) or 4 \(RGBA\) channels, got 5"),
-    Case("two_channel_file_as_one_image", "inference", lambda t: _pair(t, _nii(), _nii(arr=np.stack([texture((12, 10, 1), s) for s in range(2)], -1))), "set_aside", r"OTHER/p\.nii\.gz: expected 1 .* got 2; .*goes under 'image'"),
+    Case(
+        "rgb_reference_becomes_grey",
+        "inference",
+        lambda t: _pair(t, _png(arr=np.stack([texture((16, 12), s) for s in (1, 2, 3)], -1)), _png()),
+        "ok",
+        check=_check_grey_output((16, 12)),
+    ),
+    Case(
+        "five_channels",
+        "inference",
+        lambda t: _pair(t, _nii(), _nii(arr=np.stack([texture((12, 10, 1), s) for s in range(5)], -1))),
+        "set_aside",
+        r"OTHER/p\.nii\.gz: expected 1 \(grey\), 3 \(RGB\) or 4 \(RGBA\) channels, got 5",
+    ),
+    Case(
+        "two_channel_file_as_one_image",
+        "inference",
+        lambda t: _pair(t, _nii(), _nii(arr=np.stack([texture((12, 10, 1), s) for s in range(2)], -1))),
+        "set_aside",
+        r"OTHER/p\.nii\.gz: expected 1 .* got 2; .*goes under 'image'",
+    ),
     # voxel values
-    Case("nan_voxels", "inference", lambda t: _pair(t, _nii(arr=_with(_nan)), _nii()), "set_aside", r"MRI/p\.nii\.gz: 1 of 120 voxels are NaN or infinite"),
-    Case("inf_voxels", "inference", lambda t: _pair(t, _nii(), _nii(arr=_with(_inf))), "set_aside", r"OTHER/p\.nii\.gz: 1 of 120 voxels are NaN or infinite"),
-    Case("constant_image", "inference", lambda t: _pair(t, _png(arr=np.full((16, 12), 77)), _png()), "ok", check=_check_constant),
+    Case(
+        "nan_voxels",
+        "inference",
+        lambda t: _pair(t, _nii(arr=_with(_nan)), _nii()),
+        "set_aside",
+        r"MRI/p\.nii\.gz: 1 of 120 voxels are NaN or infinite",
+    ),
+    Case(
+        "inf_voxels",
+        "inference",
+        lambda t: _pair(t, _nii(), _nii(arr=_with(_inf))),
+        "set_aside",
+        r"OTHER/p\.nii\.gz: 1 of 120 voxels are NaN or infinite",
+    ),
+    Case(
+        "constant_image",
+        "inference",
+        lambda t: _pair(t, _png(arr=np.full((16, 12), 77)), _png()),
+        "ok",
+        check=_check_constant,
+    ),
     # sizes the network cannot take directly: padded, then cropped back
-    Case("odd_size_padded_and_cropped_back", "inference", lambda t: {**_pair(t, _png((13, 11)), _png((13, 11), seed=2)), "network_def": TINY_NET, "allow_untrained": True}, "ok", check=_check_grey_output((13, 11))),
+    Case(
+        "odd_size_padded_and_cropped_back",
+        "inference",
+        lambda t: {
+            **_pair(t, _png((13, 11)), _png((13, 11), seed=2)),
+            "network_def": TINY_NET,
+            "allow_untrained": True,
+        },
+        "ok",
+        check=_check_grey_output((13, 11)),
+    ),
     # files
-    Case("missing_file", "inference", lambda t: _csv(t, [{"mri": "MRI/absent.png", "other": "CT/absent.png"}]), "set_aside", r"entry 0: 'mri' file not found: .*absent\.png"),
-    Case("missing_file_on_error_raise", "inference", lambda t: {**_csv(t, [{"mri": "MRI/absent.png", "other": "CT/absent.png"}]), "on_error": "raise"}, "raises", r"entry 0: 'mri' file not found: .*absent\.png"),
-    Case("empty_file", "inference", lambda t: _pair(t, _png(), _raw(".png", b"")), "set_aside", r"image file is empty \(0 bytes\): .*OTHER/p\.png"),
-    Case("truncated_png", "inference", lambda t: _pair(t, _png((64, 48)), _truncated_png), "set_aside", r"cannot read image file .*OTHER/p\.png"),
-    Case("truncated_nifti", "inference", lambda t: _pair(t, _truncated_nifti, _nii(shape=(32, 30, 1))), "set_aside", r"cannot read image file .*MRI/p\.nii\.gz"),
-    Case("corrupt_png", "inference", lambda t: _pair(t, _png(), _raw(".png", np.random.default_rng(0).bytes(300))), "set_aside", r"cannot read image file .*OTHER/p\.png"),
-    Case("numpy_file_refused", "inference", lambda t: _pair(t, _png(), _raw(".npy", b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (1,), }")), "set_aside", r"unsupported image format '\.npy' of .*OTHER/p\.npy"),
-    Case("dicom_file_refused", "inference", lambda t: _pair(t, _raw(".dcm", b"\x00" * 128 + b"DICM"), _png()), "set_aside", r"unsupported image format '\.dcm'.*python -m scripts\.dicom"),
+    Case(
+        "missing_file",
+        "inference",
+        lambda t: _csv(t, [{"mri": "MRI/absent.png", "other": "CT/absent.png"}]),
+        "set_aside",
+        r"entry 0: 'mri' file not found: .*absent\.png",
+    ),
+    Case(
+        "missing_file_on_error_raise",
+        "inference",
+        lambda t: {**_csv(t, [{"mri": "MRI/absent.png", "other": "CT/absent.png"}]), "on_error": "raise"},
+        "raises",
+        r"entry 0: 'mri' file not found: .*absent\.png",
+    ),
+    Case(
+        "empty_file",
+        "inference",
+        lambda t: _pair(t, _png(), _raw(".png", b"")),
+        "set_aside",
+        r"image file is empty \(0 bytes\): .*OTHER/p\.png",
+    ),
+    Case(
+        "truncated_png",
+        "inference",
+        lambda t: _pair(t, _png((64, 48)), _truncated_png),
+        "set_aside",
+        r"cannot read image file .*OTHER/p\.png",
+    ),
+    Case(
+        "truncated_nifti",
+        "inference",
+        lambda t: _pair(t, _truncated_nifti, _nii(shape=(32, 30, 1))),
+        "set_aside",
+        r"cannot read image file .*MRI/p\.nii\.gz",
+    ),
+    Case(
+        "corrupt_png",
+        "inference",
+        lambda t: _pair(t, _png(), _raw(".png", np.random.default_rng(0).bytes(300))),
+        "set_aside",
+        r"cannot read image file .*OTHER/p\.png",
+    ),
+    Case(
+        "numpy_file_refused",
+        "inference",
+        lambda t: _pair(
+            t, _png(), _raw(".npy", b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (1,), }")
+        ),
+        "set_aside",
+        r"unsupported image format '\.npy' of .*OTHER/p\.npy",
+    ),
+    Case(
+        "dicom_file_refused",
+        "inference",
+        lambda t: _pair(t, _raw(".dcm", b"\x00" * 128 + b"DICM"), _png()),
+        "set_aside",
+        r"unsupported image format '\.dcm'.*python -m scripts\.dicom",
+    ),
     # datalists
-    Case("empty_datalist", "inference", lambda t: _csv(t, []), "raises", r"empty datalist: .*pairs\.csv lists no image pairs"),
+    Case(
+        "empty_datalist",
+        "inference",
+        lambda t: _csv(t, []),
+        "raises",
+        r"empty datalist: .*pairs\.csv lists no image pairs",
+    ),
     Case("empty_dataset_folder", "inference", _folder_with_nothing, "raises", r"no image pairs found under .*data"),
-    Case("datalist_without_columns", "inference", lambda t: _csv(t, [{"a": "x.png", "b": "y.png"}]), "raises", r"pairs\.csv: needs columns 'mri' and 'other'"),
-    Case("datalist_mixes_tasks", "inference", _mixed_tasks, "raises", r"mixes tasks: it holds pairs of \{'PET-MRI': 1\} .*expects only \['CT-MRI'\]"),
+    Case(
+        "datalist_without_columns",
+        "inference",
+        lambda t: _csv(t, [{"a": "x.png", "b": "y.png"}]),
+        "raises",
+        r"pairs\.csv: needs columns 'mri' and 'other'",
+    ),
+    Case(
+        "datalist_mixes_tasks",
+        "inference",
+        _mixed_tasks,
+        "raises",
+        r"mixes tasks: it holds pairs of \{'PET-MRI': 1\} .*expects only \['CT-MRI'\]",
+    ),
     # weights
-    Case("weights_of_another_configuration", "inference", _weights("other_config"), "raises", r"other_config\.pt do not match the configured ClinicalFMamba: .*other shapes"),
-    Case("weights_truncated", "inference", _weights("truncated"), "raises", r"truncated\.pt is not a readable PyTorch weights file"),
-    Case("weights_with_pickled_objects", "inference", _weights("pickled"), "raises", r"pickled\.pt is not a readable PyTorch weights file .*never unpickled"),
-    Case("weights_missing", "inference", lambda t: {**_csv(t, [good_pair(t / "data")]), "network_def": TINY_NET, "load_pretrain": True, "ckpt_path": str(t / "modle.pt")}, "raises", r"weights file not found: .*modle\.pt; the network would fuse with random weights.*--allow_untrained true"),
-    Case("weights_not_loaded_for_a_learnable_network", "inference", lambda t: {**_csv(t, [good_pair(t / "data")]), "network_def": TINY_NET}, "raises", r"load_pretrain is false, so ClinicalFMamba would fuse with random weights"),
+    Case(
+        "weights_of_another_configuration",
+        "inference",
+        _weights("other_config"),
+        "raises",
+        r"other_config\.pt do not match the configured ClinicalFMamba: .*other shapes",
+    ),
+    Case(
+        "weights_truncated",
+        "inference",
+        _weights("truncated"),
+        "raises",
+        r"truncated\.pt is not a readable PyTorch weights file",
+    ),
+    Case(
+        "weights_with_pickled_objects",
+        "inference",
+        _weights("pickled"),
+        "raises",
+        r"pickled\.pt is not a readable PyTorch weights file .*never unpickled",
+    ),
+    Case(
+        "weights_missing",
+        "inference",
+        lambda t: {
+            **_csv(t, [good_pair(t / "data")]),
+            "network_def": TINY_NET,
+            "load_pretrain": True,
+            "ckpt_path": str(t / "modle.pt"),
+        },
+        "raises",
+        r"weights file not found: .*modle\.pt; the network would fuse with random weights.*--allow_untrained true",
+    ),
+    Case(
+        "weights_not_loaded_for_a_learnable_network",
+        "inference",
+        lambda t: {**_csv(t, [good_pair(t / "data")]), "network_def": TINY_NET},
+        "raises",
+        r"load_pretrain is false, so ClinicalFMamba would fuse with random weights",
+    ),
     # outputs
-    Case("on_error_raise_stops_before_fusing", "inference", _one_good_one_bad, "raises", r"differ in size: .*MRI/bad\.png"),
+    Case(
+        "on_error_raise_stops_before_fusing",
+        "inference",
+        _one_good_one_bad,
+        "raises",
+        r"differ in size: .*MRI/bad\.png",
+    ),
     Case("existing_output_is_kept", "inference", _existing_output, "ok", check=_check_not_overwritten),
-    Case("unwritable_output_is_reported", "inference", _output_dir_is_a_file, "raises", r"cannot create the output folder .*out: FileExistsError", check=_check_nothing_written),
+    Case(
+        "unwritable_output_is_reported",
+        "inference",
+        _output_dir_is_a_file,
+        "raises",
+        r"cannot create the output folder .*out: FileExistsError",
+        check=_check_nothing_written,
+    ),
 ]
 
 
 def _eval_missing_ckpt(tmp: Path) -> dict[str, Any]:
-    return {**_csv(tmp, [good_pair(tmp / "data")]), "method": "clinicalfmamba", "clinicalfmamba_def": TINY_NET, "ckpt_path": str(tmp / "absent.pt")}
+    return {
+        **_csv(tmp, [good_pair(tmp / "data")]),
+        "method": "clinicalfmamba",
+        "clinicalfmamba_def": TINY_NET,
+        "ckpt_path": str(tmp / "absent.pt"),
+    }
 
 
 def _eval_other_weights(tmp: Path) -> dict[str, Any]:
@@ -310,14 +537,66 @@ def _eval_existing_reports(tmp: Path) -> dict[str, Any]:
 
 
 EVALUATE = [
-    Case("eval_missing_checkpoint", "evaluate", _eval_missing_ckpt, "raises", r"needs trained weights, but the checkpoint .*absent\.pt was not found.*--method"),
-    Case("eval_weights_of_another_configuration", "evaluate", _eval_other_weights, "raises", r"do not match the configured ClinicalFMamba"),
-    Case("eval_shape_differs", "evaluate", lambda t: _pair(t, _png((16, 12)), _png((16, 14))), "raises", r"no valid pairs to evaluate \(1 set aside: the two images of pair 'p' differ in size"),
-    Case("eval_nan_voxels", "evaluate", lambda t: _pair(t, _nii(), _nii(arr=_with(_nan))), "raises", r"no valid pairs to evaluate \(1 set aside: .*OTHER/p\.nii\.gz: 1 of 120 voxels are NaN"),
-    Case("eval_missing_file_set_aside", "evaluate", lambda t: _csv(t, [good_pair(t / "data"), {"task": "CT-MRI", "id": "gone", "mri": "MRI/gone.png", "other": "CT/p.png"}]), "set_aside", r"entry 1: 'mri' file not found: .*gone\.png", check=lambda t, o: _check_metrics_rows(o, 1)),
-    Case("eval_no_pairs_of_the_tasks", "evaluate", lambda t: {**_csv(t, [good_pair(t / "data")]), "tasks": ["PET-MRI"]}, "raises", r"no pairs of tasks \['PET-MRI'\]"),
-    Case("eval_reports_are_not_overwritten", "evaluate", _eval_existing_reports, "raises", r"evaluation reports exist and are not replaced: .*metrics_cddfuse\.csv.*--overwrite true", check=_check_reports_kept),
-    Case("eval_constant_image_scores_finite", "evaluate", lambda t: _pair(t, _png(arr=np.full((48, 48), 9)), _png((48, 48))), "ok", check=_check_constant_metrics),
+    Case(
+        "eval_missing_checkpoint",
+        "evaluate",
+        _eval_missing_ckpt,
+        "raises",
+        r"needs trained weights, but the checkpoint .*absent\.pt was not found.*--method",
+    ),
+    Case(
+        "eval_weights_of_another_configuration",
+        "evaluate",
+        _eval_other_weights,
+        "raises",
+        r"do not match the configured ClinicalFMamba",
+    ),
+    Case(
+        "eval_shape_differs",
+        "evaluate",
+        lambda t: _pair(t, _png((16, 12)), _png((16, 14))),
+        "raises",
+        r"no valid pairs to evaluate \(1 set aside: the two images of pair 'p' differ in size",
+    ),
+    Case(
+        "eval_nan_voxels",
+        "evaluate",
+        lambda t: _pair(t, _nii(), _nii(arr=_with(_nan))),
+        "raises",
+        r"no valid pairs to evaluate \(1 set aside: .*OTHER/p\.nii\.gz: 1 of 120 voxels are NaN",
+    ),
+    Case(
+        "eval_missing_file_set_aside",
+        "evaluate",
+        lambda t: _csv(
+            t, [good_pair(t / "data"), {"task": "CT-MRI", "id": "gone", "mri": "MRI/gone.png", "other": "CT/p.png"}]
+        ),
+        "set_aside",
+        r"entry 1: 'mri' file not found: .*gone\.png",
+        check=lambda t, o: _check_metrics_rows(o, 1),
+    ),
+    Case(
+        "eval_no_pairs_of_the_tasks",
+        "evaluate",
+        lambda t: {**_csv(t, [good_pair(t / "data")]), "tasks": ["PET-MRI"]},
+        "raises",
+        r"no pairs of tasks \['PET-MRI'\]",
+    ),
+    Case(
+        "eval_reports_are_not_overwritten",
+        "evaluate",
+        _eval_existing_reports,
+        "raises",
+        r"evaluation reports exist and are not replaced: .*metrics_cddfuse\.csv.*--overwrite true",
+        check=_check_reports_kept,
+    ),
+    Case(
+        "eval_constant_image_scores_finite",
+        "evaluate",
+        lambda t: _pair(t, _png(arr=np.full((48, 48), 9)), _png((48, 48))),
+        "ok",
+        check=_check_constant_metrics,
+    ),
 ]
 
 
@@ -343,18 +622,64 @@ def _train_resume_other_config(tmp: Path) -> dict[str, Any]:
 
     ckpt = tmp / "elsewhere" / "checkpoint_epoch=3.pt"
     ckpt.parent.mkdir()
-    torch.save({"model": ClinicalFMamba(**{**TINY_KW, "features": [4, 8, 32]}).state_dict(), "trainer": {"epoch": 3}}, ckpt)
+    torch.save(
+        {"model": ClinicalFMamba(**{**TINY_KW, "features": [4, 8, 32]}).state_dict(), "trainer": {"epoch": 3}}, ckpt
+    )
     return {**_train_rows(tmp), "resume_from": str(ckpt)}
 
 
 TRAIN = [
-    Case("train_resume_from_another_configuration", "train", _train_resume_other_config, "raises", r"checkpoint_epoch=3\.pt do not match the configured ClinicalFMamba: .*other shapes"),
-    Case("train_no_training_pairs", "train", lambda t: _csv(t, [good_pair(t / "data", split="val")]), "raises", r"empty datalist: .*pairs\.csv lists no image pairs"),
-    Case("train_no_pairs_of_the_tasks", "train", lambda t: {**_train_rows(t), "tasks": ["PET-MRI"]}, "raises", r"empty datalist: no pairs of tasks \['PET-MRI'\] in split 'train'"),
-    Case("train_shape_differs", "train", lambda t: _train_rows(t, _bad_row(_png((16, 16)), _png((16, 8)))), "raises", r"differ in size: .*MRI/bad\.png is \(16, 16\)"),
-    Case("train_nan_voxels", "train", lambda t: _train_rows(t, _bad_row(_nii(arr=_with(_nan, (16, 16, 1)), shape=(16, 16, 1)), _nii(shape=(16, 16, 1)))), "raises", r"MRI/bad\.nii\.gz: 1 of 256 voxels are NaN or infinite"),
-    Case("train_corrupt_file", "train", lambda t: _train_rows(t, _bad_row(_png((64, 48)), _truncated_png)), "raises", r"cannot read image file .*OTHER/bad\.png"),
-    Case("train_volume_into_2d_network", "train", lambda t: _train_rows(t, _bad_row(_nii(shape=(16, 16, 4)), _nii(shape=(16, 16, 4)))), "raises", r"a 2D workflow needs 2D images"),
+    Case(
+        "train_resume_from_another_configuration",
+        "train",
+        _train_resume_other_config,
+        "raises",
+        r"checkpoint_epoch=3\.pt do not match the configured ClinicalFMamba: .*other shapes",
+    ),
+    Case(
+        "train_no_training_pairs",
+        "train",
+        lambda t: _csv(t, [good_pair(t / "data", split="val")]),
+        "raises",
+        r"empty datalist: .*pairs\.csv lists no image pairs",
+    ),
+    Case(
+        "train_no_pairs_of_the_tasks",
+        "train",
+        lambda t: {**_train_rows(t), "tasks": ["PET-MRI"]},
+        "raises",
+        r"empty datalist: no pairs of tasks \['PET-MRI'\] in split 'train'",
+    ),
+    Case(
+        "train_shape_differs",
+        "train",
+        lambda t: _train_rows(t, _bad_row(_png((16, 16)), _png((16, 8)))),
+        "raises",
+        r"differ in size: .*MRI/bad\.png is \(16, 16\)",
+    ),
+    Case(
+        "train_nan_voxels",
+        "train",
+        lambda t: _train_rows(
+            t, _bad_row(_nii(arr=_with(_nan, (16, 16, 1)), shape=(16, 16, 1)), _nii(shape=(16, 16, 1)))
+        ),
+        "raises",
+        r"MRI/bad\.nii\.gz: 1 of 256 voxels are NaN or infinite",
+    ),
+    Case(
+        "train_corrupt_file",
+        "train",
+        lambda t: _train_rows(t, _bad_row(_png((64, 48)), _truncated_png)),
+        "raises",
+        r"cannot read image file .*OTHER/bad\.png",
+    ),
+    Case(
+        "train_volume_into_2d_network",
+        "train",
+        lambda t: _train_rows(t, _bad_row(_nii(shape=(16, 16, 4)), _nii(shape=(16, 16, 4)))),
+        "raises",
+        r"a 2D workflow needs 2D images",
+    ),
 ]
 
 
@@ -402,7 +727,12 @@ def _cls_fusion_weights(tmp: Path) -> dict[str, Any]:
     from scripts.networks import ClinicalFMamba
 
     ckpt = tmp / "fusion.pt"
-    torch.save(ClinicalFMamba(features=[4, 16], dilations=[1, 3], depth=1, decoder_depth=1, d_state=4, swap_d_state=4).state_dict(), ckpt)
+    torch.save(
+        ClinicalFMamba(
+            features=[4, 16], dilations=[1, 3], depth=1, decoder_depth=1, d_state=4, swap_d_state=4
+        ).state_dict(),
+        ckpt,
+    )
     return {**_cohort()(tmp), "fusion_ckpt": str(ckpt), "require_fusion_weights": True}
 
 
@@ -421,18 +751,71 @@ def _cls_no_masks_for_radiomics(tmp: Path) -> dict[str, Any]:
 
 
 CLASSIFICATION = [
-    Case("cls_cohort_table_missing", "study", lambda t: {"dataset_dir": str(t / "absent.csv")}, "raises", r"cohort table not found: .*absent\.csv"),
-    Case("cls_cohort_table_empty", "study", _cohort(_no_rows), "raises", r"cohort\.csv: the cohort table lists no slices"),
-    Case("cls_cohort_table_without_columns", "study", lambda t: {"dataset_dir": str(write_datalist(t / "c.csv", [{"patient": "A", "x": 1}]))}, "raises", r"c\.csv: missing column\(s\) \['label', 'seq_a', 'seq_b'\]"),
-    Case("cls_sequences_differ_in_size", "study", _cohort(_resize_b), "raises", r"slice P0/0: the two sequences differ in size .*P0_0_b\.png is \(16, 8\)"),
+    Case(
+        "cls_cohort_table_missing",
+        "study",
+        lambda t: {"dataset_dir": str(t / "absent.csv")},
+        "raises",
+        r"cohort table not found: .*absent\.csv",
+    ),
+    Case(
+        "cls_cohort_table_empty", "study", _cohort(_no_rows), "raises", r"cohort\.csv: the cohort table lists no slices"
+    ),
+    Case(
+        "cls_cohort_table_without_columns",
+        "study",
+        lambda t: {"dataset_dir": str(write_datalist(t / "c.csv", [{"patient": "A", "x": 1}]))},
+        "raises",
+        r"c\.csv: missing column\(s\) \['label', 'seq_a', 'seq_b'\]",
+    ),
+    Case(
+        "cls_sequences_differ_in_size",
+        "study",
+        _cohort(_resize_b),
+        "raises",
+        r"slice P0/0: the two sequences differ in size .*P0_0_b\.png is \(16, 8\)",
+    ),
     Case("cls_missing_image", "study", _cohort(_drop_file), "raises", r"image file not found: .*P0_1_a\.png"),
     Case("cls_corrupt_image", "study", _cohort(_corrupt_file), "raises", r"cannot read image file .*P1_0_b\.png"),
-    Case("cls_nan_pixels", "study", _cohort(_nan_nifti), "raises", r"nan\.nii\.gz: 1 of 256 pixels are NaN or infinite"),
-    Case("cls_channel_out_of_range", "study", _cohort(_bad_channel), "raises", r"rgb\.png has 3 channels; channel 5 does not exist"),
-    Case("cls_missing_fusion_weights", "study", lambda t: {**_cohort()(t), "allow_untrained": False}, "raises", r"trained fusion weights not found at .*no_fusion_weights\.pt.*--allow_untrained true"),
-    Case("cls_fusion_weights_of_another_configuration", "study", _cls_fusion_weights, "raises", r"fusion weights .*fusion\.pt do not match the network of .*inference\.json"),
-    Case("cls_study_keeps_existing_results", "study", _cls_existing_results, "raises", r"already holds study results \(results\.csv\); pass --overwrite true", check=_check_results_kept),
-    Case("cls_radiomics_without_masks", "study", _cls_no_masks_for_radiomics, "raises", r"slice P0/1 has no tumour mask; the radiomics classifiers need a 'mask' column"),
+    Case(
+        "cls_nan_pixels", "study", _cohort(_nan_nifti), "raises", r"nan\.nii\.gz: 1 of 256 pixels are NaN or infinite"
+    ),
+    Case(
+        "cls_channel_out_of_range",
+        "study",
+        _cohort(_bad_channel),
+        "raises",
+        r"rgb\.png has 3 channels; channel 5 does not exist",
+    ),
+    Case(
+        "cls_missing_fusion_weights",
+        "study",
+        lambda t: {**_cohort()(t), "allow_untrained": False},
+        "raises",
+        r"trained fusion weights not found at .*no_fusion_weights\.pt.*--allow_untrained true",
+    ),
+    Case(
+        "cls_fusion_weights_of_another_configuration",
+        "study",
+        _cls_fusion_weights,
+        "raises",
+        r"fusion weights .*fusion\.pt do not match the network of .*inference\.json",
+    ),
+    Case(
+        "cls_study_keeps_existing_results",
+        "study",
+        _cls_existing_results,
+        "raises",
+        r"already holds study results \(results\.csv\); pass --overwrite true",
+        check=_check_results_kept,
+    ),
+    Case(
+        "cls_radiomics_without_masks",
+        "study",
+        _cls_no_masks_for_radiomics,
+        "raises",
+        r"slice P0/1 has no tumour mask; the radiomics classifiers need a 'mask' column",
+    ),
 ]
 
 CASES = INFERENCE + EVALUATE + TRAIN + CLASSIFICATION
@@ -511,8 +894,12 @@ DOCUMENTED = {
     "missing_file": "'other' file not found: PATH",
     "missing_file_on_error_raise": "'other' file not found: PATH",
     "empty_file": "image file is empty (0 bytes): PATH",
-    "truncated_png": "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)",
-    "truncated_nifti": "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)",
+    "truncated_png": (
+        "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)"
+    ),
+    "truncated_nifti": (
+        "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)"
+    ),
     "corrupt_png": "cannot read image file PATH: TYPE: ... (truncated, corrupt, or not the format its extension says)",
     "numpy_file_refused": "unsupported image format '.EXT' of PATH",
     "dicom_file_refused": "unsupported image format '.EXT' of PATH",
@@ -521,8 +908,12 @@ DOCUMENTED = {
     "datalist_without_columns": "needs columns 'mri' and 'other' (or 'image')",
     "datalist_mixes_tasks": "SOURCE mixes tasks: it holds pairs of {...}, but this workflow expects only [...]",
     "weights_of_another_configuration": "weights in PATH do not match the configured ClinicalFMamba",
-    "weights_missing": "weights file not found: PATH (from CWD: ABSOLUTE PATH); the network would fuse with random weights",
-    "weights_not_loaded_for_a_learnable_network": "load_pretrain is false, so ClinicalFMamba would fuse with random weights",
+    "weights_missing": (
+        "weights file not found: PATH (from CWD: ABSOLUTE PATH); the network would fuse with random weights"
+    ),
+    "weights_not_loaded_for_a_learnable_network": (
+        "load_pretrain is false, so ClinicalFMamba would fuse with random weights"
+    ),
     "eval_missing_file_set_aside": "datalist ..., entry N: 'other' file not found: PATH",
     "cls_missing_fusion_weights": "trained fusion weights not found at PATH",
     "weights_truncated": "PATH is not a readable PyTorch weights file",

@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.cli import TRACEBACK_ENV
 from reliability_helpers import BUNDLE_ROOT, TINY_KW, files_under, good_pair, png, write_datalist
+
+from scripts.cli import TRACEBACK_ENV
 
 MEAN = json.dumps({"_target_": "scripts.baselines.MeanFusion"})
 TINY = json.dumps({"_target_": "scripts.networks.ClinicalFMamba", **TINY_KW})
@@ -28,7 +29,9 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONWARNINGS": "ignore", **extra}
 
 
-def bundle_run(*args: str, config: str = "configs/inference.json", env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def bundle_run(
+    *args: str, config: str = "configs/inference.json", env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """``python -m monai.bundle run --config_file CONFIG ARGS`` from the bundle root: (status, stdout, stderr)."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, *args]
     proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600, env=_env(**(env or {})))
@@ -47,7 +50,9 @@ def test_unknown_option_stops_the_run_with_the_closest_id(tmp_path: Path) -> Non
     """Items 1 and 3: ``--datset_dir`` (a typo) would fuse the embedded samples; it stops with a suggestion."""
     data = tmp_path / "mydata"
     good_pair(data / "CT-MRI")
-    status, out, err = bundle_run("--datset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--network_def", MEAN)
+    status, out, err = bundle_run(
+        "--datset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--network_def", MEAN
+    )
     assert status == 1
     line = _one_error_line(err)
     assert "unknown option --datset_dir (did you mean --dataset_dir?)" in line and "nothing was run" in line
@@ -60,7 +65,10 @@ def test_missing_dataset_is_one_message_and_the_traceback_is_behind_an_option(tm
     args = ("--dataset_dir", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "out"), "--network_def", MEAN)
     status, _, err = bundle_run(*args)
     assert status == 1
-    assert _one_error_line(err) == f"error: datalist source not found: {tmp_path / 'absent'} (expected a folder, a .csv or a .json file)"
+    assert (
+        _one_error_line(err)
+        == f"error: datalist source not found: {tmp_path / 'absent'} (expected a folder, a .csv or a .json file)"
+    )
     assert len(err.strip().splitlines()) <= 3, err  # the error, the hint, at most MONAI's config warning
     status, _, err = bundle_run(*args, env={"CLINICALFMAMBA_TRACEBACK": "1"})
     assert status == 1 and "Traceback" in err and "datalist source not found" in err
@@ -98,7 +106,9 @@ def test_failed_pairs_set_the_exit_status_and_are_named(tmp_path: Path) -> None:
     """Items 2 and 4: the valid pairs are fused, the bad pair and the bad datalist entry are named, exit 1;
     --fail_on all exits 0 unless every pair failed."""
     datalist = _mixed_datalist(tmp_path)
-    status, out, err = bundle_run("--datalist", str(datalist), "--output_dir", str(tmp_path / "out"), "--network_def", MEAN)
+    status, out, err = bundle_run(
+        "--datalist", str(datalist), "--output_dir", str(tmp_path / "out"), "--network_def", MEAN
+    )
     assert status == 1, err[-3000:]
     assert files_under(tmp_path / "out") == ["CT-MRI/good1_fused.png", "CT-MRI/good2_fused.png"]
     assert "fusion summary: 2 pairs written, 0 skipped, 2 failed (gone, bad_size)" in out
@@ -119,7 +129,10 @@ def test_on_error_raise_stops_at_a_missing_file_before_compute(tmp_path: Path) -
     args = ("--datalist", str(datalist), "--output_dir", str(tmp_path / "out"), "--network_def", MEAN)
     status, out, err = bundle_run(*args, "--on_error", "raise")
     assert status == 1
-    assert _one_error_line(err) == f"error: {datalist}, entry 3: 'mri' file not found: {datalist.parent / 'MRI' / 'gone.png'}"
+    assert (
+        _one_error_line(err)
+        == f"error: {datalist}, entry 3: 'mri' file not found: {datalist.parent / 'MRI' / 'gone.png'}"
+    )
     assert not (tmp_path / "out").exists() and "fusing" not in out
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from reliability_helpers import TINY_KW, good_pair, write_datalist
 from test_cli import _one_error_line, bundle_run
 
@@ -32,8 +31,9 @@ def test_a_large_image_is_fused_in_windows_close_to_the_whole_pass(tmp_path: Pat
     datalist = write_datalist(data / "pairs.csv", [good_pair(data, size=(64, 64))])
     untrained = ("--ckpt_path", str(tmp_path / "none.pt"), "--allow_untrained", "true")
     common = ("--datalist", str(datalist), "--network_def", TINY, *untrained)
-    status, out, err = bundle_run(*common, "--output_dir", str(tmp_path / "tiled"), "--tile_above_pixels", "1024",
-                                  "--tile_size", "[32, 32]")
+    status, out, err = bundle_run(
+        *common, "--output_dir", str(tmp_path / "tiled"), "--tile_above_pixels", "1024", "--tile_size", "[32, 32]"
+    )
     assert status == 0, err[-3000:]
     assert "image of 64x64 pixels is above max_pixels=1024: fused in 32x32 windows" in out + err
     status, out, err = bundle_run(*common, "--output_dir", str(tmp_path / "whole"), "--tile_above_pixels", "0")
@@ -51,8 +51,22 @@ def test_training_without_a_split_holds_out_whole_series_or_refuses(tmp_path: Pa
     data = tmp_path / "data"
     rows = [good_pair(data, pair_id=f"{s}_{i}", size=(16, 16)) for s in ("caseA", "caseB") for i in (1, 2)]
     datalist = write_datalist(data / "pairs.csv", rows)
-    args = ("--datalist", str(datalist), "--network_def", TINY, "--patch_size", "[16, 16]", "--batch_size", "2",
-            "--val_interval", "1", "--max_epochs", "1", "--cache_rate", "0.0")
+    args = (
+        "--datalist",
+        str(datalist),
+        "--network_def",
+        TINY,
+        "--patch_size",
+        "[16, 16]",
+        "--batch_size",
+        "2",
+        "--val_interval",
+        "1",
+        "--max_epochs",
+        "1",
+        "--cache_rate",
+        "0.0",
+    )
     status, out, err = bundle_run(*args, "--output_dir", str(tmp_path / "run"), config="configs/train.json")
     assert status == 0, err[-3000:]
     assert "has no split: split by series" in out + err
@@ -61,8 +75,9 @@ def test_training_without_a_split_holds_out_whole_series_or_refuses(tmp_path: Pa
     assert (tmp_path / "run" / "resume.pt").is_file()
 
     one = write_datalist(data / "one.csv", rows[:2])
-    status, out, err = bundle_run(*args[:1], str(one), *args[2:], "--output_dir", str(tmp_path / "refused"),
-                                  config="configs/train.json")
+    status, out, err = bundle_run(
+        *args[:1], str(one), *args[2:], "--output_dir", str(tmp_path / "refused"), config="configs/train.json"
+    )
     assert status == 1
     line = _one_error_line(err)
     assert "cannot be split by series" in line and "'split' column" in line

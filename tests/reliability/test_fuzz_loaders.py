@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from reliability_helpers import RELIABILITY, examples, nifti_bytes, png_bytes, texture
-
 from tumor_classification_scripts.cohort import read_image
-from scripts.pair_check import check_pairs
+
 from scripts.dicom import read_series
+from scripts.pair_check import check_pairs
 from scripts.transforms import LoadPaird
 from scripts.weights import read_state_dict
 

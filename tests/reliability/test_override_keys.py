@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser, ConfigWorkflow
+from reliability_helpers import BUNDLE_ROOT, CLASSIFICATION, LOGGING, MEAN, META, chain, files_under, good_pair
 
 from scripts.cli import UnknownOverrideError, bundle_run_arguments, check_command_line, check_override_keys
-from reliability_helpers import BUNDLE_ROOT, CLASSIFICATION, LOGGING, META, MEAN, chain, files_under, good_pair
 
 MAIN = str(Path(sys.modules["monai"].__file__).parent / "bundle" / "__main__.py")  # argv[0] of `python -m monai.bundle`
 C, K = BUNDLE_ROOT / "configs", CLASSIFICATION / "configs"
@@ -59,7 +59,11 @@ def mutations(key: str, rng: random.Random) -> list[str]:
     i, j, k = (rng.randrange(len(last)) for _ in range(3))
     j = min(j, len(last) - 2)
     letter = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz_" if c != last[k]])
-    out = [last[:i] + last[i + 1 :], last[:j] + last[j + 1] + last[j] + last[j + 2 :], last[:k] + letter + last[k + 1 :]]
+    out = [
+        last[:i] + last[i + 1 :],
+        last[:j] + last[j + 1] + last[j] + last[j + 2 :],
+        last[:k] + letter + last[k + 1 :],
+    ]
     return [head + sep + m for m in out if m != last and m]
 
 
@@ -144,7 +148,17 @@ def test_a_mutated_key_never_fuses_the_samples(family: str, real: str, typo: str
         ("evaluate", ["--clinicalfmamba_def#refine", "true", "--metrics", "['SD']", "--fail_on", "all"]),
         ("train", ["--train#trainer#max_epochs", "2", "--optimizer#params", "x", "--loss#w_intensity", "1"]),
         ("export", ["--network_def#features", "[4, 8, 16]"]),
-        ("study", ["--fusion_overrides", "{}", "--classifier_def#block_inplanes", "[4, 8, 8, 8]", "--allow_untrained", "true"]),
+        (
+            "study",
+            [
+                "--fusion_overrides",
+                "{}",
+                "--classifier_def#block_inplanes",
+                "[4, 8, 8, 8]",
+                "--allow_untrained",
+                "true",
+            ],
+        ),
         ("study", ["--external_dataset_dir", "x", "--classifiers", "['@radiomics']", "--cnn#epochs", "2"]),
     ],
 )
@@ -155,9 +169,20 @@ def test_real_and_nested_ids_are_accepted(family: str, args: list[str]) -> None:
 def test_a_keyword_the_component_does_not_take_is_refused() -> None:
     with pytest.raises(UnknownOverrideError, match=r"--network_def#refin \(did you mean --network_def#refine\?\)"):
         check_command_line(_argv(FAMILIES["inference"], "--network_def#refin", "true"))
-    with pytest.raises(UnknownOverrideError, match=r"--train#trainer#max_epoch \(did you mean --train#trainer#max_epochs\?\)"):
+    with pytest.raises(
+        UnknownOverrideError, match=r"--train#trainer#max_epoch \(did you mean --train#trainer#max_epochs\?\)"
+    ):
         check_command_line(_argv(FAMILIES["train"], "--train#trainer#max_epoch", "1"))
-    export = _argv(FAMILIES["export"], "--filepath", "m.ts", "--ckpt_file", "m.pt", "--network_def#refin", "1", command="ckpt_export")
+    export = _argv(
+        FAMILIES["export"],
+        "--filepath",
+        "m.ts",
+        "--ckpt_file",
+        "m.pt",
+        "--network_def#refin",
+        "1",
+        command="ckpt_export",
+    )
     with pytest.raises(UnknownOverrideError, match=r"--network_def#refin \(did you mean --network_def#refine\?\)"):
         check_command_line(export)  # the export network passes **kwargs on to ClinicalFMamba
 
@@ -165,8 +190,18 @@ def test_a_keyword_the_component_does_not_take_is_refused() -> None:
 def test_command_lines_are_parsed_as_fire_parses_them(tmp_path: Path) -> None:
     args_file = tmp_path / "args.json"
     args_file.write_text('{"config_file": "configs/inference.json", "datset_dir": "x"}')
-    parsed = bundle_run_arguments([MAIN, "run", "training", "--args_file", str(args_file), "--a-b=1", "--flag", "--n", "-1"])
-    assert parsed == {"__command__": "run", "config_file": "configs/inference.json", "datset_dir": "x", "args_file": str(args_file), "a_b": "1", "flag": "True", "n": "-1"}
+    parsed = bundle_run_arguments(
+        [MAIN, "run", "training", "--args_file", str(args_file), "--a-b=1", "--flag", "--n", "-1"]
+    )
+    assert parsed == {
+        "__command__": "run",
+        "config_file": "configs/inference.json",
+        "datset_dir": "x",
+        "args_file": str(args_file),
+        "a_b": "1",
+        "flag": "True",
+        "n": "-1",
+    }
     assert bundle_run_arguments(["pytest", "run", "--x", "1"]) is None  # not `python -m monai.bundle`
     assert bundle_run_arguments([MAIN, "verify_metadata", "--x", "1"]) is None
 
@@ -174,7 +209,11 @@ def test_command_lines_are_parsed_as_fire_parses_them(tmp_path: Path) -> None:
 def _documented_commands() -> list[tuple[Path, Path, list[str]]]:
     """(doc, folder the command runs in, argv) of every ``monai.bundle run|ckpt_export|onnx_export`` command in the
     documentation's code blocks."""
-    docs = [BUNDLE_ROOT / "README.md", *sorted((BUNDLE_ROOT / "docs").glob("*.md")), CLASSIFICATION / "docs" / "README.md"]
+    docs = [
+        BUNDLE_ROOT / "README.md",
+        *sorted((BUNDLE_ROOT / "docs").glob("*.md")),
+        CLASSIFICATION / "docs" / "README.md",
+    ]
     docs += sorted((BUNDLE_ROOT / "training").glob("*/README.md"))
     found = []
     for doc in docs:
@@ -182,7 +221,11 @@ def _documented_commands() -> list[tuple[Path, Path, list[str]]]:
         for block in re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), re.S):
             for command in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(command, comments=True) if "monai.bundle" in command else []
-                if "monai.bundle" in words and words[words.index("monai.bundle") + 1] in ("run", "ckpt_export", "onnx_export"):
+                if "monai.bundle" in words and words[words.index("monai.bundle") + 1] in (
+                    "run",
+                    "ckpt_export",
+                    "onnx_export",
+                ):
                     found.append((doc, cwd, [MAIN, *words[words.index("monai.bundle") + 1 :]]))
     return found
 
@@ -202,7 +245,9 @@ def test_the_documented_command_lines_pass_the_check(monkeypatch) -> None:
     assert len(commands) >= 15
     for doc, cwd, argv in commands:
         files = _config_list(bundle_run_arguments(argv)["config_file"])
-        monkeypatch.chdir(next((d for d in (cwd, BUNDLE_ROOT, CLASSIFICATION) if all((d / f).is_file() for f in files)), cwd))
+        monkeypatch.chdir(
+            next((d for d in (cwd, BUNDLE_ROOT, CLASSIFICATION) if all((d / f).is_file() for f in files)), cwd)
+        )
         try:
             check_command_line(argv)
         except UnknownOverrideError as e:

@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis, profile ``reliability``): padding round trips, colour round trips, metric invariants."""
+"""Property-based tests (hypothesis, profile ``reliability``): padding round trips, colour round trips, metric
+invariants."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ SEEDS = st.integers(0, 2**32 - 1)
 @settings(RELIABILITY, max_examples=examples(25))
 @given(data=st.data(), spatial_dims=st.sampled_from([2, 3]), k=st.sampled_from([2, 4, 8, 16]), seed=SEEDS)
 def test_pad_then_invert_restores_every_size(data, spatial_dims: int, k: int, seed: int) -> None:
-    size = data.draw(st.lists(st.integers(1, 21 if spatial_dims == 2 else 9), min_size=spatial_dims, max_size=spatial_dims))
+    size = data.draw(
+        st.lists(st.integers(1, 21 if spatial_dims == 2 else 9), min_size=spatial_dims, max_size=spatial_dims)
+    )
     g = torch.Generator().manual_seed(seed)
     mri = MetaTensor(torch.rand(1, *size, generator=g), meta={"filename_or_obj": "mri.nii.gz"})
     other = MetaTensor(torch.rand(1, *size, generator=g), meta={"filename_or_obj": "other.nii.gz"})
@@ -55,7 +58,13 @@ def _colour(seed: int, h: int, w: int, alpha: bool) -> torch.Tensor:
 
 
 @settings(RELIABILITY, max_examples=examples(25))
-@given(seed=SEEDS, h=st.integers(1, 12), w=st.integers(1, 12), alpha=st.booleans(), y_range=st.sampled_from(["source", "full"]))
+@given(
+    seed=SEEDS,
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    alpha=st.booleans(),
+    y_range=st.sampled_from(["source", "full"]),
+)
 def test_split_then_attach_restores_the_colour_image(seed: int, h: int, w: int, alpha: bool, y_range: str) -> None:
     colour = _colour(seed, h, w, alpha)
     d = SplitLumaChromad(keys="other")({"other": MetaTensor(colour, meta={"filename_or_obj": "pet.png"})})
@@ -154,7 +163,9 @@ def test_metrics_are_symmetric_in_the_sources_and_finite_on_constant_images(prof
 def test_metrics_of_identical_images(x) -> None:
     img = _image(*x)
     img = (img - img.min()) / (img.max() - img.min())  # spans [0, 1]: no profile rescales it
-    d = compute_metrics(img, img, img, profile="default", metrics=["SSIM", "NMI", "FMI", "PSNR", "MI", "EN", "Qabf", "SCD"])
+    d = compute_metrics(
+        img, img, img, profile="default", metrics=["SSIM", "NMI", "FMI", "PSNR", "MI", "EN", "Qabf", "SCD"]
+    )
     assert d["SSIM"] == pytest.approx(1.0) and d["NMI"] == pytest.approx(2.0) and d["FMI"] == pytest.approx(1.0)
     assert d["PSNR"] == math.inf and d["SCD"] == pytest.approx(0.0, abs=1e-12)
     assert d["MI"] == pytest.approx(2 * d["EN"] * math.log(2), rel=1e-9)  # MI in nats, summed; EN in bits

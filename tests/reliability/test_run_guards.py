@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_helpers import TINY_KW
 
 from scripts.baselines import MeanFusion
 from scripts.cli import RunFailedError, user_message
 from scripts.networks import ClinicalFMamba
 from scripts.transforms import FusionSummary
 from scripts.weights import choose_weights
-from reliability_helpers import TINY_KW
 
 
 def test_weights_are_loaded_refused_or_explicitly_untrained(tmp_path: Path) -> None:
@@ -24,7 +24,9 @@ def test_weights_are_loaded_refused_or_explicitly_untrained(tmp_path: Path) -> N
     torch.save(net.state_dict(), ckpt)
     assert choose_weights(net, ckpt) == choose_weights(net, str(ckpt), allow_untrained=True)
     assert choose_weights(net, ckpt).load and not choose_weights(net, ckpt).untrained
-    with pytest.raises(FileNotFoundError, match=r"weights file not found: .*absent\.pt; .*--ckpt_path FILE.*--allow_untrained true"):
+    with pytest.raises(
+        FileNotFoundError, match=r"weights file not found: .*absent\.pt; .*--ckpt_path FILE.*--allow_untrained true"
+    ):
         choose_weights(net, tmp_path / "absent.pt")
     with pytest.raises(ValueError, match=r"load_pretrain is false, so ClinicalFMamba would fuse with random weights"):
         choose_weights(net, ckpt, load=False)
@@ -48,7 +50,9 @@ def _wrapped(err: Exception) -> RuntimeError:
             try:
                 raise err
             except Exception as e:
-                raise RuntimeError("Failed to instantiate component 'scripts.pair_check.check_pairs' with keywords: x") from e
+                raise RuntimeError(
+                    "Failed to instantiate component 'scripts.pair_check.check_pairs' with keywords: x"
+                ) from e
         except Exception as e:
             raise RuntimeError("Failed to evaluate ConfigExpression: '$@pair_check.valid'") from e
     except RuntimeError as outer:
@@ -76,7 +80,9 @@ def test_the_summary_names_failures_and_decides_the_exit() -> None:
     none_written = FusionSummary(failed=[({"id": "a"}, "x"), ({"mri": "/d/b.png"}, "y")], untrained=True)
     with pytest.raises(RunFailedError, match=r"2 of 2 pairs failed: a, /d/b\.png"):
         none_written.raise_if_failed("all")
-    assert str(none_written).endswith("; UNTRAINED network: random weights (--allow_untrained true), outputs are not meaningful")
+    assert str(none_written).endswith(
+        "; UNTRAINED network: random weights (--allow_untrained true), outputs are not meaningful"
+    )
     FusionSummary().raise_if_failed("any")
     with pytest.raises(ValueError, match="fail_on must be 'any' or 'all'"):
         FusionSummary().raise_if_failed("never")
@@ -94,8 +100,8 @@ def test_dicom_weights_are_read_safely_and_cli_errors_are_one_line(tmp_path: Pat
     config.write_text(json.dumps({"network_def": {"_target_": "scripts.networks.ClinicalFMamba", **TINY_KW}}))
     with pytest.raises(ValueError, match=r"model\.pt is not a readable PyTorch weights file"):
         load_fusion_network("clinicalfmamba", weights, config)
-    status = main(["fuse", "--mri", str(tmp_path / "mri"), "--other", str(tmp_path / "ct"), "--output", str(tmp_path / "out"),
-                   "--weights", str(weights), "--config", str(config)])  # fmt: skip
+    status = main(["fuse", "--mri", str(tmp_path / "mri"), "--other", str(tmp_path / "ct"),
+                   "--output", str(tmp_path / "out"), "--weights", str(weights), "--config", str(config)])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 1 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]

@@ -16,7 +16,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from reliability_helpers import (
     BUNDLE_ROOT,
     CONFIGS,
@@ -37,9 +36,23 @@ MEAN_CLI = "{'_target_': 'scripts.baselines.MeanFusion'}"
 def _cli(out: Path, *args: str, background: bool = False, timeout: float = 300):
     """``python -m monai.bundle run`` with the inference config (a mean rule, no weights) and ``args``."""
     command = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
-        "--meta_file", str(META), "--logging_file", str(LOGGING), "--output_dir", str(out),
-        "--network_def", MEAN_CLI, "--load_pretrain", "False", *args,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--meta_file",
+        str(META),
+        "--logging_file",
+        str(LOGGING),
+        "--output_dir",
+        str(out),
+        "--network_def",
+        MEAN_CLI,
+        "--load_pretrain",
+        "False",
+        *args,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if background:
@@ -166,7 +179,9 @@ def test_pairs_with_outputs_are_skipped_before_loading(tmp_path: Path) -> None:
     ]
     out = tmp_path / "out"
     assert [fused_output_path(d, out) for d in items] == [
-        out / "CT-MRI" / "a_fused.png", out / "T1c-FLAIR" / "b_fused.nii.gz", out / "c_fused.nii"
+        out / "CT-MRI" / "a_fused.png",
+        out / "T1c-FLAIR" / "b_fused.nii.gz",
+        out / "c_fused.nii",
     ]
     (out / "CT-MRI").mkdir(parents=True)
     (out / "CT-MRI" / "a_fused.png").write_bytes(b"done")

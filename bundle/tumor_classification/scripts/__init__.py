@@ -16,8 +16,8 @@
 from .arms import ChannelArm, FusionArm, load_masks, load_pairs
 from .classifiers import ArmImages, CNNClassifier, RadiomicsClassifier, WholeSliceClassifier
 from .cohort import Cohort, SliceRecord, csv_cohort, lgg_tcga_cohort, load_cohort
-from .fusion import MaxFusion, MeanFusion, load_fusion_bundle, load_fusion_torchscript
 from .folds import fold_assignment, stratified_patient_folds
+from .fusion import MaxFusion, MeanFusion, load_fusion_bundle, load_fusion_torchscript
 from .stats import (
     aggregate_scores,
     auc,

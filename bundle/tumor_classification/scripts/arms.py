@@ -94,7 +94,9 @@ class Arm:
     name: str
     in_channels: int
 
-    def build(self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = "") -> torch.Tensor:
+    def build(
+        self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = ""
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -111,7 +113,9 @@ class ChannelArm(Arm):
         self.sources = [int(s) for s in sources]
         self.in_channels = len(self.sources)
 
-    def build(self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = "") -> torch.Tensor:
+    def build(
+        self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = ""
+    ) -> torch.Tensor:
         return pairs[:, self.sources].contiguous()
 
     def describe(self) -> dict[str, Any]:
@@ -174,11 +178,20 @@ class FusionArm(Arm):
                 out[start : start + x.shape[0]] = y[..., :h, :w].float().clamp(0.0, 1.0).cpu()
                 if b == 0 or (b + 1) % 20 == 0 or b + 1 == n_batches:
                     el = time.perf_counter() - t0
-                    logger.info("arm %s: fused %d/%d slices (%.1f s, %.3f s/slice)", self.name, start + x.shape[0], pairs.shape[0], el, el / (start + x.shape[0]))
+                    logger.info(
+                        "arm %s: fused %d/%d slices (%.1f s, %.3f s/slice)",
+                        self.name,
+                        start + x.shape[0],
+                        pairs.shape[0],
+                        el,
+                        el / (start + x.shape[0]),
+                    )
         self.fuse_seconds = time.perf_counter() - t0
         return out
 
-    def build(self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = "") -> torch.Tensor:
+    def build(
+        self, pairs: torch.Tensor, cache_dir: str | os.PathLike | None = None, cache_key: str = ""
+    ) -> torch.Tensor:
         self.cached = False
         self.fuse_seconds = 0.0
         if not cache_dir or not self.learnable:  # parameter-free rules are cheaper than a cache read

@@ -392,7 +392,6 @@ class RadiomicsClassifier(Classifier):
         }
 
 
-
 class WholeSliceClassifier(RadiomicsClassifier):
     """Slice-level tumour vs no tumour from whole-slice features (no tumour mask), L2 logistic regression with
     nested CV over ``k`` and ``C`` (inner folds split by patient). Arguments as :class:`RadiomicsClassifier`."""

@@ -153,7 +153,7 @@ class Cohort:
             if max_slices_per_patient is not None and len(own) > max_slices_per_patient:
                 t = [s for s in own if s.tumour == 1]
                 o = [s for s in own if s.tumour != 1]
-                mixed = [x for pair in zip(t, o) for x in pair] + t[len(o):] + o[len(t):]
+                mixed = [x for pair in zip(t, o) for x in pair] + t[len(o) :] + o[len(t) :]
                 own = mixed[:max_slices_per_patient]
             slices.extend(own)
         excluded = dict(self.excluded)
@@ -195,7 +195,9 @@ def lgg_tcga_cohort(root: str | os.PathLike, sequences: Sequence[str] = ("flair"
     for row in _read_csv(root / "patients.csv"):
         patient = row["patient"]
         reasons = [
-            f"{names[name]} missing (a FLAIR copy)" for name, flag in zip(sequences, (flag_a, flag_b)) if flag and row.get(flag) == "1"
+            f"{names[name]} missing (a FLAIR copy)"
+            for name, flag in zip(sequences, (flag_a, flag_b))
+            if flag and row.get(flag) == "1"
         ]
         if row.get("grade_G3", "") not in ("0", "1"):
             reasons.append("no grade label")

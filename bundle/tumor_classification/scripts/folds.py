@@ -32,7 +32,8 @@ def stratified_patient_folds(labels: Mapping[str, int], n_folds: int = 5, seed: 
     smallest = int(min(np.sum(y == 0), np.sum(y == 1)))
     if smallest < n_folds:
         raise ValueError(
-            f"{n_folds}-fold stratification needs at least {n_folds} patients per class; the smaller class has {smallest}"
+            f"{n_folds}-fold stratification needs at least {n_folds} patients per class; "
+            f"the smaller class has {smallest}"
         )
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=int(seed))
     out: dict[str, int] = {}

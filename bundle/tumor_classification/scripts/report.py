@@ -39,11 +39,14 @@ def task_title(task: str, cohort: Cohort) -> str:
     return f"{TASK_TITLES[task]}: {what}"
 
 
-def results_markdown(results: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping[str, Any]], task: str, labels: Mapping[str, str]) -> str:
+def results_markdown(
+    results: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping[str, Any]], task: str, labels: Mapping[str, str]
+) -> str:
     """The results table of one task (one row per arm)."""
     comp = {c["other_arm"]: c for c in comparisons if c["task"] == task and "delta_auc" in c}
     lines = [
-        "| arm | units | AUC per fold (mean ± sd) | pooled OOF AUC [95% CI] | per-seed pooled AUC | F1 | accuracy | ΔAUC fused − arm | DeLong p | bootstrap 95% CI of Δ |",
+        "| arm | units | AUC per fold (mean ± sd) | pooled OOF AUC [95% CI] | per-seed pooled AUC | F1 | accuracy "
+        "| ΔAUC fused − arm | DeLong p | bootstrap 95% CI of Δ |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -69,7 +72,9 @@ def results_markdown(results: Sequence[Mapping[str, Any]], comparisons: Sequence
     return "\n".join(lines)
 
 
-def conclusion_lines(stats: Mapping[str, Any], run_info: Mapping[str, Any], cohort: Cohort, labels: Mapping[str, str]) -> list[str]:
+def conclusion_lines(
+    stats: Mapping[str, Any], run_info: Mapping[str, Any], cohort: Cohort, labels: Mapping[str, str]
+) -> list[str]:
     """Plain statements: does the fused arm beat each single-sequence arm (and the others), with CI and p."""
     fused = run_info.get("fused_arm")
     if not fused:
@@ -97,11 +102,16 @@ def conclusion_lines(stats: Mapping[str, Any], run_info: Mapping[str, Any], coho
         )
         if single:
             if len(beats_single) == len([c for c in comps if c["other_arm"] in single]) and beats_single:
-                head += "The fused arm **beats every single-sequence arm** on this cohort (DeLong p < α and bootstrap CI of Δ excluding 0)."
+                head += (
+                    "The fused arm **beats every single-sequence arm** on this cohort "
+                    "(DeLong p < α and bootstrap CI of Δ excluding 0)."
+                )
             elif beats_single:
                 head += "The fused arm beats **some but not all** single-sequence arms on this cohort."
             else:
-                head += "The fused arm **does not beat the single-sequence arms** on this cohort (no significant AUC gain)."
+                head += (
+                    "The fused arm **does not beat the single-sequence arms** on this cohort (no significant AUC gain)."
+                )
         out.append(head)
         out.append("")
         for c in comps:
@@ -163,7 +173,9 @@ def _subset(stats: Mapping[str, Any], name: str) -> dict[str, Any]:
     }
 
 
-def _sections(stats: Mapping[str, Any], run_info: Mapping[str, Any], cohort: Cohort, labels: Mapping[str, str], level: str) -> list[str]:
+def _sections(
+    stats: Mapping[str, Any], run_info: Mapping[str, Any], cohort: Cohort, labels: Mapping[str, str], level: str
+) -> list[str]:
     lines: list[str] = []
     for c in run_info["classifiers"]:
         sub = _subset(stats, c["classifier"])
@@ -197,27 +209,36 @@ def write_report(
         "# Tumour classification study: fused vs single-sequence inputs",
         "",
         f"Cohort `{summ['cohort']}`: **{summ['n_patients']} eligible patients** ({summ['n_positive']} positive = "
-        f"{cohort.label_name}, {summ['n_negative']} negative), {summ['n_slices']} slices ({summ['n_tumour_slices']} with "
-        f"tumour). Sequences: A = {summ['sequences'][0]}, B = {summ['sequences'][1]}.",
+        f"{cohort.label_name}, {summ['n_negative']} negative), {summ['n_slices']} slices "
+        f"({summ['n_tumour_slices']} with tumour). Sequences: A = {summ['sequences'][0]}, B = {summ['sequences'][1]}.",
         f"**Excluded: {summ['n_excluded']} patients** — "
         + (", ".join(f"{n} × {r}" for r, n in sorted(reasons.items())) if reasons else "none")
         + (f" ({', '.join(sorted(excluded))})." if excluded else "."),
         "",
         f"Protocol: stratified patient-level {run_info['n_folds']}-fold cross-validation"
-        + (f" (only the first {run_info['folds_run']} fold(s) run)" if run_info["folds_run"] != run_info["n_folds"] else "")
+        + (
+            f" (only the first {run_info['folds_run']} fold(s) run)"
+            if run_info["folds_run"] != run_info["n_folds"]
+            else ""
+        )
         + f", seeds {run_info['seeds']}, the same folds for every arm and classifier; slices resized to "
         f"{run_info['image_size']}×{run_info['image_size']}. Threshold rule for F1/accuracy: "
-        f"{run_info['threshold_rule']} on each fold's training units. Bootstrap: {run_info['n_boot']} resamples of patients, "
-        f"{100 * (1 - run_info['alpha']):.0f}% percentile CI. Pooled out-of-fold (OOF) score of a unit = mean over seeds "
-        "of its out-of-fold score; DeLong and the paired bootstrap compare these pooled scores.",
+        f"{run_info['threshold_rule']} on each fold's training units. Bootstrap: {run_info['n_boot']} resamples of "
+        f"patients, {100 * (1 - run_info['alpha']):.0f}% percentile CI. Pooled out-of-fold (OOF) score of a unit = "
+        "mean over seeds of its out-of-fold score; DeLong and the paired bootstrap compare these pooled scores.",
         "",
         "Classifiers:",
         "",
         *[f"- {_classifier_text(c)}; tasks: {', '.join(c['tasks'])}." for c in run_info["classifiers"]],
         "",
-        "Arms: " + "; ".join(
+        "Arms: "
+        + "; ".join(
             f"`{a['arm']}` = "
-            + (f"channel(s) {a['sources']}" if a["kind"] == "channels" else f"{a['module']} fusion, weights: {a['weights']}")
+            + (
+                f"channel(s) {a['sources']}"
+                if a["kind"] == "channels"
+                else f"{a['module']} fusion, weights: {a['weights']}"
+            )
             for a in run_info["arms"]
         ),
         "",
@@ -235,10 +256,11 @@ def write_report(
         lines += [
             "## External validation",
             "",
-            f"Every arm and classifier trained on all {summ['n_patients']} patients of `{summ['cohort']}` (once per seed), "
+            f"Every arm and classifier trained on all {summ['n_patients']} patients of `{summ['cohort']}` "
+            "(once per seed), "
             f"then scored on the external cohort `{ext['cohort']}`: {ext['n_patients']} patients ({ext['n_positive']} "
             f"positive, {ext['n_negative']} negative), {ext['n_slices']} slices. Pooled score = mean over seeds; the "
-            "\"AUC per fold\" column is per seed. Files `external_results.csv`, `external_comparisons.csv`, "
+            '"AUC per fold" column is per seed. Files `external_results.csv`, `external_comparisons.csv`, '
             "`external_predictions.csv`.",
             "",
             *_sections(external, run_info, cohort, labels, "###"),
@@ -282,12 +304,24 @@ def write_roc_figure(
                 continue
             fpr, tpr, _ = roc_curve(y, s)
             r = res.get((clf, task, arm), {})
-            ax.plot(fpr, tpr, lw=1.6, label=f"{labels.get(arm, arm)}: {_f(r.get('pooled_auc'))} [{_f(r.get('pooled_auc_ci_low'))}, {_f(r.get('pooled_auc_ci_high'))}]")
+            ax.plot(
+                fpr,
+                tpr,
+                lw=1.6,
+                label=f"{labels.get(arm, arm)}: {_f(r.get('pooled_auc'))} "
+                f"[{_f(r.get('pooled_auc_ci_low'))}, {_f(r.get('pooled_auc_ci_high'))}]",
+            )
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
         ax.set_title(f"{clf} — {task_title(task, cohort)}\n({subtitle})", fontsize=10)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8, title="arm: pooled AUC [95% CI]", title_fontsize=8)
+        ax.legend(
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.13),
+            fontsize=8,
+            title="arm: pooled AUC [95% CI]",
+            title_fontsize=8,
+        )
         ax.set_aspect("equal")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -138,7 +138,9 @@ def _group_index(groups: Sequence[Hashable] | None, n: int) -> tuple[np.ndarray,
     return inverse, int(inverse.max()) + 1
 
 
-def _resampled_aucs(y: np.ndarray, s: np.ndarray, groups: Sequence[Hashable] | None, n_boot: int, seed: int) -> np.ndarray:
+def _resampled_aucs(
+    y: np.ndarray, s: np.ndarray, groups: Sequence[Hashable] | None, n_boot: int, seed: int
+) -> np.ndarray:
     """(n_boot, K) AUCs of cluster-bootstrap resamples (NaN where a resample lacks a class)."""
     idx, n_groups = _group_index(groups, y.size)
     members = [np.flatnonzero(idx == g) for g in range(n_groups)]
@@ -173,7 +175,7 @@ def bootstrap_auc(
     sb = _as_scores(s, yb.size)[:1]
     boots = _resampled_aucs(yb, sb, groups, n_boot, seed)[:, 0]
     valid = boots[np.isfinite(boots)]
-    lo, hi = (np.quantile(valid, [alpha / 2, 1 - alpha / 2]) if valid.size else (math.nan, math.nan))
+    lo, hi = np.quantile(valid, [alpha / 2, 1 - alpha / 2]) if valid.size else (math.nan, math.nan)
     return {
         "auc": auc(yb, sb[0]),
         "ci_low": float(lo),
@@ -218,7 +220,9 @@ def paired_bootstrap_delta(
     }
 
 
-def aggregate_scores(groups: Sequence[Hashable], scores: Sequence[float], method: str = "mean") -> dict[Hashable, float]:
+def aggregate_scores(
+    groups: Sequence[Hashable], scores: Sequence[float], method: str = "mean"
+) -> dict[Hashable, float]:
     """One score per group (patient) from its units' scores: ``mean`` (default), ``median`` or ``max``."""
     reducers = {"mean": np.mean, "median": np.median, "max": np.max}
     if method not in reducers:

@@ -149,7 +149,11 @@ def summarise(
                     row["n_folds_scored"] = n
             m, sdv, _ = _mean_sd(seed_aucs)
             row["seed_pooled_auc_mean"], row["seed_pooled_auc_sd"] = m, sdv
-            row["pooled_auc"], row["pooled_auc_ci_low"], row["pooled_auc_ci_high"] = boot["auc"], boot["ci_low"], boot["ci_high"]
+            row["pooled_auc"], row["pooled_auc_ci_low"], row["pooled_auc_ci_high"] = (
+                boot["auc"],
+                boot["ci_low"],
+                boot["ci_high"],
+            )
             results.append(row)
         roc[task] = {arm: (v[1], v[2]) for arm, v in pooled.items()}
         if fused_arm is None or fused_arm not in pooled:
@@ -370,7 +374,9 @@ class ClassificationStudy:
         )  # fmt: skip
         folds = fold_assignment(self.cohort.labels, self.n_folds, self.seeds)
         fold_rows = [
-            {"seed": s, "patient": p, "label": self.cohort.labels[p], "fold": f} for s in self.seeds for p, f in sorted(folds[s].items())
+            {"seed": s, "patient": p, "label": self.cohort.labels[p], "fold": f}
+            for s in self.seeds
+            for p, f in sorted(folds[s].items())
         ]
         need_masks = any(getattr(c, "needs_masks", False) for c in self.classifiers)
         t0 = time.perf_counter()
@@ -379,7 +385,9 @@ class ClassificationStudy:
         ext_pairs = load_pairs(self.external, self.image_size) if self.external is not None else None
         ext_rois = load_masks(self.external, self.image_size) if (self.external is not None and need_masks) else None
         load_seconds = time.perf_counter() - t0
-        logger.info("loaded %d slice pairs at %dx%d in %.1f s", pairs.shape[0], self.image_size, self.image_size, load_seconds)
+        logger.info(
+            "loaded %d slice pairs at %dx%d in %.1f s", pairs.shape[0], self.image_size, self.image_size, load_seconds
+        )
 
         predictions: list[dict[str, Any]] = []
         fold_metrics: list[dict[str, Any]] = []
@@ -463,7 +471,11 @@ class ClassificationStudy:
         }
         ext_out = (ext_stats, ext_predictions, ext_fold_metrics) if ext_stats is not None else None
         self._write(stats, predictions, fold_metrics, fold_rows, run_info, labels, ext_out)
-        logger.info("study finished in %.1f min; report: %s", (time.perf_counter() - t_start) / 60, self.output_dir / "report.md")
+        logger.info(
+            "study finished in %.1f min; report: %s",
+            (time.perf_counter() - t_start) / 60,
+            self.output_dir / "report.md",
+        )
         out = {**stats, "run_info": run_info, "predictions": predictions, "fold_metrics": fold_metrics}
         if ext_stats is not None:
             out["external"] = {**ext_stats, "predictions": ext_predictions, "fold_metrics": ext_fold_metrics}
@@ -500,4 +512,9 @@ def _versions() -> dict[str, str]:
     import monai
     import sklearn
 
-    return {"torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+    return {
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+    }

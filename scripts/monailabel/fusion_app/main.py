@@ -21,7 +21,6 @@ no SAM2 / other sample models (so nothing is downloaded), and results are never 
 import json
 import logging
 import os
-from typing import Dict
 
 import monailabel
 from monailabel.interfaces.app import MONAILabelApp
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 class FusionApp(MONAILabelApp):
     """One model: ``clinicalfmamba_fusion`` (a :class:`FusionInferTask`, type ``others``)."""
 
-    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.bundle_path = os.path.abspath(os.path.expanduser(conf.get("bundle_path") or default_bundle_root(app_dir)))
         self.model_name = conf.get("model_name") or MODEL_NAME
         version = "unknown"
@@ -58,7 +57,7 @@ class FusionApp(MONAILabelApp):
             version=version,
         )
 
-    def init_infers(self) -> Dict[str, InferTask]:
+    def init_infers(self) -> dict[str, InferTask]:
         logger.info(f"ClinicalFMamba bundle: {self.bundle_path}")
         task = FusionInferTask(self.bundle_path, self.conf)
         if not task.is_valid():
@@ -67,10 +66,10 @@ class FusionApp(MONAILabelApp):
         logger.info(f"+++ Adding Inferer:: {self.model_name} => {task}")
         return {self.model_name: task}
 
-    def init_trainers(self) -> Dict[str, TrainTask]:
+    def init_trainers(self) -> dict[str, TrainTask]:
         return {}
 
-    def init_strategies(self) -> Dict[str, Strategy]:
+    def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
 
     def infer(self, request, datastore=None):

@@ -30,7 +30,8 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
@@ -55,7 +56,7 @@ class FusionBundleConstants(BundleConstants):
     """``BundleConstants`` whose PyTorch checkpoint may live outside ``<bundle>/models`` (an absolute path:
     ``os.path.join(bundle, "models", "/abs/model.pt")`` is ``/abs/model.pt``)."""
 
-    def __init__(self, model_file: Optional[str] = None) -> None:
+    def __init__(self, model_file: str | None = None) -> None:
         self.model_file = model_file
 
     def model_pytorch(self) -> str:
@@ -87,7 +88,7 @@ class FusionInferTask(BundleInferTask):
         conf: the app's ``--conf`` options; read here: ``weights``, ``allow_untrained``, ``preload``.
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], **kwargs: Any) -> None:
+    def __init__(self, path: str, conf: dict[str, str], **kwargs: Any) -> None:
         self.weights_note = "none"
         try:
             model_file, self.weights_note = resolve_weights(path, conf)
@@ -126,7 +127,7 @@ class FusionInferTask(BundleInferTask):
         as ``configs/inference.json``'s ``network`` is (``BundleInferTask`` builds ``network_def``, the plain one)."""
         return optimize_network(self.bundle_path, super()._get_network(device, data))
 
-    def info(self) -> Dict[str, Any]:
+    def info(self) -> dict[str, Any]:
         i = super().info()
         i["weights"] = self.weights_note
         i["output"] = "float32 NIfTI (.nii.gz, or .nii on request), the input's affine/header, values in [0, 1]"
@@ -143,7 +144,7 @@ class FusionInferTask(BundleInferTask):
     def inverse_transforms(self, data=None):
         return None  # the bundle's own Invertd (in post_transforms) undoes the padding
 
-    def writer(self, data: Dict[str, Any], extension=None, dtype=None) -> Tuple[Any, Any]:
+    def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
         requested_ext = extension or data.get("result_extension")
         requested_dtype = dtype or data.get("result_dtype")
         ext = resolve_result_extension(requested_ext)

@@ -1,8 +1,10 @@
-/* Fused selective-scan kernels for the ``compiled`` backend (scripts/ssm/compiled.py, compiled_grad.py): the forward
- * (inference, and training with checkpoints) and the backward (training), plus two fused mixer steps.
+/* Fused selective-scan kernels for the ``compiled`` backend (scripts/ssm/native/): the forward (inference, and
+ * training with checkpoints), the backward (training), and the fused mixer steps. Each kernel's parameters and
+ * contract (shapes, layouts, element types, what it writes) are in scan_kernel.h.
  *
- * Compiled at run time by the system C compiler into a temporary shared library and called through ctypes;
- * plain C99 plus GCC/Clang vector extensions, no PyTorch or Python headers (so it compiles in about a second).
+ * Compiled at run time by the system C compiler into a shared library (scripts/ssm/native/build.py) and called
+ * through ctypes with one parameter struct per call (binding.py); plain C99 plus GCC/Clang vector extensions, no
+ * PyTorch or Python headers (so it compiles in a few seconds).
  *
  * Per (batch, group) lane and block of W channels, over all L time steps, with the state in registers:
  *     d_t   = softplus(delta_t + delta_bias)            (or without the softplus)
@@ -14,33 +16,21 @@
  * latency overlaps instead of sitting on every step's critical path. With AVX-512 the exponentials are
  * 2^(d (A log2 e)) by vreduceps + vscalefps (vexp2_decay: no rounding step, 9 instructions), about a third of the
  * Cephes exp's.
- * Layout (time-major, as ChunkedSelectiveScan): delta, u, y (L, lanes, P) contiguous, lane = batch * G + group;
- * A (G, N, P); element (t, lane, n) of B and C at (t * lanes + lane) * bc_stride + n; D, bias (G, P) or NULL;
- * h (lanes, N, P): initial state in, last state out. Work items lo..hi-1 of lanes * ceil(P / W) blocks, so
- * that the caller can split the items over threads. ckpt (ceil(L / T), lanes, N, P) or NULL: the state before every
- * T-th step is stored there for the backward (scan_bwd_*, below).
  *
- * Low-rank delta (Mamba's dt projection folded in): when dtr is not NULL, delta is not read and
- *     delta_t[p] = sum_r dtr[t, lane, r] * wdt[g, r, p]
- * with element (t, lane, r) of dtr at (t * lanes + lane) * dt_stride + r and wdt (G, R, P), so the (L, lanes, P)
- * delta tensor is never materialised.
- *
- * conv_silu_*: Mamba's causal depthwise convolution along time followed by SiLU, in one pass:
- *     out_t = silu(bias + sum_{k < K, k <= t} taps[K - 1 - k] * x_{t - k})
- * out (L, lanes, P) contiguous; row (t, lane) of x is row t * lanes + lane of x, or row index[t * lanes + lane]
- * when index is not NULL (the mixers' direction gather, read in place of a gathered copy), rows x_stride apart;
- * taps (K, G, P), bias (G, P), K <= KMAX; work items are time steps lo..hi-1.
- *
- * gate_merge_*: the mixer's way back from scan directions to tokens, with the output gate:
- *     out[m, b, l, :] = (1 / K) sum_k y[index[l, b, m, k], :] * silu(z[m, b, l, :])
- * y rows of P (any number), index (L, B, M, K) int64 row numbers of y, z rows of P at z_stride apart in
- * (M, B, L) order, out (M, B, L, P) contiguous; work items are token positions l in lo..hi-1.
- * With ln_w, ln_b (M, P) not NULL, each out row is then normalised as LayerNorm(P, eps) with member m's affine
- * (the mixer's output norm, in the same pass); P <= PMAX.
+ * float32 and float64. The float32 kernels below are vector code (W floats per vector, masked loads for a partial
+ * block, polynomial exp / log1p, denormals flushed): their order of work, register blocking and approximations are
+ * what makes them fast, and none of it carries over to double. The float64 kernels, the accuracy path that the
+ * tests compare with the float64 reference, are the scalar definitions in scan_scalar.h, written once over an
+ * element type (SCALAR_T) and instantiated here for double. The float32 vector code has no scalar tail (a partial
+ * block is one masked vector), so the scalar template has no float32 instantiation; both paths share the contracts
+ * of scan_kernel.h, the work items, and the tests against the float64 reference.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "scan_kernel.h"
 
 #ifndef W
 #if defined(__AVX512F__)
@@ -270,29 +260,36 @@ static inline __attribute__((always_inline)) void block_f32(
     for (int64_t n = 0; n < N; ++n) store(h + n * P, hs[n], w);
 }
 
-static void block_f32_full(int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta,
-                           const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
-                           const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
-                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t tb) {
-    block_f32(L, P, N, row, u_row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, W);
-}
+/* block_f32 for a full block (w = W, a compile-time constant) and for a partial one. The per-block routines
+ * (block_f32_*, chunk_bwd_f32_*) are internal and take their operands, pointers already advanced to the block, as
+ * arguments rather than a struct: called with the fused mixer's compile-time shapes, the compiler clones them with
+ * P, N and R as constants (interprocedural constant propagation), which it does for arguments, not reliably for
+ * fields read through a pointer. The exported entry points take the structs of scan_kernel.h. */
+#define BLOCK_F32_ARGS                                                                                              \
+    int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta, const float *u, \
+        const float *A, const float *Bm, const float *Cm, const float *D, const float *bias, int softplus, float *y,  \
+        float *h, const float *dtr, int64_t dt_row, const float *wdt, int64_t R, float *ckpt, int64_t T,             \
+        int64_t ckpt_row, int64_t tb
+#define BLOCK_F32_CALL                                                                                        \
+    L, P, N, row, u_row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, \
+        ckpt_row, tb
+static void block_f32_full(BLOCK_F32_ARGS) { block_f32(BLOCK_F32_CALL, W); }
+static void block_f32_part(BLOCK_F32_ARGS, int64_t w) { block_f32(BLOCK_F32_CALL, w); }
 
-static void block_f32_part(int64_t L, int64_t P, int64_t N, int64_t row, int64_t u_row, int64_t bc_row, const float *delta,
-                           const float *u, const float *A, const float *Bm, const float *Cm, const float *D,
-                           const float *bias, int softplus, float *y, float *h, const float *dtr, int64_t dt_row,
-                           const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t ckpt_row, int64_t tb, int64_t w) {
-    block_f32(L, P, N, row, u_row, bc_row, delta, u, A, Bm, Cm, D, bias, softplus, y, h, dtr, dt_row, wdt, R, ckpt, T, ckpt_row, tb, w);
-}
-
-static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta,
-                           const float *u, const float *A, const float *B, const float *C, int64_t bc_stride,
-                           const float *D, const float *bias, int softplus, float *y, float *h, const float *dtr,
-                           int64_t dt_stride, const float *wdt, int64_t R, float *ckpt, int64_t T, int64_t lo, int64_t hi) {
+/* The scan (ScanParams), work items lo..hi-1. */
+static void scan_f32_range(const ScanParams *p, int64_t lo, int64_t hi) {
+    const int64_t L = p->L, lanes = p->lanes, G = p->G, P = p->P, N = p->N, R = p->R, T = p->T;
+    const int64_t bc_stride = p->bc_stride, dt_stride = p->dt_stride;
+    const float *delta = p->delta, *u = p->u, *A = p->A, *B = p->B, *C = p->C, *D = p->D, *bias = p->bias;
+    const float *dtr = p->dtr, *wdt = p->wdt;
+    float *y = p->y, *h = p->h, *ckpt = p->ckpt;
+    const int softplus = p->softplus != 0;
     const int64_t blocks = (P + W - 1) / W, row = lanes * P, ckpt_row = lanes * N * P;
     const int64_t bc_row = lanes * bc_stride, dt_row = lanes * dt_stride;
     for (int64_t first = lo; first < hi;) {  /* the items of one lane: its blocks b0..b1-1, a chunk of time at a time */
         const int64_t lane = first / blocks, b0 = first % blocks;
-        const int64_t last = (lane + 1) * blocks < hi ? (lane + 1) * blocks : hi, b1 = last - lane * blocks, g = lane % G;
+        const int64_t last = (lane + 1) * blocks < hi ? (lane + 1) * blocks : hi;
+        const int64_t b1 = last - lane * blocks, g = lane % G;
         for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
             const int64_t tn = L - t0 < TIME_CHUNK ? L - t0 : TIME_CHUNK;
             for (int64_t bk = b0; bk < b1; ++bk) {
@@ -303,53 +300,17 @@ static void scan_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64
                 float *ck = ckpt ? ckpt + lane * N * P + p0 : 0;
                 const float *Bl = B + t0 * bc_row + lane * bc_stride, *Cl = C + t0 * bc_row + lane * bc_stride;
                 if (w == W)
-                    block_f32_full(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
-                                   y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0);
+                    block_f32_full(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg,
+                                   softplus, y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0);
                 else
-                    block_f32_part(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg, softplus,
-                                   y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0, w);
+                    block_f32_part(tn, P, N, row, row, bc_row, dp, u + off, A + g * N * P + p0, Bl, Cl, Dg, bg,
+                                   softplus, y + off, h + lane * N * P + p0, dl, dt_row, wg, R, ck, T, ckpt_row, t0, w);
             }
         }
         first = last;
     }
 }
 
-/* float64: the same recurrence, scalar, with the C library's exp and log1p (accuracy over speed). */
-static void scan_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const double *delta,
-                           const double *u, const double *A, const double *B, const double *C, int64_t bc_stride,
-                           const double *D, const double *bias, int softplus, double *y, double *h, const double *dtr,
-                           int64_t dt_stride, const double *wdt, int64_t R, double *ckpt, int64_t T, int64_t lo, int64_t hi) {
-    const int64_t blocks = (P + W - 1) / W, row = lanes * P, ckpt_row = lanes * N * P;
-    for (int64_t item = lo; item < hi; ++item) {
-        const int64_t lane = item / blocks, p0 = (item % blocks) * W, g = lane % G;
-        const int64_t w = P - p0 < W ? P - p0 : W;
-        for (int64_t p = p0; p < p0 + w; ++p) {
-            double *hp = h + lane * N * P + p;
-            const double *ap = A + g * N * P + p;
-            const double bi = bias ? bias[g * P + p] : 0.0, dk = D ? D[g * P + p] : 0.0;
-            for (int64_t t = 0; t < L; ++t) {
-                const double *bt = B + (t * lanes + lane) * bc_stride, *ct = C + (t * lanes + lane) * bc_stride;
-                if (ckpt && t % T == 0)
-                    for (int64_t n = 0; n < N; ++n) ckpt[(t / T) * ckpt_row + lane * N * P + n * P + p] = hp[n * P];
-                double x = bi;
-                if (dtr) {
-                    const double *dr = dtr + (t * lanes + lane) * dt_stride, *wp = wdt + g * R * P + p;
-                    for (int64_t r = 0; r < R; ++r) x += dr[r] * wp[r * P];
-                } else {
-                    x += delta[t * row + lane * P + p];
-                }
-                const double ut = u[t * row + lane * P + p];
-                const double d = softplus ? (x > 0.0 ? x : 0.0) + log1p(exp(-fabs(x))) : x;
-                double yv = dk * ut;
-                for (int64_t n = 0; n < N; ++n) {
-                    hp[n * P] = exp(d * ap[n * P]) * hp[n * P] + d * ut * bt[n];
-                    yv += ct[n] * hp[n * P];
-                }
-                y[t * row + lane * P + p] = yv;
-            }
-        }
-    }
-}
 
 /* Row k of xr: the input row of step t - k (already offset to the block's first channel). */
 static inline __attribute__((always_inline)) void conv_block_f32(int64_t K, int64_t kmax, const float *const *xr,
@@ -387,9 +348,12 @@ static void conv_row_f32(int64_t K, int64_t kmax, const float *const *xr, int64_
     }
 }
 
-static void conv_silu_f32_range(int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, int64_t x_stride,
-                                const int64_t *index, const float *taps, const float *bias, float *out, int64_t lo,
-                                int64_t hi) {
+/* The causal convolution + SiLU (ConvSiluParams), work items (time steps) lo..hi-1. */
+static void conv_silu_f32_range(const ConvSiluParams *p, int64_t lo, int64_t hi) {
+    const int64_t lanes = p->lanes, G = p->G, P = p->P, K = p->K, x_stride = p->x_stride;
+    const int64_t *index = p->index;
+    const float *x = p->x, *taps = p->taps, *bias = p->bias;
+    float *out = p->out;
     const int64_t row = lanes * P, GP = G * P;
     const float *xr[KMAX];
     for (int64_t t = lo; t < hi; ++t) {
@@ -402,22 +366,6 @@ static void conv_silu_f32_range(int64_t lanes, int64_t G, int64_t P, int64_t K, 
     }
 }
 
-static void conv_silu_f64_range(int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x, int64_t x_stride,
-                                const int64_t *index, const double *taps, const double *bias, double *out, int64_t lo,
-                                int64_t hi) {
-    const int64_t row = lanes * P;
-    for (int64_t t = lo; t < hi; ++t) {
-        const int64_t kmax = t + 1 < K ? t + 1 : K;
-        for (int64_t lane = 0; lane < lanes; ++lane) {
-            const int64_t g = lane % G;
-            for (int64_t p = 0; p < P; ++p) {
-                double acc = bias[g * P + p];
-                for (int64_t k = 0; k < kmax; ++k) acc += taps[((K - 1 - k) * G + g) * P + p] * CONV_ROW(x, t - k, lane)[p];
-                out[t * row + lane * P + p] = acc / (1.0 + exp(-acc));
-            }
-        }
-    }
-}
 
 static inline __attribute__((always_inline)) vf merge_block_f32(int64_t K, const float *y, const int64_t *idx,
                                                                  int64_t P, const float *z, float scale, int64_t w) {
@@ -438,8 +386,8 @@ static vf merge_block_f32_part(int64_t K, const float *y, const int64_t *idx, in
 
 /* One token row: the K rows idx[k] of y summed, times scale and silu(z), into buf, then (with ln_w) normalised over
  * the row and scaled as LayerNorm; out may be one of the y rows. */
-static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64_t *idx, const float *z, float row_scale,
-                               const float *ln_w, const float *ln_b, double eps, float *out) {
+static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64_t *idx, const float *z,
+                               float row_scale, const float *ln_w, const float *ln_b, double eps, float *out) {
     vf buf[PMAX / W];
     for (int64_t p0 = 0, j = 0; p0 < P; p0 += W, ++j)
         buf[j] = P - p0 >= W ? merge_block_f32_full(K, y + p0, idx, P, z + p0, row_scale)
@@ -466,9 +414,13 @@ static void gate_merge_f32_row(int64_t K, int64_t P, const float *y, const int64
     }
 }
 
-static void gate_merge_f32_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y,
-                                 const int64_t *index, const float *z, int64_t z_stride, const float *ln_w,
-                                 const float *ln_b, double eps, float *out, int64_t lo, int64_t hi) {
+/* The gated merge (GateMergeParams), work items (token positions) lo..hi-1. */
+static void gate_merge_f32_range(const GateMergeParams *p, int64_t lo, int64_t hi) {
+    const int64_t L = p->L, B = p->B, M = p->M, K = p->K, P = p->P, z_stride = p->z_stride;
+    const int64_t *index = p->index;
+    const float *y = p->y, *z = p->z, *ln_w = p->ln_w, *ln_b = p->ln_b;
+    const double eps = p->eps;
+    float *out = p->out;
     for (int64_t l = lo; l < hi; ++l)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t m = 0; m < M; ++m) {
@@ -479,29 +431,6 @@ static void gate_merge_f32_range(int64_t L, int64_t B, int64_t M, int64_t K, int
             }
 }
 
-static void gate_merge_f64_range(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y,
-                                 const int64_t *index, const double *z, int64_t z_stride, const double *ln_w,
-                                 const double *ln_b, double eps, double *out, int64_t lo, int64_t hi) {
-    for (int64_t l = lo; l < hi; ++l)
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t m = 0; m < M; ++m) {
-                const int64_t token = (m * B + b) * L + l;
-                const int64_t *idx = index + ((l * B + b) * M + m) * K;
-                double *o = out + token * P, mean = 0.0, var = 0.0;
-                for (int64_t p = 0; p < P; ++p) {
-                    double acc = 0.0;
-                    for (int64_t k = 0; k < K; ++k) acc += y[idx[k] * P + p];
-                    const double zv = z[token * z_stride + p];
-                    o[p] = acc / (double)K * (zv / (1.0 + exp(-zv)));
-                    mean += o[p];
-                }
-                if (!ln_w) continue;
-                mean /= (double)P;
-                for (int64_t p = 0; p < P; ++p) var += (o[p] - mean) * (o[p] - mean);
-                const double inv = 1.0 / sqrt(var / (double)P + (double)eps);
-                for (int64_t p = 0; p < P; ++p) o[p] = (o[p] - mean) * inv * ln_w[m * P + p] + ln_b[m * P + p];
-            }
-}
 
 /* The mixer between its input projection and its merge, per lane and chunk of TIME_CHUNK steps, for inference:
  *     u_t    = silu(causal conv of the gathered token rows)              (conv_silu_*, into a buffer)
@@ -544,13 +473,18 @@ static void project_rows_f32(int64_t rows, int64_t P, int64_t C, int64_t CP, con
     }
 }
 
-/* One lane, all L steps: conv, projection and scan per chunk; the chunk's outputs go to y (time-major rows) or, with
- * `tokens` set, are added into the token rows out[index[t, lane]] (stored for the first direction, first = 1). */
-static inline __attribute__((always_inline)) void mixer_lane_f32(int64_t lane, int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
-                           const float *x, int64_t x_stride, const int64_t *index, const float *taps,
-                           const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
-                           const float *wdt, const float *dt_bias, const float *A, const float *D, float *y, float *h,
-                           float *tokens, int first, float *ubuf, float *xd, float *ybuf) {
+/* One lane of the fused mixer kernel (MixerScanParams; P, N, R passed separately so that they can be compile-time
+ * constants), all L steps: conv, projection and scan per chunk; the chunk's outputs go to y (time-major rows) or,
+ * with `tokens` set, are added into the token rows out[index[t, lane]] (stored for the first direction, first = 1).
+ * ubuf, xd, ybuf: the chunk's buffers (TIME_CHUNK rows of P, of R + 2N, of P). */
+static inline __attribute__((always_inline)) void mixer_lane_f32(const MixerScanParams *prm, int64_t P, int64_t N,
+                                                                 int64_t R, int64_t lane, float *tokens, int first,
+                                                                 float *ubuf, float *xd, float *ybuf) {
+    const int64_t L = prm->L, G = prm->G, lanes = prm->B * prm->G, K = prm->K, x_stride = prm->x_stride;
+    const int64_t src_stride = prm->src_stride, CP = prm->CP, *index = prm->index;
+    const float *x = prm->x, *taps = prm->taps, *conv_bias = prm->conv_bias, *src = prm->src, *wxt = prm->wxt;
+    const float *wdt = prm->wdt, *dt_bias = prm->dt_bias, *A = prm->A, *D = prm->D;
+    float *y = prm->y, *h = prm->h;
     const int64_t g = lane % G, row = lanes * P, C = R + 2 * N, GP = G * P;
     const float *xr[KMAX], *s[XROWS];
     for (int64_t t0 = 0; t0 < L; t0 += TIME_CHUNK) {
@@ -594,18 +528,16 @@ static inline __attribute__((always_inline)) void mixer_lane_f32(int64_t lane, i
  * direction lanes of the set are summed into out's token rows (M, B, L, P), then each row is gated by silu(z) (rows
  * z_stride apart in (M, B, L) order), scaled by 1 / KD and normalised with ln_w, ln_b (M, P) when not NULL, as
  * gate_merge_*: no time-major y at all. */
-static inline __attribute__((always_inline)) void mixer_scan_f32_range(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
-                                 const float *x, int64_t x_stride, const int64_t *index, const float *taps,
-                                 const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
-                                 const float *wdt, const float *dt_bias, const float *A, const float *D, float *y,
-                                 float *h, int64_t KD, float *out, const float *z, int64_t z_stride, const float *ln_w,
-                                 const float *ln_b, double eps, int64_t lo, int64_t hi) {
+static inline __attribute__((always_inline)) void mixer_scan_f32_range(const MixerScanParams *prm, int64_t P,
+                                                                       int64_t N, int64_t R, int64_t lo, int64_t hi) {
+    const int64_t L = prm->L, B = prm->B, G = prm->G, KD = prm->KD, z_stride = prm->z_stride;
+    const float *z = prm->z, *ln_w = prm->ln_w, *ln_b = prm->ln_b;
+    const double eps = prm->eps;
+    float *out = prm->out;
     vf ubuf_v[TIME_CHUNK * FUSED_PMAX / W], ybuf_v[TIME_CHUNK * FUSED_PMAX / W];
     float xd[TIME_CHUNK * XMAX];
-    const int64_t lanes = B * G;
 #define LANE(lane, tokens, first) \
-    mixer_lane_f32(lane, L, lanes, G, P, N, R, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt, \
-                   dt_bias, A, D, y, h, tokens, first, (float *)ubuf_v, xd, (float *)ybuf_v)
+    mixer_lane_f32(prm, P, N, R, lane, tokens, first, (float *)ubuf_v, xd, (float *)ybuf_v)
     for (int64_t item = lo; item < hi; ++item) {
         if (!out) {
             LANE(item, 0, 0);
@@ -625,15 +557,9 @@ static inline __attribute__((always_inline)) void mixer_scan_f32_range(int64_t L
 /* mixer_scan_f32_range with the channel count P, the state size N and the delta rank R as compile-time constants for
  * the shipped networks' mixers (2D: P 256, N 8 or 16, R 8; 3D: P 128, N 8, R 4), so that the loops over channels,
  * states and ranks unroll and their operands stay in registers; other shapes run the generic code. */
-static void mixer_scan_f32_items(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K,
-                                 const float *x, int64_t x_stride, const int64_t *index, const float *taps,
-                                 const float *conv_bias, const float *src, int64_t src_stride, const float *wxt, int64_t CP,
-                                 const float *wdt, const float *dt_bias, const float *A, const float *D, float *y,
-                                 float *h, int64_t KD, float *out, const float *z, int64_t z_stride, const float *ln_w,
-                                 const float *ln_b, double eps, int64_t lo, int64_t hi) {
-#define RANGE(p, n, r) \
-    mixer_scan_f32_range(L, B, G, p, n, r, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, wdt, dt_bias, \
-                         A, D, y, h, KD, out, z, z_stride, ln_w, ln_b, eps, lo, hi)
+static void mixer_scan_f32_items(const MixerScanParams *prm, int64_t lo, int64_t hi) {
+    const int64_t P = prm->P, N = prm->N, R = prm->R;
+#define RANGE(p, n, r) mixer_scan_f32_range(prm, p, n, r, lo, hi)
     if (P == 256 && N == 8 && R == 8)
         RANGE(256, 8, 8);
     else if (P == 256 && N == 16 && R == 8)
@@ -740,11 +666,14 @@ static void chunk_bwd_f32_part(CHUNK_BWD_F32_ARGS, int64_t w) { chunk_bwd_f32(CH
  * every block of the group, so that the gB / gC terms of a chunk are summed over the group's channels as vectors
  * and reduced horizontally once. Buffers on the stack: (4 * GHMAX + 6 * TNMAX) vectors, 160 KB with W = 16 (threads
  * get 2 MB or more by default on Linux and 512 KB on macOS). */
-static void scan_bwd_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T,
-                               const float *delta, const float *u, const float *A, const float *B, const float *C,
-                               int64_t bc_stride, const float *D, const float *bias, int softplus, const float *ckpt,
-                               const float *gy, const float *glast, float *gdelta, float *gu, float *gB, float *gC,
-                               float *gA, float *gD, float *gbias, int64_t lo, int64_t hi) {
+static void scan_bwd_f32_range(const ScanBwdParams *prm, int64_t lo, int64_t hi) {
+    const int64_t L = prm->L, lanes = prm->lanes, G = prm->G, P = prm->P, N = prm->N, T = prm->T;
+    const int64_t bc_stride = prm->bc_stride;
+    const float *delta = prm->delta, *u = prm->u, *A = prm->A, *B = prm->B, *C = prm->C, *D = prm->D;
+    const float *bias = prm->bias, *ckpt = prm->ckpt, *gy = prm->gy, *glast = prm->glast;
+    float *gdelta = prm->gdelta, *gu = prm->gu, *gB = prm->gB, *gC = prm->gC, *gA = prm->gA, *gD = prm->gD;
+    float *gbias = prm->gbias;
+    const int softplus = prm->softplus != 0;
     vf gh[GHMAX], gav[GHMAX], gdv[GHMAX], gbv[GHMAX];
     vf accB[TNMAX], accC[TNMAX], hbuf[TNMAX], ebuf[TNMAX], dbuf[TNMAX], sbuf[TNMAX];
     const int64_t row = lanes * P, ckpt_row = lanes * N * P, blocks = (P + W - 1) / W;
@@ -795,80 +724,24 @@ static void scan_bwd_f32_range(int64_t L, int64_t lanes, int64_t G, int64_t P, i
     }
 }
 
-/* float64: the same backward, scalar, with the C library's exp and log1p. */
-static void scan_bwd_f64_range(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T,
-                               const double *delta, const double *u, const double *A, const double *B,
-                               const double *C, int64_t bc_stride, const double *D, const double *bias, int softplus,
-                               const double *ckpt, const double *gy, const double *glast, double *gdelta, double *gu,
-                               double *gB, double *gC, double *gA, double *gD, double *gbias, int64_t lo, int64_t hi) {
-    double hbuf[TNMAX], ebuf[TNMAX], dbuf[TNMAX], sbuf[TNMAX], gh[NMAX], gav[NMAX];
-    const int64_t row = lanes * P, ckpt_row = lanes * N * P;
-    for (int64_t lane = lo; lane < hi; ++lane) {
-        const int64_t g = lane % G;
-        for (int64_t p = 0; p < P; ++p) {
-            const int64_t st = lane * N * P + p;
-            const double *ap = A + g * N * P + p;
-            const double bi = bias ? bias[g * P + p] : 0.0, dk = D ? D[g * P + p] : 0.0;
-            double gdv = 0.0, gbv = 0.0;
-            for (int64_t n = 0; n < N; ++n) {
-                gh[n] = glast ? glast[st + n * P] : 0.0;
-                gav[n] = 0.0;
-            }
-            for (int64_t c = (L - 1) / T; c >= 0; --c) {
-                const int64_t t0 = c * T, steps = L - t0 < T ? L - t0 : T;
-                const double *h0 = ckpt + c * ckpt_row + st;
-                for (int64_t s = 0; s < steps; ++s) {
-                    const int64_t t = t0 + s;
-                    const double *bt = B + (t * lanes + lane) * bc_stride;
-                    const double x = bi + delta[t * row + lane * P + p];
-                    double d = x, sg = 1.0;
-                    if (softplus) {
-                        const double e = exp(-fabs(x));
-                        d = (x > 0.0 ? x : 0.0) + log1p(e);
-                        sg = x > 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-                    }
-                    dbuf[s] = d;
-                    sbuf[s] = sg;
-                    const double du = d * u[t * row + lane * P + p];
-                    for (int64_t n = 0; n < N; ++n) {
-                        const double e = exp(d * ap[n * P]), hp = s ? hbuf[(s - 1) * N + n] : h0[n * P];
-                        ebuf[s * N + n] = e;
-                        hbuf[s * N + n] = e * hp + du * bt[n];
-                    }
-                }
-                for (int64_t s = steps - 1; s >= 0; --s) {
-                    const int64_t t = t0 + s, at = t * row + lane * P + p;
-                    const double *bt = B + (t * lanes + lane) * bc_stride, *ct = C + (t * lanes + lane) * bc_stride;
-                    double *gbt = gB + (t * lanes + lane) * N, *gct = gC + (t * lanes + lane) * N;
-                    const double gyt = gy[at], ut = u[at], d = dbuf[s], du = d * ut;
-                    double gdu = 0.0, gd = 0.0;
-                    for (int64_t n = 0; n < N; ++n) {
-                        const double gn = gh[n] + ct[n] * gyt, e = ebuf[s * N + n];
-                        const double hp = s ? hbuf[(s - 1) * N + n] : h0[n * P];
-                        gct[n] += hbuf[s * N + n] * gyt;
-                        gbt[n] += gn * du;
-                        gdu += bt[n] * gn;
-                        const double gda = gn * hp * e;
-                        gd += gda * ap[n * P];
-                        gav[n] += gda * d;
-                        gh[n] = e * gn;
-                    }
-                    gd += gdu * ut;
-                    gdelta[at] = gd * sbuf[s];
-                    gbv += gdelta[at];
-                    gdv += gyt * ut;
-                    gu[at] = gdu * d + gyt * dk;
-                }
-            }
-            for (int64_t n = 0; n < N; ++n) gA[st + n * P] = gav[n];
-            gD[lane * P + p] = gdv;
-            gbias[lane * P + p] = gbv;
-        }
-    }
-}
 
-/* Exported entry points: the work items lo..hi-1, split over nthreads OpenMP threads when the library is built
- * with -fopenmp (compiled.py links it to the OpenMP runtime PyTorch already loaded, so the kernel runs on the
+/* The scalar kernels (scan_scalar.h), instantiated for double: the float64 entry points. */
+#define SCALAR_T double
+#define SUFFIX f64
+#define EXP exp
+#define LOG1P log1p
+#define FABS fabs
+#define SQRT sqrt
+#include "scan_scalar.h"
+#undef SCALAR_T
+#undef SUFFIX
+#undef EXP
+#undef LOG1P
+#undef FABS
+#undef SQRT
+
+/* Exported entry points (scan_kernel.h): the work items lo..hi-1, split over nthreads OpenMP threads when the library
+ * is built with -fopenmp (build.py links it to the OpenMP runtime PyTorch already loaded, so the kernel runs on the
  * threads that PyTorch's own operators use), else run on the calling thread (the caller splits them). */
 /* The float32 entry points run with denormals flushed to zero (FTZ, DAZ) on each thread, restored on return: an
  * exp(d A) in the denormal range (d |A| between about 87 and 103, large steps) otherwise costs a microcode assist per
@@ -911,89 +784,111 @@ int scan_openmp(void) { return 1; }
 int scan_openmp(void) { return 0; }
 #endif
 
-void scan_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const float *delta, const float *u,
-              const float *A, const float *B, const float *C, int64_t bc_stride, const float *D, const float *bias,
-              int softplus, float *y, float *h, const float *dtr, int64_t dt_stride, const float *wdt, int64_t R, float *ckpt, int64_t T,
-              int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) FLUSHED(scan_f32_range(L, lanes, G, P, N, delta, u, A, B, C, bc_stride, D, bias, softplus, y, h, dtr, \
-                   dt_stride, wdt, R, ckpt, T, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
+/* Each entry point runs its kernel's range function on the items of each thread (the float32 ones with denormals
+ * flushed): void NAME(const PARAMS *p, int64_t lo, int64_t hi, int64_t nthreads). */
+#define DEFINE_ENTRY(name, Params, CALL)                                     \
+    void name(const Params *p, int64_t lo, int64_t hi, int64_t nthreads) {   \
+        (void)nthreads; /* unused without OpenMP: the caller splits the items */ \
+        PARALLEL_RANGE(nthreads, lo, hi, CALL);                              \
+    }
+#define SCAN_F32(a, b) FLUSHED(scan_f32_range(p, a, b))
+#define SCAN_F64(a, b) scan_f64_range(p, a, b)
+#define SCAN_BWD_F32(a, b) FLUSHED(scan_bwd_f32_range(p, a, b))
+#define SCAN_BWD_F64(a, b) scan_bwd_f64_range(p, a, b)
+#define CONV_SILU_F32(a, b) FLUSHED(conv_silu_f32_range(p, a, b))
+#define CONV_SILU_F64(a, b) conv_silu_f64_range(p, a, b)
+#define GATE_MERGE_F32(a, b) FLUSHED(gate_merge_f32_range(p, a, b))
+#define GATE_MERGE_F64(a, b) gate_merge_f64_range(p, a, b)
+#define MIXER_SCAN_F32(a, b) FLUSHED(mixer_scan_f32_items(p, a, b))
+DEFINE_ENTRY(scan_f32, ScanParams, SCAN_F32)
+DEFINE_ENTRY(scan_f64, ScanParams, SCAN_F64)
+DEFINE_ENTRY(scan_bwd_f32, ScanBwdParams, SCAN_BWD_F32)
+DEFINE_ENTRY(scan_bwd_f64, ScanBwdParams, SCAN_BWD_F64)
+DEFINE_ENTRY(conv_silu_f32, ConvSiluParams, CONV_SILU_F32)
+DEFINE_ENTRY(conv_silu_f64, ConvSiluParams, CONV_SILU_F64)
+DEFINE_ENTRY(gate_merge_f32, GateMergeParams, GATE_MERGE_F32)
+DEFINE_ENTRY(gate_merge_f64, GateMergeParams, GATE_MERGE_F64)
+DEFINE_ENTRY(mixer_scan_f32, MixerScanParams, MIXER_SCAN_F32)
+
+/* The layout of scan_kernel.h's structs, for the test that compares it with binding.py's ctypes Structures:
+ * kernel_struct_size(name) is sizeof (0 for an unknown name); kernel_struct_field(name, i, &offset) the name of field
+ * i in declaration order and its offsetof (NULL past the last field). */
+typedef struct {
+    const char *name;
+    int64_t offset;
+} FieldInfo;
+#define FIELD(S, f) {#f, (int64_t)offsetof(S, f)}
+static const FieldInfo scan_fields[] = {
+    FIELD(ScanParams, L), FIELD(ScanParams, lanes), FIELD(ScanParams, G), FIELD(ScanParams, P),
+    FIELD(ScanParams, N), FIELD(ScanParams, delta), FIELD(ScanParams, u), FIELD(ScanParams, A),
+    FIELD(ScanParams, B), FIELD(ScanParams, C), FIELD(ScanParams, bc_stride), FIELD(ScanParams, D),
+    FIELD(ScanParams, bias), FIELD(ScanParams, softplus), FIELD(ScanParams, y), FIELD(ScanParams, h),
+    FIELD(ScanParams, dtr), FIELD(ScanParams, dt_stride), FIELD(ScanParams, wdt), FIELD(ScanParams, R),
+    FIELD(ScanParams, ckpt), FIELD(ScanParams, T), {0, 0}};
+static const FieldInfo scan_bwd_fields[] = {
+    FIELD(ScanBwdParams, L), FIELD(ScanBwdParams, lanes), FIELD(ScanBwdParams, G), FIELD(ScanBwdParams, P),
+    FIELD(ScanBwdParams, N), FIELD(ScanBwdParams, T), FIELD(ScanBwdParams, delta), FIELD(ScanBwdParams, u),
+    FIELD(ScanBwdParams, A), FIELD(ScanBwdParams, B), FIELD(ScanBwdParams, C), FIELD(ScanBwdParams, bc_stride),
+    FIELD(ScanBwdParams, D), FIELD(ScanBwdParams, bias), FIELD(ScanBwdParams, softplus), FIELD(ScanBwdParams, ckpt),
+    FIELD(ScanBwdParams, gy), FIELD(ScanBwdParams, glast), FIELD(ScanBwdParams, gdelta), FIELD(ScanBwdParams, gu),
+    FIELD(ScanBwdParams, gB), FIELD(ScanBwdParams, gC), FIELD(ScanBwdParams, gA), FIELD(ScanBwdParams, gD),
+    FIELD(ScanBwdParams, gbias), {0, 0}};
+static const FieldInfo conv_silu_fields[] = {
+    FIELD(ConvSiluParams, lanes), FIELD(ConvSiluParams, G), FIELD(ConvSiluParams, P), FIELD(ConvSiluParams, K),
+    FIELD(ConvSiluParams, x), FIELD(ConvSiluParams, x_stride), FIELD(ConvSiluParams, index),
+    FIELD(ConvSiluParams, taps), FIELD(ConvSiluParams, bias), FIELD(ConvSiluParams, out), {0, 0}};
+static const FieldInfo gate_merge_fields[] = {
+    FIELD(GateMergeParams, L), FIELD(GateMergeParams, B), FIELD(GateMergeParams, M), FIELD(GateMergeParams, K),
+    FIELD(GateMergeParams, P), FIELD(GateMergeParams, y), FIELD(GateMergeParams, index), FIELD(GateMergeParams, z),
+    FIELD(GateMergeParams, z_stride), FIELD(GateMergeParams, ln_w), FIELD(GateMergeParams, ln_b),
+    FIELD(GateMergeParams, eps), FIELD(GateMergeParams, out), {0, 0}};
+static const FieldInfo mixer_scan_fields[] = {
+    FIELD(MixerScanParams, L), FIELD(MixerScanParams, B), FIELD(MixerScanParams, G), FIELD(MixerScanParams, P),
+    FIELD(MixerScanParams, N), FIELD(MixerScanParams, R), FIELD(MixerScanParams, K), FIELD(MixerScanParams, x),
+    FIELD(MixerScanParams, x_stride), FIELD(MixerScanParams, index), FIELD(MixerScanParams, taps),
+    FIELD(MixerScanParams, conv_bias), FIELD(MixerScanParams, src), FIELD(MixerScanParams, src_stride),
+    FIELD(MixerScanParams, wxt), FIELD(MixerScanParams, CP), FIELD(MixerScanParams, wdt),
+    FIELD(MixerScanParams, dt_bias), FIELD(MixerScanParams, A), FIELD(MixerScanParams, D), FIELD(MixerScanParams, y),
+    FIELD(MixerScanParams, h), FIELD(MixerScanParams, KD), FIELD(MixerScanParams, out), FIELD(MixerScanParams, z),
+    FIELD(MixerScanParams, z_stride), FIELD(MixerScanParams, ln_w), FIELD(MixerScanParams, ln_b),
+    FIELD(MixerScanParams, eps), {0, 0}};
+#undef FIELD
+static const struct {
+    const char *name;
+    int64_t size;
+    const FieldInfo *fields;
+} kernel_structs[] = {
+    {"ScanParams", sizeof(ScanParams), scan_fields},
+    {"ScanBwdParams", sizeof(ScanBwdParams), scan_bwd_fields},
+    {"ConvSiluParams", sizeof(ConvSiluParams), conv_silu_fields},
+    {"GateMergeParams", sizeof(GateMergeParams), gate_merge_fields},
+    {"MixerScanParams", sizeof(MixerScanParams), mixer_scan_fields},
+};
+
+static const FieldInfo *struct_fields(const char *name, int64_t *size) {
+    for (size_t s = 0; s < sizeof kernel_structs / sizeof kernel_structs[0]; ++s)
+        if (strcmp(kernel_structs[s].name, name) == 0) {
+            *size = kernel_structs[s].size;
+            return kernel_structs[s].fields;
+        }
+    *size = 0;
+    return 0;
 }
 
-void scan_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, const double *delta, const double *u,
-              const double *A, const double *B, const double *C, int64_t bc_stride, const double *D,
-              const double *bias, int softplus, double *y, double *h, const double *dtr, int64_t dt_stride,
-              const double *wdt, int64_t R, double *ckpt, int64_t T, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) scan_f64_range(L, lanes, G, P, N, delta, u, A, B, C, bc_stride, D, bias, softplus, y, h, dtr, \
-                   dt_stride, wdt, R, ckpt, T, a, b)
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
+int64_t kernel_struct_size(const char *name) {
+    int64_t size;
+    struct_fields(name, &size);
+    return size;
 }
 
-void conv_silu_f32(int64_t lanes, int64_t G, int64_t P, int64_t K, const float *x, int64_t x_stride,
-                   const int64_t *index, const float *taps, const float *bias, float *out, int64_t lo, int64_t hi,
-                   int64_t nthreads) {
-#define CALL(a, b) FLUSHED(conv_silu_f32_range(lanes, G, P, K, x, x_stride, index, taps, bias, out, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void conv_silu_f64(int64_t lanes, int64_t G, int64_t P, int64_t K, const double *x, int64_t x_stride,
-                   const int64_t *index, const double *taps, const double *bias, double *out, int64_t lo, int64_t hi,
-                   int64_t nthreads) {
-#define CALL(a, b) conv_silu_f64_range(lanes, G, P, K, x, x_stride, index, taps, bias, out, a, b)
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void gate_merge_f32(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const float *y, const int64_t *index,
-                    const float *z, int64_t z_stride, const float *ln_w, const float *ln_b, double eps, float *out,
-                    int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) FLUSHED(gate_merge_f32_range(L, B, M, K, P, y, index, z, z_stride, ln_w, ln_b, eps, out, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void gate_merge_f64(int64_t L, int64_t B, int64_t M, int64_t K, int64_t P, const double *y, const int64_t *index,
-                    const double *z, int64_t z_stride, const double *ln_w, const double *ln_b, double eps, double *out,
-                    int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) gate_merge_f64_range(L, B, M, K, P, y, index, z, z_stride, ln_w, ln_b, eps, out, a, b)
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void scan_bwd_f32(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T, const float *delta,
-                  const float *u, const float *A, const float *B, const float *C, int64_t bc_stride, const float *D,
-                  const float *bias, int softplus, const float *ckpt, const float *gy, const float *glast,
-                  float *gdelta, float *gu, float *gB, float *gC, float *gA, float *gD, float *gbias, int64_t lo,
-                  int64_t hi, int64_t nthreads) {
-#define CALL(a, b) FLUSHED(scan_bwd_f32_range(L, lanes, G, P, N, T, delta, u, A, B, C, bc_stride, D, bias, softplus, ckpt, \
-                   gy, glast, gdelta, gu, gB, gC, gA, gD, gbias, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void scan_bwd_f64(int64_t L, int64_t lanes, int64_t G, int64_t P, int64_t N, int64_t T, const double *delta,
-                  const double *u, const double *A, const double *B, const double *C, int64_t bc_stride,
-                  const double *D, const double *bias, int softplus, const double *ckpt, const double *gy,
-                  const double *glast, double *gdelta, double *gu, double *gB, double *gC, double *gA, double *gD,
-                  double *gbias, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) scan_bwd_f64_range(L, lanes, G, P, N, T, delta, u, A, B, C, bc_stride, D, bias, softplus, ckpt, \
-                   gy, glast, gdelta, gu, gB, gC, gA, gD, gbias, a, b)
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
-}
-
-void mixer_scan_f32(int64_t L, int64_t B, int64_t G, int64_t P, int64_t N, int64_t R, int64_t K, const float *x,
-                    int64_t x_stride, const int64_t *index, const float *taps, const float *conv_bias, const float *src,
-                    int64_t src_stride, const float *wxt, int64_t CP, const float *wdt, const float *dt_bias, const float *A,
-                    const float *D, float *y, float *h, int64_t KD, float *out, const float *z, int64_t z_stride,
-                    const float *ln_w, const float *ln_b, double eps, int64_t lo, int64_t hi, int64_t nthreads) {
-#define CALL(a, b) FLUSHED(mixer_scan_f32_items(L, B, G, P, N, R, K, x, x_stride, index, taps, conv_bias, src, src_stride, wxt, CP, \
-                   wdt, dt_bias, A, D, y, h, KD, out, z, z_stride, ln_w, ln_b, eps, a, b))
-    PARALLEL_RANGE(nthreads, lo, hi, CALL);
-#undef CALL
+const char *kernel_struct_field(const char *name, int64_t i, int64_t *offset) {
+    int64_t size;
+    const FieldInfo *fields = struct_fields(name, &size);
+    if (!fields || i < 0) return 0;
+    for (int64_t k = 0; k <= i; ++k)
+        if (!fields[k].name) return 0;
+    *offset = fields[i].offset;
+    return fields[i].name;
 }
 
 int scan_nmax(void) { return NMAX; }

@@ -2,15 +2,16 @@
 
 import pytest
 import torch
+from scan_testing import make_inputs, rel_err
 
 from scripts.ssm import resolve_backend, selective_scan, selective_scan_ref, selective_scan_time_major, set_scan_backend
 from scripts.ssm.chunked import chunk_length, chunked_scan_time_major, selective_scan_chunked
-from test_ssm import make_inputs, rel_err
 
 # The float64 reference itself moved by up to 5.4e-10 (relative) between runs of the same inputs on this machine:
 # PyTorch's float64 exp is not always bitwise reproducible there, and these inputs amplify one-ulp differences
 # through the recurrence. Equivalence is therefore asserted at 1e-9, far below any float32 error (1e-7 and up).
 TOL64 = 1e-9
+
 
 def detached(inputs, dtype=None):
     return {k: v.detach().to(dtype or v.dtype) for k, v in inputs.items()}
@@ -65,7 +66,8 @@ def test_chunked_gradients_match_reference(chunk):
     y_ref, h_ref = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
     y, h = selective_scan_chunked(**inputs, delta_softplus=True, return_last_state=True, chunk=chunk)
     g = torch.Generator().manual_seed(1)
-    gy, gh = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(h.shape, generator=g, dtype=torch.float64)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gh = torch.randn(h.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((y, h), list(inputs.values()), (gy, gh))
     grads_ref = torch.autograd.grad((y_ref, h_ref), list(inputs.values()), (gy, gh))
     for name, a, b in zip(inputs, grads, grads_ref):

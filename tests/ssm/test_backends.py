@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from scan_testing import make_inputs, rel_err
 
 from scripts.ssm import (
     ENV_VAR,
@@ -12,26 +13,6 @@ from scripts.ssm import (
     selective_scan_ref,
     set_scan_backend,
 )
-
-
-def make_inputs(batch, dim, length, n_state, groups=None, delta_max=8.0, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shape_bc = (batch, n_state, length) if groups is None else (batch, groups, n_state, length)
-    inputs = dict(
-        u=torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        delta=torch.rand(batch, dim, length, generator=g, dtype=dtype) * delta_max,
-        A=-torch.rand(dim, n_state, generator=g, dtype=dtype) * 4 - 0.05,
-        B=torch.randn(*shape_bc, generator=g, dtype=dtype),
-        C=torch.randn(*shape_bc, generator=g, dtype=dtype),
-        D=torch.randn(dim, generator=g, dtype=dtype),
-        z=torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        delta_bias=torch.randn(dim, generator=g, dtype=dtype) * 0.5,
-    )
-    return {k: v.requires_grad_() for k, v in inputs.items()}
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize(
@@ -92,7 +73,8 @@ def test_chunk_size_does_not_change_the_result(chunk):
     y = selective_scan_fast(**inputs, delta_softplus=True, chunk=chunk)
     assert rel_err(y, y_ref) <= 1e-12
     g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, list(inputs.values()), g), torch.autograd.grad(y_ref, list(inputs.values()), g)):
+    leaves = list(inputs.values())
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, leaves, g)):
         assert rel_err(a, b) <= 1e-10
 
 
@@ -101,7 +83,9 @@ def test_last_state_gradient_matches_reference():
     _, h_ref = selective_scan_ref(**inputs, return_last_state=True)
     _, h_fast = selective_scan_fast(**inputs, return_last_state=True, chunk=7)
     g = torch.randn_like(h_ref)
-    for a, b in zip(torch.autograd.grad(h_fast, list(inputs.values()), g, allow_unused=True), torch.autograd.grad(h_ref, list(inputs.values()), g, allow_unused=True)):
+    leaves = list(inputs.values())
+    grads_fast = torch.autograd.grad(h_fast, leaves, g, allow_unused=True)
+    for a, b in zip(grads_fast, torch.autograd.grad(h_ref, leaves, g, allow_unused=True)):
         if b is None:
             assert a is None or a.abs().max() == 0
         else:
@@ -133,7 +117,7 @@ def test_dispatch_runs_selected_backend_and_mamba_ssm_is_refused_on_cpu():
 
 
 def test_auto_backend_never_picks_mamba_ssm_for_cpu_tensors():
-    # on CPU: the run-time compiled kernel when it builds (tests/test_ssm_compiled.py), else the fast scan
+    # on CPU: the run-time compiled kernel when it builds (tests/ssm/test_native_kernels.py), else the fast scan
     assert resolve_backend("auto", "cpu") == ("compiled" if compiled_scan_available() else "fast")
 
 

@@ -1,10 +1,11 @@
-"""The compiled scan with autograd (C forward with checkpoints + C backward) against autograd on the float64 reference."""
+"""The compiled scan with autograd (C forward with checkpoints + C backward) against autograd on the float64
+reference."""
 
 import pytest
 import torch
+from native_testing import needs_kernel
+from scan_testing import make_inputs, rel_err
 
-import scripts.ssm.compiled as compiled
-import scripts.ssm.compiled_grad as compiled_grad
 from scripts.ssm import (
     compiled_scan_available,
     selective_scan_compiled,
@@ -13,9 +14,9 @@ from scripts.ssm import (
     selective_scan_time_major,
     set_scan_backend,
 )
-from scripts.ssm.compiled_grad import CompiledSelectiveScan, checkpoint_interval
-from test_ssm import make_inputs, rel_err
-from test_ssm_compiled import needs_kernel
+from scripts.ssm.native import build, loader, threads
+from scripts.ssm.native.loader import kernel_library
+from scripts.ssm.native.ops import CompiledSelectiveScan, checkpoint_interval
 
 
 def leaves(inputs, dtype=None):
@@ -37,13 +38,14 @@ def scan_with_grads(fn, inputs, softplus, seed=1):
 def kernel_calls(monkeypatch):
     """Names of the compiled backward entry points that ran."""
     calls = []
-    original = compiled_grad._run
+    original = threads.run_items
 
-    def spy(fn, args, items):
-        calls.append(fn.__name__)
-        return original(fn, args, items)
+    def spy(fn, params, items, openmp):
+        if fn.__name__.startswith("scan_bwd"):
+            calls.append(fn.__name__)
+        return original(fn, params, items, openmp)
 
-    monkeypatch.setattr(compiled_grad, "_run", spy)
+    monkeypatch.setattr(threads, "run_items", spy)
     return calls
 
 
@@ -80,13 +82,19 @@ def test_backward_float32_close_to_float64_reference(kernel_calls):
     assert kernel_calls == ["scan_bwd_f32"]
     for name in grads_ref:
         assert grads[name].dtype == torch.float32
-        err, err_fast = rel_err(grads[name].double(), grads_ref[name]), rel_err(grads_fast[name].double(), grads_ref[name])
+        err, err_fast = (
+            rel_err(grads[name].double(), grads_ref[name]),
+            rel_err(grads_fast[name].double(), grads_ref[name]),
+        )
         assert err <= 1e-5, name
         assert err <= 2 * err_fast + 1e-6, name  # not less accurate than the fast backend in float32
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,every", [(torch.float64, 1), (torch.float64, 5), (torch.float64, 64), (torch.float32, 5), (torch.float32, 23)])
+@pytest.mark.parametrize(
+    "dtype,every",
+    [(torch.float64, 1), (torch.float64, 5), (torch.float64, 64), (torch.float32, 5), (torch.float32, 23)],
+)
 def test_checkpoint_interval_does_not_change_the_gradients(dtype, every):
     # float32 runs the vector kernel, which advances time in chunks: intervals that do not divide them
     inputs = make_inputs(1, 24, 64, 4, groups=2, seed=3)
@@ -95,13 +103,15 @@ def test_checkpoint_interval_does_not_change_the_gradients(dtype, every):
         args = leaves(inputs, dtype)
         tm = {k: v.permute(2, 0, 1).reshape(64, 1, 2, 12) for k, v in args.items() if k in ("u", "delta")}
         y, h = CompiledSelectiveScan.apply(
-            tm["delta"], tm["u"], args["A"].reshape(2, 12, 4), args["B"].permute(3, 0, 1, 2), args["C"].permute(3, 0, 1, 2),
-            args["D"].reshape(2, 12), args["delta_bias"].reshape(2, 12), True, every,
+            kernel_library(), tm["delta"], tm["u"], args["A"].reshape(2, 12, 4), args["B"].permute(3, 0, 1, 2),
+            args["C"].permute(3, 0, 1, 2), args["D"].reshape(2, 12), args["delta_bias"].reshape(2, 12), True, every,
         )  # fmt: skip
-        return torch.autograd.grad((y.square().sum() + h.sum()), list(args.values())[:6] + [args["delta_bias"]], allow_unused=True)
+        return torch.autograd.grad(
+            (y.square().sum() + h.sum()), list(args.values())[:6] + [args["delta_bias"]], allow_unused=True
+        )
 
     reference = run(64)  # one chunk: no checkpoint but the initial state
-    assert checkpoint_interval(64, 4) == 64
+    assert checkpoint_interval(kernel_library(), 64, 4) == 64
     for a, b in zip(run(every), reference):
         if b is not None:
             assert rel_err(a.double(), b.double()) <= (1e-12 if dtype == torch.float64 else 1e-6)
@@ -184,11 +194,11 @@ def test_double_backward_is_refused_clearly():
 
 
 def test_without_the_kernel_training_uses_the_fast_backward(monkeypatch):
-    monkeypatch.setattr(compiled, "_build", {})
-    monkeypatch.setattr(compiled, "_compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    monkeypatch.setattr(build, "compile_library", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
     inputs = leaves(make_inputs(1, 6, 40, 4, groups=2))
     _, _, grads_ref = scan_with_grads(selective_scan_ref, inputs, True)
-    _, _, grads = scan_with_grads(selective_scan_compiled, inputs, True)
-    assert not compiled_scan_available()
+    with loader.separate_build():
+        _, _, grads = scan_with_grads(selective_scan_compiled, inputs, True)
+        assert not compiled_scan_available()
     for name in grads_ref:
         assert rel_err(grads[name], grads_ref[name]) <= 1e-10, name
