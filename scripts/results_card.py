@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.evaluate import write_text_atomic, format_mean_std
+from scripts.evaluate import format_mean_std, write_text_atomic
 from scripts.model_selection import CDDFUSE_PUBLISHED, RANK_METRICS, TASKS, check_targets
 
 __all__ = ["BEGIN", "END", "render", "render_selection", "selected_run_readme", "update_card", "main"]

@@ -111,6 +111,8 @@ def test_the_run_folder_block_is_the_validation_part(tmp_path: Path) -> None:
     assert "**Selected: `selection`**" in block and "| CT-MRI | mean | 3 |" in block
     assert "Test split" not in block and "CDDFuse (published)" not in block
     (root / "val" / "selection.json").write_text(
-        (root / "val" / "selection.json").read_text().replace('"with additions",', '"with additions", "run_dir": "runs/x",')
+        (root / "val" / "selection.json")
+        .read_text()
+        .replace('"with additions",', '"with additions", "run_dir": "runs/x",')
     )
     assert selected_run_readme(root, bundle_root=tmp_path) == tmp_path / "runs" / "x" / "README.md"

@@ -1,6 +1,7 @@
 """The shipped 2D weights: they load strictly into the inference config's network and, fed in the bundle's
 orientation, fuse the embedded Harvard test samples with the Q^AB/F and SF (``cddfuse`` profile) pinned in
-``tests/pinned_outputs.json``, with a spatial frequency above the max rule's, as the model card reports for the test split."""
+``tests/pinned_outputs.json``, with a spatial frequency above the max rule's, as the model card reports for the
+test split."""
 
 from __future__ import annotations
 

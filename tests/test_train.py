@@ -356,7 +356,9 @@ def test_parameter_groups_scale_the_selection_learning_rate(data: Path, tmp_path
     assert len(optimizer.param_groups[0]["params"]) + len(selection) == len(list(network.parameters()))
     scheduler = wf.parser.get_parsed_content("lr_scheduler")
     assert scheduler.base_lrs == pytest.approx([0.005, 0.05])  # each group decays from its own rate
-    wf = _workflow(data, tmp_path / "b", network_def={**TINY_NET, "source_selection": False}, lr_multipliers={"selection.": 10.0})
+    wf = _workflow(
+        data, tmp_path / "b", network_def={**TINY_NET, "source_selection": False}, lr_multipliers={"selection.": 10.0}
+    )
     assert len(wf.parser.get_parsed_content("optimizer").param_groups) == 1
 
 
