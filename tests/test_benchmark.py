@@ -197,3 +197,16 @@ def test_image_probe_fuses_a_large_pair_in_tiles_and_reports_its_peak_memory():
     assert probe["network_calls"] == 9 and probe["written"] == 1
     assert probe["peak_rss_gb"] == pytest.approx(_peak_rss_gb(), rel=0.02)
     assert image_probe(32, tile_above_pixels=32 * 32, tile_size=32)["network_calls"] == 1  # at the threshold: whole
+
+
+def test_docs_quote_the_recorded_benchmark_output() -> None:
+    """docs/performance.md holds the recorded benchmark table (``--markdown docs/results/benchmark.md``) verbatim, and
+    every row of the model card's speed table is a row of that record: no typed speed figures."""
+    root = Path(__file__).resolve().parents[1]
+    record = [line for line in (root / "docs" / "results" / "benchmark.md").read_text().splitlines() if line]
+    assert record[0] == "| measurement | result |" and len(record) > 10
+    assert "\n".join(record) in (root / "docs" / "performance.md").read_text()
+    card = (root / "docs" / "README.md").read_text()
+    speed = card.split("### Speed", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in speed.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 5 and all(row in record for row in rows), [r for r in rows if r not in record]
