@@ -68,7 +68,8 @@ def tiny_nets() -> tuple[ClinicalFMamba, ExportableClinicalFMamba]:
     torch.manual_seed(0)
     net = ClinicalFMamba(**TINY, **SHIPPED).eval()
     with torch.no_grad():  # the zero-initialised output layers get weights, so their paths are exercised
-        for module in (net.refine.out, net.selection.logits):
+        outputs = (net.refine.out if net.refine else None, net.selection.logits if net.selection else None)
+        for module in [m for m in outputs if m is not None]:
             module.weight.normal_(0, 0.1)
     exportable = ExportableClinicalFMamba(**TINY, **SHIPPED).eval()
     exportable.load_state_dict(net.state_dict())
