@@ -221,8 +221,10 @@ def test_ambiguous_series_and_nifti_to_dicom_are_named(studies, tmp_path):
 # runs the CLI with fuse_series slowed down after study_b's outputs are staged, so that a signal lands mid-study
 _SLOW_CLI = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     import scripts.batch as batch
+    # Ctrl-C as in a foreground shell: a runner started in the background hands its children SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     original = batch.fuse_series
     def slow(study, *args, **kwargs):
         result = original(study, *args, **kwargs)
