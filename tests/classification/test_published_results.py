@@ -10,6 +10,7 @@ recipe, ``results/cnn_recipe/`` the current CNN recipe on the single-sequence ar
 from __future__ import annotations
 
 import csv
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -110,3 +111,33 @@ def test_cnn_recipe_measurement_is_consistent_and_quoted() -> None:
         low, high = float(r["pooled_auc_ci_low"]), float(r["pooled_auc_ci_high"])
         quoted = f"{float(r['pooled_auc']):.3f} [{low:.3f}, {high:.3f}]"
         assert quoted in card, quoted
+
+
+def test_study_with_the_current_fusion_weights_is_consistent_and_quoted() -> None:
+    """``results/fusion_v030_seed0/``: every classifier and arm, one seed, with the fusion bundle's 0.3.0 weights
+    (a fusion fingerprint other than the earlier studies'); its pooled AUCs recompute from its predictions, and the
+    card quotes the fused arm's and the best single sequence's figures."""
+    folder = RESULTS / "fusion_v030_seed0"
+    p = pooled(folder)
+    rows = _rows(folder, "results.csv")
+    assert {r["arm"] for r in rows} == {"flair", "t1c", "flair+t1c", "clinicalfmamba", "mean", "max"}
+    info = json.loads((folder / "run_info.json").read_text())
+    fused = next(a for a in info["arms"] if a["arm"] == "clinicalfmamba")
+    earlier = next(
+        a for a in json.loads((RESULTS / "run_info.json").read_text())["arms"] if a["arm"] == "clinicalfmamba"
+    )
+    assert info["seeds"] == [0] and fused["weights"] == "trained"
+    assert fused["weights_fingerprint"] != earlier["weights_fingerprint"]
+    card = (BUNDLE / "docs" / "README.md").read_text()
+    section = card.split("### With the current fusion weights", 1)[1].split("\n## ", 1)[0]
+    for r in rows:
+        units, y, s = p[_key(r)]
+        assert len(units) == {"patient": 78, "slice": 1232}[r["task"]]
+        assert roc_auc_score(y, s) == pytest.approx(float(r["pooled_auc"]), abs=1e-5), _key(r)
+        if r["arm"] in ("clinicalfmamba", "flair", "t1c"):
+            low, high = float(r["pooled_auc_ci_low"]), float(r["pooled_auc_ci_high"])
+            quoted = f"{float(r['pooled_auc']):.3f} [{low:.3f}, {high:.3f}]"
+            assert quoted in section, (_key(r), quoted)
+    for c in _rows(folder, "comparisons.csv"):
+        if c["other_arm"] in ("flair", "t1c"):
+            assert f"| {c['verdict']} |" in section, (c["classifier"], c["task"], c["other_arm"], c["verdict"])
