@@ -94,17 +94,13 @@ def selected_run_readme(results_dir: Path, bundle_root: Path = BUNDLE_ROOT) -> P
     return bundle_root / selection["candidates"][selection["selected"]]["run_dir"] / "README.md"
 
 
-def render(results_dir: Path) -> str:
-    """The generated block (without the markers) from the records under ``results_dir``."""
-    selection = _load(results_dir / "val" / "selection.json")
-    val = _load(results_dir / "val" / "summary_cddfuse.json")
-    profiles = ("cddfuse", "clinicalfmamba", "characterisation")
-    test = {p: _load(results_dir / "test" / f"summary_{p}.json") for p in profiles}
+def _validation_lines(selection: Mapping[str, Any] | None, val: Mapping[str, Any] | None) -> list[str]:
+    """The validation part of the block: checkpoints, mean ranks, the selection, targets and the val table."""
     if selection is None or val is None:
-        return (
+        return [
             "The networks trained under [the evaluation protocol](evaluation_protocol.md) have not been scored yet: "
             "no validation records in `docs/results/val/`."
-        )
+        ]
     labels = _labels(selection)
     chosen = selection["selected"]
     ranks = ", ".join(f"`{m}` {r:.2f}" for m, r in sorted(selection["mean_ranks"].items(), key=lambda x: x[1]))
@@ -130,6 +126,19 @@ def render(results_dir: Path) -> str:
         *_table(val["methods"], RANK_METRICS, labels, chosen),
         "",
     ]
+    return lines
+
+
+def render(results_dir: Path) -> str:
+    """The generated block (without the markers) from the records under ``results_dir``."""
+    selection = _load(results_dir / "val" / "selection.json")
+    val = _load(results_dir / "val" / "summary_cddfuse.json")
+    profiles = ("cddfuse", "clinicalfmamba", "characterisation")
+    test = {p: _load(results_dir / "test" / f"summary_{p}.json") for p in profiles}
+    lines = _validation_lines(selection, val)
+    if selection is None or val is None:
+        return "\n".join(lines)
+    labels, chosen = _labels(selection), selection["selected"]
     if test["cddfuse"] is None:
         lines += ["#### Test split", "", "Not scored yet: the test split is scored once, after the selection.", ""]
         return "\n".join(lines).rstrip("\n")

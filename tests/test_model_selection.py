@@ -161,10 +161,6 @@ def test_score_split_writes_consistent_records_once(tmp_path: Path) -> None:
     assert math.isfinite(selection["mean_ranks"]["paper"])
 
 
-def _network_options(config: dict) -> dict:
-    return {k: v for k, v in config["network_def"].items() if k in ("refine", "source_selection")}
-
-
 def test_the_shipped_configs_build_the_selected_candidate() -> None:
     """models/model.pt is the selected candidate's checkpoint, and every 2D config builds that candidate's network."""
     selection = json.loads((BUNDLE_ROOT / "docs" / "results" / "val" / "selection.json").read_text())

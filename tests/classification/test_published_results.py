@@ -96,21 +96,29 @@ def test_model_card_quotes_the_published_numbers() -> None:
     assert "does not beat" in card  # the plain statement of the outcome
 
 
-def test_cnn_recipe_measurement_is_consistent_and_quoted() -> None:
-    """``results/cnn_recipe/``: the current CNN recipe on the single-sequence arms (one seed, no fused arm)."""
-    folder = RESULTS / "cnn_recipe"
+def _check_recomputed_and_quoted(
+    folder: Path, rows: list[dict[str, str]], text: str, quoted_arms: set[str] | None
+) -> None:
+    """Each results row's pooled AUC recomputes from the folder's predictions over the whole cohort, and ``text``
+    quotes it as ``AUC [low, high]`` (rows of ``quoted_arms`` only; ``None``: every row)."""
     p = pooled(folder)
-    rows = _rows(folder, "results.csv")
-    assert {r["arm"] for r in rows} == {"flair", "t1c", "flair+t1c"}
-    assert {r["task"] for r in rows} == {"patient", "slice"}
-    card = (BUNDLE / "docs" / "README.md").read_text()
     for r in rows:
         units, y, s = p[_key(r)]
         assert len(units) == {"patient": 78, "slice": 1232}[r["task"]]
         assert roc_auc_score(y, s) == pytest.approx(float(r["pooled_auc"]), abs=1e-5), _key(r)
-        low, high = float(r["pooled_auc_ci_low"]), float(r["pooled_auc_ci_high"])
-        quoted = f"{float(r['pooled_auc']):.3f} [{low:.3f}, {high:.3f}]"
-        assert quoted in card, quoted
+        if quoted_arms is None or r["arm"] in quoted_arms:
+            low, high = float(r["pooled_auc_ci_low"]), float(r["pooled_auc_ci_high"])
+            quoted = f"{float(r['pooled_auc']):.3f} [{low:.3f}, {high:.3f}]"
+            assert quoted in text, (_key(r), quoted)
+
+
+def test_cnn_recipe_measurement_is_consistent_and_quoted() -> None:
+    """``results/cnn_recipe/``: the current CNN recipe on the single-sequence arms (one seed, no fused arm)."""
+    folder = RESULTS / "cnn_recipe"
+    rows = _rows(folder, "results.csv")
+    assert {r["arm"] for r in rows} == {"flair", "t1c", "flair+t1c"}
+    assert {r["task"] for r in rows} == {"patient", "slice"}
+    _check_recomputed_and_quoted(folder, rows, (BUNDLE / "docs" / "README.md").read_text(), quoted_arms=None)
 
 
 def test_study_with_the_current_fusion_weights_is_consistent_and_quoted() -> None:
@@ -118,7 +126,6 @@ def test_study_with_the_current_fusion_weights_is_consistent_and_quoted() -> Non
     (a fusion fingerprint other than the earlier studies'); its pooled AUCs recompute from its predictions, and the
     card quotes the fused arm's and the best single sequence's figures."""
     folder = RESULTS / "fusion_v030_seed0"
-    p = pooled(folder)
     rows = _rows(folder, "results.csv")
     assert {r["arm"] for r in rows} == {"flair", "t1c", "flair+t1c", "clinicalfmamba", "mean", "max"}
     info = json.loads((folder / "run_info.json").read_text())
@@ -130,14 +137,7 @@ def test_study_with_the_current_fusion_weights_is_consistent_and_quoted() -> Non
     assert fused["weights_fingerprint"] != earlier["weights_fingerprint"]
     card = (BUNDLE / "docs" / "README.md").read_text()
     section = card.split("### With the current fusion weights", 1)[1].split("\n## ", 1)[0]
-    for r in rows:
-        units, y, s = p[_key(r)]
-        assert len(units) == {"patient": 78, "slice": 1232}[r["task"]]
-        assert roc_auc_score(y, s) == pytest.approx(float(r["pooled_auc"]), abs=1e-5), _key(r)
-        if r["arm"] in ("clinicalfmamba", "flair", "t1c"):
-            low, high = float(r["pooled_auc_ci_low"]), float(r["pooled_auc_ci_high"])
-            quoted = f"{float(r['pooled_auc']):.3f} [{low:.3f}, {high:.3f}]"
-            assert quoted in section, (_key(r), quoted)
+    _check_recomputed_and_quoted(folder, rows, section, quoted_arms={"clinicalfmamba", "flair", "t1c"})
     for c in _rows(folder, "comparisons.csv"):
         if c["other_arm"] in ("flair", "t1c"):
             assert f"| {c['verdict']} |" in section, (c["classifier"], c["task"], c["other_arm"], c["verdict"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.networks.nets import ResNet
 from tumor_classification_scripts import (
     ChannelArm,
     ClassificationStudy,
@@ -26,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundle" / "tumor_classification"
 CONFIGS = BUNDLE / "configs"
 ARMS = ["flair", "t1c", "flair+t1c", "clinicalfmamba", "mean", "max"]
+# the smallest MONAI ResNet the studies in these tests train
+TINY_RESNET = partial(
+    ResNet, block="basic", layers=[1, 1, 1, 1], block_inplanes=[4, 8, 8, 8], spatial_dims=2, conv1_t_stride=2,
+    num_classes=1,
+)  # fmt: skip
 
 
 def tiny_args(shared_data: Path, out: Path) -> dict:
@@ -150,20 +156,9 @@ def test_external_validation_on_a_split_of_the_shared_cohort(shared_data, tmp_pa
     dev = load_cohort(_split_cohort(lgg, tmp_path / "dev", dev_p), max_slices_per_patient=3)
     ext = load_cohort(_split_cohort(lgg, tmp_path / "ext", ext_p), max_slices_per_patient=3)
     assert dev.patients == sorted(dev_p) and ext.patients == sorted(ext_p)
-    from monai.networks.nets import ResNet
-
-    clf = partial(
-        ResNet,
-        block="basic",
-        layers=[1, 1, 1, 1],
-        block_inplanes=[4, 8, 8, 8],
-        spatial_dims=2,
-        conv1_t_stride=2,
-        num_classes=1,
-    )
     classifiers = [
         RadiomicsClassifier(with_shape=False, c_grid=[0.1, 1.0], k_grid=[5], inner_folds=2),
-        CNNClassifier(clf, epochs=1, batch_size=8, device="cpu"),
+        CNNClassifier(TINY_RESNET, epochs=1, batch_size=8, device="cpu"),
     ]
     arms = [ChannelArm("flair", [0]), ChannelArm("t1c", [1]), FusionArm("mean", MeanFusion())]
     study = ClassificationStudy(
@@ -200,23 +195,12 @@ def test_external_validation_on_a_split_of_the_shared_cohort(shared_data, tmp_pa
 
 def test_study_reproducible(shared_data, tmp_path):
     """Same seed -> same folds and the same numbers on CPU (two independent runs)."""
-    from monai.networks.nets import ResNet
-
     cohort = load_cohort(shared_data / "lgg_tcga", max_patients=8, max_slices_per_patient=3)
-    clf = partial(
-        ResNet,
-        block="basic",
-        layers=[1, 1, 1, 1],
-        block_inplanes=[4, 8, 8, 8],
-        spatial_dims=2,
-        conv1_t_stride=2,
-        num_classes=1,
-    )
 
     def once(name):
         arms = [ChannelArm("flair", [0]), FusionArm("mean", MeanFusion())]
         classifiers = [
-            CNNClassifier(clf, epochs=1, batch_size=8, device="cpu"),
+            CNNClassifier(TINY_RESNET, epochs=1, batch_size=8, device="cpu"),
             RadiomicsClassifier(c_grid=[0.1, 1.0], k_grid=[5], inner_folds=2),
         ]
         study = ClassificationStudy(
