@@ -136,3 +136,15 @@ def test_card_renderer_states_the_targets_and_verdicts_it_reads(tmp_path) -> Non
     text = render(tmp_path)
     assert "`radiomics` on `t1c`, 0.900 [0.800, 0.950] — **met**" in text
     assert "- `cnn`, tumour vs none: the fused arm **beats** both single sequences." in text
+
+
+def test_resolution_is_the_median_half_width_of_the_delta_ci() -> None:
+    from tumor_classification_scripts.card import _resolution_lines
+
+    comps = [
+        {"task": "patient", "bootstrap_delta_ci_low": lo, "bootstrap_delta_ci_high": hi}
+        for lo, hi in (("-0.1", "0.1"), ("-0.3", "0.1"), ("0.0", "0.6"))
+    ] + [{"task": "slice", "bootstrap_delta_ci_low": "-0.01", "bootstrap_delta_ci_high": "0.03"}]
+    lines = _resolution_lines(comps)  # half-widths 0.1, 0.2, 0.3 -> median 0.2; slice: 0.02
+    assert "± 0.200" in lines[0] and "over 3 comparisons" in lines[0] and lines[0].startswith("- grade III vs II")
+    assert "± 0.020" in lines[1] and lines[1].startswith("- tumour vs none")

@@ -65,6 +65,24 @@ def _target_lines(results: list[dict[str, str]]) -> list[str]:
     ]
 
 
+def _resolution_lines(comps: list[dict[str, str]]) -> list[str]:
+    """Per task, the median half-width of the bootstrap 95% CIs of ΔAUC: the smallest difference the study sees."""
+    lines = []
+    for task in dict.fromkeys(c["task"] for c in comps):
+        widths = sorted(
+            (float(c["bootstrap_delta_ci_high"]) - float(c["bootstrap_delta_ci_low"])) / 2
+            for c in comps
+            if c["task"] == task
+        )
+        mid = len(widths) // 2
+        median = widths[mid] if len(widths) % 2 else (widths[mid - 1] + widths[mid]) / 2
+        lines.append(
+            f"- {TASKS.get(task, task)}: the 95% CIs of ΔAUC reach ± {median:.3f} around their estimate (median over "
+            f"{len(widths)} comparisons); a true difference much smaller than that cannot be told from none."
+        )
+    return lines
+
+
 def _time_line(info: dict) -> str:
     sec = info["seconds"]
     per = ", ".join(f"`{k}` {v / 60:.1f} min" for k, v in sec["per_classifier_total"].items())
@@ -143,6 +161,7 @@ def render(results_dir: str | Path = BUNDLE / "docs" / "results") -> str:
         if worse:
             outcome += f" (significantly worse than {', '.join(f'`{a}`' for a in worse)})"
         lines.append(f"- `{clf}`, {TASKS.get(task, task)}: {outcome}.")
+    lines += ["", "Resolution of the instrument on this cohort:", "", *_resolution_lines(comps)]
     lines += ["", "Targets of this study:", "", *_target_lines(results), *_decision_lines(d / "decisions.json")]
     lines += ["", _time_line(info)]
     return "\n".join(lines)
