@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,11 +44,7 @@ def _p(p: float) -> str:
 
 def _order(rows: list[dict[str, str]]) -> list[tuple[str, str]]:
     """(classifier, task) pairs in the order the study wrote them."""
-    seen: list[tuple[str, str]] = []
-    for r in rows:
-        if (r["classifier"], r["task"]) not in seen:
-            seen.append((r["classifier"], r["task"]))
-    return seen
+    return list(dict.fromkeys((r["classifier"], r["task"]) for r in rows))
 
 
 def _target_lines(results: list[dict[str, str]]) -> list[str]:
@@ -69,15 +66,14 @@ def _resolution_lines(comps: list[dict[str, str]]) -> list[str]:
     """Per task, the median half-width of the bootstrap 95% CIs of ΔAUC: the smallest difference the study sees."""
     lines = []
     for task in dict.fromkeys(c["task"] for c in comps):
-        widths = sorted(
+        widths = [
             (float(c["bootstrap_delta_ci_high"]) - float(c["bootstrap_delta_ci_low"])) / 2
             for c in comps
             if c["task"] == task
-        )
-        mid = len(widths) // 2
-        median = widths[mid] if len(widths) % 2 else (widths[mid - 1] + widths[mid]) / 2
+        ]
         lines.append(
-            f"- {TASKS.get(task, task)}: the 95% CIs of ΔAUC reach ± {median:.3f} around their estimate (median over "
+            f"- {TASKS.get(task, task)}: the 95% CIs of ΔAUC reach ± {statistics.median(widths):.3f} around their "
+            "estimate (median over "
             f"{len(widths)} comparisons); a true difference much smaller than that cannot be told from none."
         )
     return lines
